@@ -1,0 +1,155 @@
+"""The schema of params.yaml: one pydantic model per section, unknown keys are errors.
+
+`load(path, overrides)` is the only way the pipeline reads its configuration, so the Prefect
+flow, the DVC stages and the tests all see the same validated values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class UserError(Exception):
+    """Bad usage or bad input: the CLI prints the message on one line and exits with 2."""
+
+
+class GateFailed(Exception):
+    """A quality gate said no: the CLI prints the message and exits with 1."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Tracking(Section):
+    experiment: str = "lensflow"
+
+
+class Data(Section):
+    source: str = Field("digits", description="'digits', 'shapes' or a path to an ImageFolder")
+    classes: list[str] | None = Field(None, description="expected class names; None: the folders")
+    shapes_per_class: int = Field(100, ge=1)
+
+
+class Prepare(Section):
+    image_size: int = Field(16, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+
+
+class Validate(Section):
+    min_images_per_class: int = Field(2, ge=1)
+
+
+class Model(Section):
+    arch: Literal["simple_cnn"] = "simple_cnn"
+    widths: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+
+
+class Train(Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    patience: int = Field(5, ge=1, description="early stopping: epochs without a better val loss")
+    progress_bar: bool = True
+
+
+class Export(Section):
+    opset: int = Field(18, ge=17)
+    parity_atol: float = Field(1e-4, gt=0)
+
+
+class Registry(Section):
+    model_name: str = "lensflow-classifier"
+    min_accuracy: float = Field(0.9, ge=0, le=1)
+
+
+class Config(Section):
+    seed: int = 42
+    tracking: Tracking = Tracking()
+    data: Data = Data()
+    prepare: Prepare = Prepare()
+    validate_: Validate = Field(Validate(), alias="validate")
+    model: Model = Model()
+    train: Train = Train()
+    export: Export = Export()
+    registry: Registry = Registry()
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    def as_dict(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def params_hash(self) -> str:
+        text = json.dumps(self.as_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Read params.yaml (missing file: all defaults), apply `section.key=value` overrides."""
+    path = Path(path)
+    raw: dict = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: not valid YAML ({exc.problem})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return from_dict(raw, source=str(path))
+
+
+def from_dict(raw: dict, source: str = "params") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {_describe(exc)}") from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    *sections, leaf = key.split(".")
+    node = raw
+    for name in sections:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {item!r}: {name} is not a section")
+    node[leaf] = yaml.safe_load(value) if value else value
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line for the first problem: which key, and what was expected."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        section = err["loc"][:-1]
+        allowed = _allowed_keys(section)
+        return f"unknown key '{key}' (allowed here: {', '.join(allowed)})"
+    return f"'{key}': {err['msg']} (got {err.get('input')!r})"
+
+
+def _allowed_keys(section: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for name in section:
+        field = next(
+            (f for n, f in model.model_fields.items() if (f.alias or n) == name), None
+        )
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return [f.alias or n for n, f in model.model_fields.items()]

@@ -1,0 +1,126 @@
+"""export: the trained classifier as one ONNX file with preprocessing inside, parity-gated.
+
+Input `images`: uint8 [batch, channels, height, width] (any height/width: resized inside).
+Outputs `logits` and `probabilities`. Class names and the input spec are model metadata.
+The parity gate compares ONNX Runtime with PyTorch on the whole test split.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lensflow.components import models, paths, tracking
+from lensflow.components.config import Config, GateFailed
+from lensflow.components.evaluate import onnx_predictor, score, torch_predictor
+from lensflow.components.prepare import load_split
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    onnx: str
+    accuracy: float
+    max_abs_diff: float
+    top1_agreement: float
+
+
+class WithProbabilities(nn.Module):
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor):
+        logits = self.classifier(images)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def run(cfg: Config) -> ExportResult:
+    model, spec = models.load_checkpoint(paths.CHECKPOINT)
+    metadata = {
+        "classes": json.dumps(spec["classes"]),
+        "input": f"images: uint8 [batch, {spec['channels']}, height, width]; resized to "
+                 f"{spec['image_size']}x{spec['image_size']} and normalised inside",
+        "lensflow.params_hash": cfg.params_hash(),
+    }  # fmt: skip
+    to_onnx(model, spec, paths.ONNX, cfg.export.opset, metadata)
+    images, labels = load_split("test")
+    parity = check_parity(model, paths.ONNX, images.numpy(), cfg.export.parity_atol)
+    session = ort_session(paths.ONNX)
+    metrics, _ = score(onnx_predictor(session), images.numpy(), labels.numpy(), spec["classes"])
+    report = {
+        "onnx": {
+            "status": "ok" if parity["passed"] else "failed",
+            "path": str(paths.ONNX),
+            "opset": cfg.export.opset,
+            "size_bytes": paths.ONNX.stat().st_size,
+            "accuracy": metrics["accuracy"],
+            "parity": parity,
+        }
+    }
+    paths.REPORTS.mkdir(parents=True, exist_ok=True)
+    paths.EXPORT_REPORT.write_text(json.dumps(report, indent=2))
+
+    with tracking.step_run(cfg, "export"):
+        import mlflow
+
+        mlflow.log_metrics({"export/onnx_accuracy": metrics["accuracy"],
+                            "export/onnx_max_abs_diff": parity["max_abs_diff"],
+                            "export/onnx_top1_agreement": parity["top1_agreement"]})  # fmt: skip
+        mlflow.log_artifact(str(paths.EXPORT_REPORT))
+    if not parity["passed"]:
+        raise GateFailed(
+            f"ONNX parity gate failed: max |p_onnx - p_torch| = {parity['max_abs_diff']:.2e} "
+            f"(limit {parity['atol']:.0e}), top-1 agreement {parity['top1_agreement']:.4f} "
+            f"(needs 1.0); see {paths.EXPORT_REPORT}"
+        )
+    return ExportResult(str(paths.ONNX), metrics["accuracy"], parity["max_abs_diff"],
+                        parity["top1_agreement"])  # fmt: skip
+
+
+def to_onnx(model: nn.Module, spec: dict, path: Path, opset: int, metadata: dict) -> None:
+    import onnx
+
+    size = spec["image_size"]
+    example = torch.zeros(2, spec["channels"], size, size, dtype=torch.uint8)
+    batch, height, width = (torch.export.Dim(n, min=1, max=8192) for n in ("batch", "h", "w"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter is chatty about internals we do not use
+        program = torch.onnx.export(
+            WithProbabilities(model.eval()), (example,), dynamo=True, opset_version=opset,
+            input_names=["images"], output_names=["logits", "probabilities"],
+            dynamic_shapes={"images": {0: batch, 2: height, 3: width}}, verbose=False,
+        )  # fmt: skip
+    proto = program.model_proto
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, path)
+
+
+def ort_session(model: Path | bytes):
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+
+def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, atol: float) -> dict:
+    """Compare ONNX Runtime with PyTorch on `images`: probabilities and top-1 class."""
+    expected = torch_predictor(model)(images)
+    actual = onnx_predictor(ort_session(onnx_path))(images)
+    max_abs_diff = float(np.abs(expected - actual).max()) if len(images) else 0.0
+    agreement = float((expected.argmax(1) == actual.argmax(1)).mean()) if len(images) else 1.0
+    return {
+        "n_images": int(len(images)),
+        "max_abs_diff": max_abs_diff,
+        "top1_agreement": agreement,
+        "atol": atol,
+        "passed": max_abs_diff <= atol and agreement == 1.0,
+    }

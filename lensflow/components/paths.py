@@ -1,0 +1,27 @@
+"""Where the pipeline reads and writes, relative to the project directory (the cwd).
+
+dvc.yaml names the same paths; keep the two in step.
+"""
+
+from pathlib import Path
+
+RAW = Path("data/raw")
+PREPARED = Path("data/prepared")
+MANIFEST = PREPARED / "manifest.parquet"
+META = PREPARED / "meta.json"
+MODELS = Path("models")
+CHECKPOINT = MODELS / "checkpoint.pt"
+ONNX = MODELS / "model.onnx"
+REPORTS = Path("reports")
+PLOTS = Path("plots")
+VALIDATION_REPORT = REPORTS / "validation.json"
+TRAINING_REPORT = REPORTS / "training.json"
+TRAINING_CURVE = REPORTS / "training_curve.csv"
+EVALUATION_REPORT = REPORTS / "evaluation.json"
+PREDICTIONS = REPORTS / "predictions.csv"
+EXPORT_REPORT = REPORTS / "export.json"
+REGISTRY_REPORT = REPORTS / "registry.json"
+
+
+def shard(split: str) -> Path:
+    return PREPARED / f"{split}.pt"

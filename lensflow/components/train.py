@@ -1,0 +1,181 @@
+"""train: a CNN from scratch on the prepared uint8 shards.
+
+AdamW (no weight decay on norms and biases), linear warmup then cosine decay per step,
+label smoothing, early stopping on validation loss. The best epoch's weights are saved as a
+state_dict; per-epoch metrics go to MLflow and to reports/training_curve.csv (a DVC plot).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lensflow.components import models, paths, tracking
+from lensflow.components.config import Config
+from lensflow.components.prepare import load_meta, load_split
+from lensflow.components.validate import require_passed
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: str
+    epochs_run: int
+    best_epoch: int
+    best_val_loss: float
+    best_val_accuracy: float
+    train_loop_seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: Config) -> TrainResult:
+    require_passed()
+    seed_everything(cfg.seed)
+    meta = load_meta()
+    spec = models.model_spec(cfg.model, meta)
+    model = models.build(spec)
+    train_x, train_y = load_split("train")
+    val_x, val_y = load_split("val")
+
+    with tracking.step_run(cfg, "train") as mlflow_run:
+        import mlflow
+
+        mlflow.set_tag("model.parameters", str(sum(p.numel() for p in model.parameters())))
+        best, history, seconds = fit(model, cfg, (train_x, train_y), (val_x, val_y))
+        model.load_state_dict(best["state_dict"])
+        models.save_checkpoint(model, spec, paths.CHECKPOINT)
+        _write_reports(history, best, seconds, len(train_x))
+        mlflow.log_metrics({"best/epoch": best["epoch"], "train/loop_seconds": seconds})
+        mlflow.log_artifact(str(paths.TRAINING_CURVE))
+        del mlflow_run
+    return TrainResult(
+        str(paths.CHECKPOINT), len(history), best["epoch"], best["val_loss"],
+        best["val_accuracy"], seconds,
+    )  # fmt: skip
+
+
+def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple):
+    """The training loop. Returns (best epoch state, per-epoch history, loop seconds)."""
+    import mlflow
+
+    images, labels = train
+    steps_per_epoch = math.ceil(len(images) / cfg.train.batch_size)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    scheduler = warmup_cosine(optimizer, cfg.train.warmup_epochs * steps_per_epoch,
+                              cfg.train.epochs * steps_per_epoch)  # fmt: skip
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    best = {"val_loss": math.inf, "epoch": 0, "val_accuracy": 0.0, "state_dict": None}
+    history, bad_epochs, seconds = [], 0, 0.0
+
+    bar = tqdm(range(1, cfg.train.epochs + 1), desc="train", unit="epoch",
+               disable=not cfg.train.progress_bar)  # fmt: skip
+    for epoch in bar:
+        start = time.perf_counter()
+        train_loss, train_acc = _train_epoch(model, images, labels, cfg.train.batch_size,
+                                             optimizer, scheduler, criterion, generator)  # fmt: skip
+        seconds += time.perf_counter() - start
+        val_loss, val_acc = evaluate_loss(model, *val)
+        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
+               "val_loss": val_loss, "val_accuracy": val_acc,
+               "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
+        history.append(row)
+        mlflow.log_metrics(
+            {"train/loss": train_loss, "train/accuracy": train_acc, "val/loss": val_loss,
+             "val/accuracy": val_acc, "train/lr": row["lr"],
+             "train/val_gap": train_acc - val_acc},
+            step=epoch,
+        )  # fmt: skip
+        bar.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
+        if val_loss < best["val_loss"]:
+            best = {"val_loss": val_loss, "epoch": epoch, "val_accuracy": val_acc,
+                    "state_dict": copy.deepcopy(model.state_dict())}  # fmt: skip
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.train.patience:
+                bar.write(f"early stop at epoch {epoch}: no better val loss for {bad_epochs} epochs")
+                break
+    bar.close()
+    return best, history, seconds
+
+
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup to the base LR, then cosine decay to zero; stepped once per batch."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, images, labels, batch_size: int = 256):
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for i in range(0, len(images), batch_size):
+        logits = model(images[i : i + batch_size])
+        target = labels[i : i + batch_size]
+        total_loss += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+    return total_loss / len(images), correct / len(images)
+
+
+def _train_epoch(model, images, labels, batch_size, optimizer, scheduler, criterion, generator):
+    model.train()
+    order = torch.randperm(len(images), generator=generator)
+    total_loss, correct = 0.0, 0
+    for i in range(0, len(images), batch_size):
+        index = order[i : i + batch_size]
+        batch, target = images[index], labels[index]
+        logits = model(batch)
+        loss = criterion(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(index)
+        correct += (logits.argmax(1) == target).sum().item()
+    return total_loss / len(images), correct / len(images)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only: decaying norms and biases hurts accuracy."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+
+
+def _write_reports(history: list[dict], best: dict, seconds: float, n_train: int) -> None:
+    paths.REPORTS.mkdir(parents=True, exist_ok=True)
+    with paths.TRAINING_CURVE.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    report = {
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"],
+        "best_val_loss": best["val_loss"],
+        "best_val_accuracy": best["val_accuracy"],
+        "train_loop_seconds": round(seconds, 3),
+        "images_per_second": round(n_train * len(history) / seconds, 1) if seconds else None,
+    }
+    paths.TRAINING_REPORT.write_text(json.dumps(report, indent=2))

@@ -1,0 +1,141 @@
+"""The `lensflow` command. Heavy libraries are imported inside commands so --help is instant.
+
+Exit codes: 0 success, 1 a gate or check failed (a report says why), 2 bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+STAGES = ("prepare", "validate", "train", "evaluate", "export", "register")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    from lensflow.components.config import GateFailed, UserError
+
+    try:
+        return args.command(args)
+    except UserError as exc:
+        print(f"lensflow: error: {exc}", file=sys.stderr)
+        return 2
+    except GateFailed as exc:
+        print(f"lensflow: gate failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lensflow", description="An orchestrated MLOps pipeline for image classification."
+    )
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="the training flow, end to end (Prefect)")
+    _add_params(run)
+    run.set_defaults(command=cmd_run)
+
+    stage = sub.add_parser("stage", help="one component, as dvc.yaml calls it")
+    stage.add_argument("name", choices=STAGES)
+    _add_params(stage)
+    stage.set_defaults(command=cmd_stage)
+
+    data = sub.add_parser("data", help="write the built-in dataset of params.yaml and `dvc add` it")
+    _add_params(data)
+    data.set_defaults(command=cmd_data)
+
+    validate = sub.add_parser("validate", help="validate any ImageFolder; exit 1 if the gate fails")
+    validate.add_argument("path", help="an ImageFolder: PATH/<class>/<image>")
+    validate.add_argument("--report", default="validation.json", help="where to write the JSON report")
+    validate.set_defaults(command=cmd_validate)
+    return parser
+
+
+def _add_params(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one parameter; repeatable")  # fmt: skip
+
+
+def cmd_run(args) -> int:
+    from lensflow.components import config
+
+    config.load(args.params, args.overrides)  # fail fast, before Prefect starts, on a bad config
+    from lensflow.flows.training import training_flow
+
+    summary = training_flow(params_path=args.params, overrides=args.overrides)
+    print(_where_to_look(summary))
+    return 0
+
+
+def cmd_stage(args) -> int:
+    import importlib
+
+    from lensflow.components import config
+
+    cfg = config.load(args.params, args.overrides)
+    module = importlib.import_module(f"lensflow.components.{'registry' if args.name == 'register' else args.name}")
+    result = module.run(cfg)
+    print(f"{args.name}: {result}")
+    if args.name == "validate" and not result.success:
+        return 1
+    return 0
+
+
+def cmd_data(args) -> int:
+    from lensflow.components import config, datasets
+
+    root = datasets.run(config.load(args.params, args.overrides))
+    print(f"data: {root}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from lensflow.components import config, paths, prepare, validate
+
+    source = Path(args.path).resolve()
+    report = Path(args.report).resolve()
+    cfg = config.from_dict({"data": {"source": str(source)}})
+    cwd = Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="lensflow-validate-") as work:
+        os.chdir(work)  # prepare's shards are scratch here; the project's data/ stays untouched
+        try:
+            prepare.run(cfg)
+            result = validate.run(cfg)
+            report.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(paths.VALIDATION_REPORT, report)
+        finally:
+            os.chdir(cwd)
+    print(validate.summary(result).replace(result.report, str(report)))
+    return 0 if result.success else 1
+
+
+def _where_to_look(summary: dict) -> str:
+    from lensflow.components import paths, registry, tracking
+
+    champion = registry.champion_uri(summary["model_name"])
+    promoted = "promoted to @champion" if summary["promoted"] else "NOT promoted (see registry.json)"
+    return "\n".join([
+        "",
+        f"test accuracy {summary['test_accuracy']:.4f}, macro-F1 {summary['test_macro_f1']:.4f}, "
+        f"ONNX Runtime accuracy {summary['onnx_accuracy']:.4f}",
+        f"model {summary['model_name']} version {summary['version']}: {promoted}",
+        f"champion: {champion} (version {summary['champion_version']})",
+        f"reports: {paths.VALIDATION_REPORT} {paths.EVALUATION_REPORT} {paths.EXPORT_REPORT} "
+        f"{paths.REGISTRY_REPORT}",
+        f"MLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri()} --host 127.0.0.1 "
+        "--port 5000   then open http://127.0.0.1:5000",
+    ])  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The training flow: every component as a Prefect task, in pipeline order. Wiring only."""
+
+from __future__ import annotations
+
+from prefect import flow, runtime, task
+from prefect.cache_policies import NO_CACHE
+
+from lensflow.components import (
+    config, datasets, evaluate, export, prepare, registry, tracking, train, validate, versioning,
+)  # fmt: skip
+
+
+def _task(fn, name: str):
+    # Components read and write files; Prefect passes only configs and small results.
+    return task(fn, name=name, cache_policy=NO_CACHE)
+
+
+data_task = _task(datasets.run, "data")
+prepare_task = _task(prepare.run, "prepare")
+validate_task = _task(validate.run, "validate")
+train_task = _task(train.run, "train")
+evaluate_task = _task(evaluate.run, "evaluate")
+export_task = _task(export.run, "export")
+register_task = _task(registry.run, "register")
+dvc_commit_task = _task(versioning.dvc_commit, "record-in-dvc-lock")
+
+
+@flow(name="lensflow-training", log_prints=True)
+def training_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    cfg = config.load(params_path, overrides)
+    with tracking.pipeline_run(cfg, "training", flow_run_id=str(runtime.flow_run.id)) as run:
+        data_task(cfg)
+        prepare_task(cfg)
+        validation = validate_task(cfg)
+        print(validate.summary(validation))
+        if not validation.success:
+            raise config.GateFailed(f"the data failed validation; see {validation.report}")
+        trained = train_task(cfg)
+        evaluation = evaluate_task(cfg)
+        exported = export_task(cfg)
+        registered = register_task(cfg)
+    # dvc.lock may only vouch for outputs made from params.yaml as written: no overrides.
+    if versioning.in_dvc_repo() and not overrides:
+        dvc_commit_task()
+    return {
+        "mlflow_run_id": run.info.run_id,
+        "experiment": cfg.tracking.experiment,
+        "test_accuracy": evaluation.accuracy,
+        "test_macro_f1": evaluation.macro_f1,
+        "onnx_accuracy": exported.accuracy,
+        "epochs_run": trained.epochs_run,
+        "train_loop_seconds": trained.train_loop_seconds,
+        "model_name": registered.name,
+        "version": registered.version,
+        "promoted": registered.promoted,
+        "champion_version": registered.champion_version,
+    }

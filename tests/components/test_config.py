@@ -1,0 +1,54 @@
+import pytest
+import yaml
+
+from lensflow.components import config
+from lensflow.components.config import UserError
+
+
+def test_repository_params_file_is_valid_and_matches_the_defaults():
+    from tests.conftest import REPO
+
+    cfg = config.load(REPO / "params.yaml")
+    assert cfg == config.Config()
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"train": {"epoch": 3}}))
+    with pytest.raises(UserError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert "train.epoch" in message and "epochs" in message
+    assert "\n" not in message
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("trian:\n  epochs: 3\n")
+    with pytest.raises(UserError, match="unknown key 'trian'"):
+        config.load(path)
+
+
+def test_wrong_type_names_the_key_and_the_value(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: fast\n")
+    with pytest.raises(UserError, match=r"'train.lr'.*'fast'"):
+        config.load(path)
+
+
+def test_overrides_are_typed_and_reach_any_key(tmp_path):
+    cfg = config.load(tmp_path / "absent.yaml", ["train.epochs=3", "train.lr=1e-2",
+                                                 "model.widths=[8, 16]", "validate.min_images_per_class=4"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.01
+    assert cfg.model.widths == [8, 16]
+    assert cfg.validate_.min_images_per_class == 4
+
+
+@pytest.mark.parametrize("bad", ["train.epochs", "=3", "train.epochz=3"])
+def test_bad_overrides_are_user_errors(tmp_path, bad):
+    with pytest.raises(UserError):
+        config.load(tmp_path / "absent.yaml", [bad])
+
+
+def test_params_hash_changes_with_any_value():
+    assert config.Config().params_hash() != config.load("absent", ["seed=1"]).params_hash()

@@ -1,0 +1,112 @@
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from lensflow.components import config, datasets, paths, prepare, validate
+from lensflow.components.config import UserError
+
+
+def _folder_cfg(root, **prepare_kw):
+    return config.from_dict({"data": {"source": str(root)}, "prepare": {"channels": 3, **prepare_kw}})
+
+
+@pytest.fixture
+def shapes_folder(project):
+    root = project / "images"
+    datasets.write("shapes", root, per_class=10, seed=1)
+    return root
+
+
+def test_prepare_writes_manifest_shards_and_stratified_splits(shapes_folder):
+    cfg = _folder_cfg(shapes_folder, image_size=16)
+    result = prepare.run(cfg)
+    manifest = pd.read_parquet(paths.MANIFEST)
+    assert len(manifest) == result.n_images == 100
+    assert {"path", "label", "split", "sha256", "width", "height", "mode"} <= set(manifest.columns)
+    per_class = manifest.groupby(["label", "split"]).size().unstack()
+    assert (per_class["test"] == 2).all() and (per_class["val"] == 2).all()
+    images, labels = prepare.load_split("train")
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 16, 16)
+    assert len(images) == len(labels) == result.n_per_split["train"] == 60
+    meta = prepare.load_meta()
+    assert meta["classes"] == sorted(datasets.SHAPE_CLASSES) and len(meta["mean"]) == 3
+
+
+def test_prepare_is_seeded(shapes_folder):
+    prepare.run(_folder_cfg(shapes_folder))
+    first = pd.read_parquet(paths.MANIFEST)
+    prepare.run(_folder_cfg(shapes_folder))
+    assert first.equals(pd.read_parquet(paths.MANIFEST))
+
+
+def test_identical_files_share_a_split(shapes_folder):
+    source = shapes_folder / "circle_small" / "0000.png"
+    for i in range(5):
+        shutil.copy(source, shapes_folder / "circle_small" / f"copy{i}.png")
+    prepare.run(_folder_cfg(shapes_folder))
+    manifest = pd.read_parquet(paths.MANIFEST)
+    copies = manifest[manifest["sha256"] == manifest.loc[manifest["path"] == "circle_small/0000.png", "sha256"].iloc[0]]
+    assert len(copies) == 6 and copies["split"].nunique() == 1
+    assert validate.run(_folder_cfg(shapes_folder)).success
+
+
+def test_clean_folder_passes_validation(shapes_folder):
+    cfg = _folder_cfg(shapes_folder)
+    prepare.run(cfg)
+    result = validate.run(cfg)
+    report = json.loads(paths.VALIDATION_REPORT.read_text())
+    assert result.success and report["success"] and report["issues"] == []
+    assert report["n_images"] == report["n_used"] == 100
+
+
+def test_broken_file_fails_the_gate_and_is_named(shapes_folder):
+    (shapes_folder / "checker_2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    before = sorted(p.name for p in (shapes_folder / "checker_2").iterdir())
+    cfg = _folder_cfg(shapes_folder)
+    prepare.run(cfg)
+    result = validate.run(cfg)
+    report = json.loads(paths.VALIDATION_REPORT.read_text())
+    assert not result.success
+    assert [(i["path"], i["code"]) for i in report["issues"]] == [("checker_2/broken.png", "undecodable")]
+    assert sorted(p.name for p in (shapes_folder / "checker_2").iterdir()) == before  # nothing deleted
+    with pytest.raises(UserError, match="failed validation"):
+        validate.require_passed()
+
+
+def test_leakage_between_splits_is_caught(shapes_folder):
+    cfg = _folder_cfg(shapes_folder)
+    prepare.run(cfg)
+    manifest = pd.read_parquet(paths.MANIFEST)
+    test_row = manifest[manifest["split"] == "test"].index[0]
+    train_row = manifest[manifest["split"] == "train"].index[0]
+    manifest.loc[train_row, "sha256"] = manifest.loc[test_row, "sha256"]
+    manifest.to_parquet(paths.MANIFEST)
+    validate.run(cfg)
+    report = json.loads(paths.VALIDATION_REPORT.read_text())
+    leaked = {i["path"] for i in report["issues"] if i["code"] == "split_leakage"}
+    assert leaked == {manifest.loc[test_row, "path"], manifest.loc[train_row, "path"]}
+    assert not report["success"]
+
+
+def test_unexpected_class_and_tiny_class_fail(shapes_folder):
+    cfg = config.from_dict({"data": {"source": str(shapes_folder),
+                                     "classes": sorted(datasets.SHAPE_CLASSES)[:-1]},
+                            "validate": {"min_images_per_class": 11}})
+    prepare.run(cfg)
+    validate.run(cfg)
+    codes = {i["code"] for i in json.loads(paths.VALIDATION_REPORT.read_text())["issues"]}
+    assert codes == {"unknown_label", "too_few_images"}
+
+
+@pytest.mark.parametrize("make", ["missing", "file", "empty"])
+def test_unusable_source_is_a_user_error(project, make):
+    root = project / "src"
+    if make == "file":
+        root.write_text("x")
+    elif make == "empty":
+        root.mkdir()
+    with pytest.raises(UserError, match="src"):
+        prepare.run(_folder_cfg(root))
