@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A small, fast configuration on the synthetic shapes data (3-channel, 10 classes).
 TINY = {
-    "data": {"source": "shapes", "shapes_per_class": 16},
+    "data": {"source": "shapes", "shapes_per_class": 30},
     "prepare": {"image_size": 16, "channels": 3},
-    "model": {"widths": [8, 16]},
-    "train": {"epochs": 3, "batch_size": 32, "progress_bar": False},
+    "model": {"widths": [16, 32]},
+    "train": {"epochs": 8, "batch_size": 32, "progress_bar": False},
     "registry": {"min_accuracy": 0.0},
 }
 
@@ -35,5 +35,10 @@ def project(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def tiny_cfg(project) -> config.Config:
-    (project / "params.yaml").write_text(yaml.safe_dump(TINY))
+    write_tiny_params(project)
     return config.load(project / "params.yaml")
+
+
+def write_tiny_params(project: Path) -> None:
+    """A complete params.yaml (every key, as DVC needs) with the TINY values."""
+    (project / "params.yaml").write_text(yaml.safe_dump(config.from_dict(TINY).as_dict()))

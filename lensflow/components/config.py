@@ -146,9 +146,7 @@ def _describe(exc: ValidationError) -> str:
 def _allowed_keys(section: tuple) -> list[str]:
     model: type[BaseModel] = Config
     for name in section:
-        field = next(
-            (f for n, f in model.model_fields.items() if (f.alias or n) == name), None
-        )
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == name), None)
         if field is None or not isinstance(field.annotation, type):
             return []
         model = field.annotation

@@ -14,11 +14,17 @@ from PIL import Image
 
 BUILTIN = ("digits", "shapes")
 SHAPE_CLASSES = (
-    "spiral_0", "spiral_120", "spiral_240",
-    "checker_2", "checker_4", "checker_8",
-    "gradient_h", "gradient_v",
-    "circle_small", "circle_large",
-)  # fmt: skip
+    "spiral_0",
+    "spiral_120",
+    "spiral_240",
+    "checker_2",
+    "checker_4",
+    "checker_8",
+    "gradient_h",
+    "gradient_v",
+    "circle_small",
+    "circle_large",
+)
 
 
 def write(name: str, root: Path, per_class: int = 100, seed: int = 0) -> int:
@@ -83,17 +89,17 @@ def shape_image(name: str, rng: np.random.Generator, size: int = 32) -> np.ndarr
 def run(cfg) -> Path:
     """Make sure the configured dataset exists; write a built-in one once, and version it.
 
-    An existing folder is never touched. In a DVC repository a built-in dataset is tracked
-    with `dvc add` (a no-op when nothing changed), so `data.md5` names its version.
+    An existing folder is never touched (after changing it, `dvc add` it yourself). In a DVC
+    repository a freshly written built-in dataset is tracked with `dvc add`, so `data.md5`
+    names its version.
     """
-    from lensflow.components import paths, versioning
+    from lensflow.components import versioning
     from lensflow.components.prepare import source_dir
 
     root = source_dir(cfg)
-    if cfg.data.source not in BUILTIN:
+    if cfg.data.source not in BUILTIN or root.exists():
         return root
-    if not root.exists():
-        write(cfg.data.source, root, cfg.data.shapes_per_class, cfg.seed)
-    if versioning.in_dvc_repo() and root.resolve().is_relative_to(paths.RAW.resolve()):
+    write(cfg.data.source, root, cfg.data.shapes_per_class, cfg.seed)
+    if versioning.in_dvc_repo():
         versioning.dvc_add(root)
     return root

@@ -32,8 +32,9 @@ class EvaluationResult:
 def run(cfg: Config) -> EvaluationResult:
     model, spec = models.load_checkpoint(paths.CHECKPOINT)
     images, labels = load_split("test")
-    metrics, predictions = score(torch_predictor(model), images.numpy(), labels.numpy(),
-                                 spec["classes"])  # fmt: skip
+    metrics, predictions = score(
+        torch_predictor(model), images.numpy(), labels.numpy(), spec["classes"]
+    )
     paths.REPORTS.mkdir(parents=True, exist_ok=True)
     paths.EVALUATION_REPORT.write_text(json.dumps(metrics, indent=2))
     _write_predictions(labels.numpy(), predictions, spec["classes"])
@@ -42,8 +43,9 @@ def run(cfg: Config) -> EvaluationResult:
     with tracking.step_run(cfg, "evaluate"):
         import mlflow
 
-        mlflow.log_metrics({"test/accuracy": metrics["accuracy"],
-                            "test/macro_f1": metrics["macro_f1"]})  # fmt: skip
+        mlflow.log_metrics(
+            {"test/accuracy": metrics["accuracy"], "test/macro_f1": metrics["macro_f1"]}
+        )
         for name, row in metrics["per_class"].items():
             mlflow.log_metrics({f"test/f1/{name}": row["f1"], f"test/recall/{name}": row["recall"]})
         mlflow.log_artifact(str(paths.EVALUATION_REPORT))
@@ -56,19 +58,23 @@ def torch_predictor(model: torch.nn.Module, batch_size: int = 256) -> Predictor:
 
     @torch.no_grad()
     def predict(images: np.ndarray) -> np.ndarray:
-        out = [torch.softmax(model(torch.from_numpy(images[i : i + batch_size])), dim=1)
-               for i in range(0, len(images), batch_size)]  # fmt: skip
+        out = [
+            torch.softmax(model(torch.from_numpy(images[i : i + batch_size])), dim=1)
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out).numpy()
 
     return predict
 
 
 def onnx_predictor(session, batch_size: int = 256) -> Predictor:
-    """An onnxruntime.InferenceSession of a lensflow export (input `images`, output `probabilities`)."""
+    """An onnxruntime.InferenceSession of a lensflow export (`images` in, `probabilities` out)."""
 
     def predict(images: np.ndarray) -> np.ndarray:
-        out = [session.run(["probabilities"], {"images": images[i : i + batch_size]})[0]
-               for i in range(0, len(images), batch_size)]  # fmt: skip
+        out = [
+            session.run(["probabilities"], {"images": images[i : i + batch_size]})[0]
+            for i in range(0, len(images), batch_size)
+        ]
         return np.concatenate(out)
 
     return predict
@@ -85,18 +91,24 @@ def score(predict: Predictor, images: np.ndarray, labels: np.ndarray, classes: l
     )
     metrics = {
         "accuracy": float((predicted == labels).mean()),
-        "macro_f1": float(f1_score(labels, predicted, labels=indices, average="macro",
-                                   zero_division=0)),
-        "weighted_f1": float(f1_score(labels, predicted, labels=indices, average="weighted",
-                                      zero_division=0)),
+        "macro_f1": float(
+            f1_score(labels, predicted, labels=indices, average="macro", zero_division=0)
+        ),
+        "weighted_f1": float(
+            f1_score(labels, predicted, labels=indices, average="weighted", zero_division=0)
+        ),
         "n_images": int(len(labels)),
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]),
-                   "f1": float(f1[i]), "support": int(support[i])}
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, name in enumerate(classes)
         },
         "confusion_matrix": confusion_matrix(labels, predicted, labels=indices).tolist(),
-    }  # fmt: skip
+    }
     return metrics, predicted
 
 
@@ -109,14 +121,26 @@ def confusion_matrix_png(matrix: np.ndarray, classes: list[str]):
     size = max(4.0, 0.5 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted",
-           ylabel="true", title="confusion matrix (test)")  # fmt: skip
+    ax.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xlabel="predicted",
+        ylabel="true",
+        title="confusion matrix (test)",
+    )
     ax.set_xticklabels(classes, rotation=90)
     ax.set_yticklabels(classes)
     threshold = matrix.max() / 2 if matrix.size else 0
     for (row, col), value in np.ndenumerate(matrix):
-        ax.text(col, row, str(value), ha="center", va="center", fontsize=7,
-                color="white" if value > threshold else "black")  # fmt: skip
+        ax.text(
+            col,
+            row,
+            str(value),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if value > threshold else "black",
+        )
     fig.tight_layout()
     paths.PLOTS.mkdir(parents=True, exist_ok=True)
     out = paths.PLOTS / "confusion_matrix.png"

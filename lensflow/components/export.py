@@ -45,9 +45,9 @@ def run(cfg: Config) -> ExportResult:
     metadata = {
         "classes": json.dumps(spec["classes"]),
         "input": f"images: uint8 [batch, {spec['channels']}, height, width]; resized to "
-                 f"{spec['image_size']}x{spec['image_size']} and normalised inside",
+        f"{spec['image_size']}x{spec['image_size']} and normalised inside",
         "lensflow.params_hash": cfg.params_hash(),
-    }  # fmt: skip
+    }
     to_onnx(model, spec, paths.ONNX, cfg.export.opset, metadata)
     images, labels = load_split("test")
     parity = check_parity(model, paths.ONNX, images.numpy(), cfg.export.parity_atol)
@@ -69,9 +69,13 @@ def run(cfg: Config) -> ExportResult:
     with tracking.step_run(cfg, "export"):
         import mlflow
 
-        mlflow.log_metrics({"export/onnx_accuracy": metrics["accuracy"],
-                            "export/onnx_max_abs_diff": parity["max_abs_diff"],
-                            "export/onnx_top1_agreement": parity["top1_agreement"]})  # fmt: skip
+        mlflow.log_metrics(
+            {
+                "export/onnx_accuracy": metrics["accuracy"],
+                "export/onnx_max_abs_diff": parity["max_abs_diff"],
+                "export/onnx_top1_agreement": parity["top1_agreement"],
+            }
+        )
         mlflow.log_artifact(str(paths.EXPORT_REPORT))
     if not parity["passed"]:
         raise GateFailed(
@@ -79,8 +83,9 @@ def run(cfg: Config) -> ExportResult:
             f"(limit {parity['atol']:.0e}), top-1 agreement {parity['top1_agreement']:.4f} "
             f"(needs 1.0); see {paths.EXPORT_REPORT}"
         )
-    return ExportResult(str(paths.ONNX), metrics["accuracy"], parity["max_abs_diff"],
-                        parity["top1_agreement"])  # fmt: skip
+    return ExportResult(
+        str(paths.ONNX), metrics["accuracy"], parity["max_abs_diff"], parity["top1_agreement"]
+    )
 
 
 def to_onnx(model: nn.Module, spec: dict, path: Path, opset: int, metadata: dict) -> None:
@@ -92,10 +97,15 @@ def to_onnx(model: nn.Module, spec: dict, path: Path, opset: int, metadata: dict
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter is chatty about internals we do not use
         program = torch.onnx.export(
-            WithProbabilities(model.eval()), (example,), dynamo=True, opset_version=opset,
-            input_names=["images"], output_names=["logits", "probabilities"],
-            dynamic_shapes={"images": {0: batch, 2: height, 3: width}}, verbose=False,
-        )  # fmt: skip
+            WithProbabilities(model.eval()),
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=["logits", "probabilities"],
+            dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
+            verbose=False,
+        )
     proto = program.model_proto
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)

@@ -51,10 +51,12 @@ def run(cfg: Config) -> RegistryResult:
         if promoted:
             mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, version)
         decision = (
-            f"{CHAMPION} -> version {version}" if promoted
-            else f"{CHAMPION} stays at version {champion.version}" if champion
+            f"{CHAMPION} -> version {version}"
+            if promoted
+            else f"{CHAMPION} stays at version {champion.version}"
+            if champion
             else f"no {CHAMPION}: version {version} failed its gates"
-        )  # fmt: skip
+        )
         report = {
             "name": name,
             "version": version,
@@ -63,7 +65,9 @@ def run(cfg: Config) -> RegistryResult:
             "gates": gates,
             "promoted": promoted,
             "decision": decision,
-            "champion_version": version if promoted else (champion.version if champion else None),
+            "champion_version": version
+            if promoted
+            else (str(champion.version) if champion else None),
         }
         client = mlflow.MlflowClient()
         client.set_model_version_tag(name, version, "lensflow.gates", json.dumps(gates))
@@ -72,8 +76,9 @@ def run(cfg: Config) -> RegistryResult:
         paths.REGISTRY_REPORT.write_text(json.dumps(report, indent=2))
         mlflow.log_artifact(str(paths.REGISTRY_REPORT))
         mlflow.log_metric("registry/promoted", float(promoted))
-    return RegistryResult(name, version, promoted, report["champion_version"],
-                          str(paths.REGISTRY_REPORT))  # fmt: skip
+    return RegistryResult(
+        name, version, promoted, report["champion_version"], str(paths.REGISTRY_REPORT)
+    )
 
 
 def champion_uri(name: str) -> str:
@@ -96,14 +101,20 @@ def _log_and_register(cfg: Config, spec: dict, name: str, run_id: str, images: n
 
     example = images[:2]
     probabilities = onnx_predictor(ort_session(paths.ONNX))(example)
-    signature = infer_signature(example, {"logits": np.log(probabilities + 1e-12),
-                                          "probabilities": probabilities})  # fmt: skip
+    signature = infer_signature(
+        example, {"logits": np.log(probabilities + 1e-12), "probabilities": probabilities}
+    )
     info = mlflow.onnx.log_model(
-        onnx.load(paths.ONNX), name="model", signature=signature,
+        onnx.load(paths.ONNX),
+        name="model",
+        signature=signature,
         pip_requirements=["onnxruntime", "onnx"],
-        metadata={"classes": spec["classes"], "image_size": spec["image_size"],
-                  "channels": spec["channels"]},
-    )  # fmt: skip
+        metadata={
+            "classes": spec["classes"],
+            "image_size": spec["image_size"],
+            "channels": spec["channels"],
+        },
+    )
     mlflow.log_artifact(str(paths.CHECKPOINT), "checkpoint")
     tags = {**tracking.lineage(cfg), "mlflow.run_id": run_id}
     version = mlflow.register_model(info.model_uri, name, tags=tags)
@@ -142,7 +153,7 @@ def _gates(cfg: Config, accuracy: float, champion, champion_eval: dict) -> dict:
         gates["not_worse_than_champion"] = {
             "value": accuracy,
             "threshold": champion_eval["accuracy"],
-            "champion_version": champion.version,
+            "champion_version": str(champion.version),
             "passed": accuracy >= champion_eval["accuracy"],
         }
     else:

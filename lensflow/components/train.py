@@ -63,9 +63,13 @@ def run(cfg: Config) -> TrainResult:
         mlflow.log_artifact(str(paths.TRAINING_CURVE))
         del mlflow_run
     return TrainResult(
-        str(paths.CHECKPOINT), len(history), best["epoch"], best["val_loss"],
-        best["val_accuracy"], seconds,
-    )  # fmt: skip
+        str(paths.CHECKPOINT),
+        len(history),
+        best["epoch"],
+        best["val_loss"],
+        best["val_accuracy"],
+        seconds,
+    )
 
 
 def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple):
@@ -75,40 +79,64 @@ def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple):
     images, labels = train
     steps_per_epoch = math.ceil(len(images) / cfg.train.batch_size)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    scheduler = warmup_cosine(optimizer, cfg.train.warmup_epochs * steps_per_epoch,
-                              cfg.train.epochs * steps_per_epoch)  # fmt: skip
+    scheduler = warmup_cosine(
+        optimizer, cfg.train.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch
+    )
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     generator = torch.Generator().manual_seed(cfg.seed)
     best = {"val_loss": math.inf, "epoch": 0, "val_accuracy": 0.0, "state_dict": None}
     history, bad_epochs, seconds = [], 0, 0.0
 
-    bar = tqdm(range(1, cfg.train.epochs + 1), desc="train", unit="epoch",
-               disable=not cfg.train.progress_bar)  # fmt: skip
+    bar = tqdm(
+        range(1, cfg.train.epochs + 1),
+        desc="train",
+        unit="epoch",
+        disable=not cfg.train.progress_bar,
+    )
     for epoch in bar:
         start = time.perf_counter()
-        train_loss, train_acc = _train_epoch(model, images, labels, cfg.train.batch_size,
-                                             optimizer, scheduler, criterion, generator)  # fmt: skip
+        train_loss, train_acc = _train_epoch(
+            model, images, labels, cfg.train.batch_size, optimizer, scheduler, criterion, generator
+        )
         seconds += time.perf_counter() - start
         val_loss, val_acc = evaluate_loss(model, *val)
-        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-               "val_loss": val_loss, "val_accuracy": val_acc,
-               "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         history.append(row)
         mlflow.log_metrics(
-            {"train/loss": train_loss, "train/accuracy": train_acc, "val/loss": val_loss,
-             "val/accuracy": val_acc, "train/lr": row["lr"],
-             "train/val_gap": train_acc - val_acc},
+            {
+                "train/loss": train_loss,
+                "train/accuracy": train_acc,
+                "val/loss": val_loss,
+                "val/accuracy": val_acc,
+                "train/lr": row["lr"],
+                "train/val_gap": train_acc - val_acc,
+            },
             step=epoch,
-        )  # fmt: skip
-        bar.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
+        )
+        bar.set_postfix(
+            loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}"
+        )
         if val_loss < best["val_loss"]:
-            best = {"val_loss": val_loss, "epoch": epoch, "val_accuracy": val_acc,
-                    "state_dict": copy.deepcopy(model.state_dict())}  # fmt: skip
+            best = {
+                "val_loss": val_loss,
+                "epoch": epoch,
+                "val_accuracy": val_acc,
+                "state_dict": copy.deepcopy(model.state_dict()),
+            }
             bad_epochs = 0
         else:
             bad_epochs += 1
             if bad_epochs >= cfg.train.patience:
-                bar.write(f"early stop at epoch {epoch}: no better val loss for {bad_epochs} epochs")
+                bar.write(
+                    f"early stop at epoch {epoch}: no better val loss for {bad_epochs} epochs"
+                )
                 break
     bar.close()
     return best, history, seconds
@@ -160,8 +188,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on conv/linear weights only: decaying norms and biases hurts accuracy."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def _write_reports(history: list[dict], best: dict, seconds: float, n_train: int) -> None:

@@ -22,7 +22,10 @@ CHECKS = {
     "undecodable": ("decodable", "the file cannot be decoded as an image"),
     "unknown_label": ("label", "the folder is not one of the expected classes"),
     "split_leakage": ("splits_sharing_sha256", "the same file content is in more than one split"),
-    "too_few_images": ("class_size", "the class has fewer images than validate.min_images_per_class"),
+    "too_few_images": (
+        "class_size",
+        "the class has fewer images than validate.min_images_per_class",
+    ),
 }
 
 
@@ -59,7 +62,9 @@ def run(cfg: Config) -> ValidationResult:
     }
     paths.REPORTS.mkdir(parents=True, exist_ok=True)
     paths.VALIDATION_REPORT.write_text(json.dumps(report, indent=2))
-    return ValidationResult(report["success"], len(manifest), len(issues), str(paths.VALIDATION_REPORT))
+    return ValidationResult(
+        report["success"], len(manifest), len(issues), str(paths.VALIDATION_REPORT)
+    )
 
 
 def require_passed() -> None:
@@ -72,7 +77,8 @@ def require_passed() -> None:
 
 def summary(result: ValidationResult) -> str:
     verdict = "passed" if result.success else "FAILED"
-    return f"validation {verdict}: {result.n_images} images, {result.n_issues} issues ({result.report})"
+    counts = f"{result.n_images} images, {result.n_issues} issues"
+    return f"validation {verdict}: {counts} ({result.report})"
 
 
 def _with_derived_columns(manifest: pd.DataFrame) -> pd.DataFrame:

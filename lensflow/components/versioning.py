@@ -43,7 +43,7 @@ def dvc_add(target: Path) -> None:
 def dvc_commit() -> None:
     """Record the current outputs of every dvc.yaml stage in dvc.lock (so `dvc repro` is a no-op
     after `lensflow run` made the same outputs from the same params)."""
-    _dvc("commit", "--force", "--quiet")
+    _dvc("commit", "--force")
 
 
 def _dvc(*args: str) -> None:

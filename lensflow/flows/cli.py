@@ -51,15 +51,25 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="validate any ImageFolder; exit 1 if the gate fails")
     validate.add_argument("path", help="an ImageFolder: PATH/<class>/<image>")
-    validate.add_argument("--report", default="validation.json", help="where to write the JSON report")
+    validate.add_argument(
+        "--report", default="validation.json", help="where to write the JSON report"
+    )
     validate.set_defaults(command=cmd_validate)
     return parser
 
 
 def _add_params(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one parameter; repeatable")  # fmt: skip
+    parser.add_argument(
+        "--params", default="params.yaml", help="the params file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one parameter; repeatable",
+    )
 
 
 def cmd_run(args) -> int:
@@ -79,7 +89,9 @@ def cmd_stage(args) -> int:
     from lensflow.components import config
 
     cfg = config.load(args.params, args.overrides)
-    module = importlib.import_module(f"lensflow.components.{'registry' if args.name == 'register' else args.name}")
+    module = importlib.import_module(
+        f"lensflow.components.{'registry' if args.name == 'register' else args.name}"
+    )
     result = module.run(cfg)
     print(f"{args.name}: {result}")
     if args.name == "validate" and not result.success:
@@ -123,18 +135,23 @@ def _where_to_look(summary: dict) -> str:
     from lensflow.components import paths, registry, tracking
 
     champion = registry.champion_uri(summary["model_name"])
-    promoted = "promoted to @champion" if summary["promoted"] else "NOT promoted (see registry.json)"
-    return "\n".join([
-        "",
-        f"test accuracy {summary['test_accuracy']:.4f}, macro-F1 {summary['test_macro_f1']:.4f}, "
-        f"ONNX Runtime accuracy {summary['onnx_accuracy']:.4f}",
-        f"model {summary['model_name']} version {summary['version']}: {promoted}",
-        f"champion: {champion} (version {summary['champion_version']})",
-        f"reports: {paths.VALIDATION_REPORT} {paths.EVALUATION_REPORT} {paths.EXPORT_REPORT} "
-        f"{paths.REGISTRY_REPORT}",
-        f"MLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri()} --host 127.0.0.1 "
-        "--port 5000   then open http://127.0.0.1:5000",
-    ])  # fmt: skip
+    promoted = (
+        "promoted to @champion" if summary["promoted"] else "NOT promoted (see registry.json)"
+    )
+    return "\n".join(
+        [
+            "",
+            f"test accuracy {summary['test_accuracy']:.4f}, "
+            f"macro-F1 {summary['test_macro_f1']:.4f}, "
+            f"ONNX Runtime accuracy {summary['onnx_accuracy']:.4f}",
+            f"model {summary['model_name']} version {summary['version']}: {promoted}",
+            f"champion: {champion} (version {summary['champion_version']})",
+            f"reports: {paths.VALIDATION_REPORT} {paths.EVALUATION_REPORT} {paths.EXPORT_REPORT} "
+            f"{paths.REGISTRY_REPORT}",
+            f"MLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri()} --host 127.0.0.1 "
+            "--port 5000   then open http://127.0.0.1:5000",
+        ]
+    )
 
 
 if __name__ == "__main__":

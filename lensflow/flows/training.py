@@ -6,8 +6,17 @@ from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
 
 from lensflow.components import (
-    config, datasets, evaluate, export, prepare, registry, tracking, train, validate, versioning,
-)  # fmt: skip
+    config,
+    datasets,
+    evaluate,
+    export,
+    prepare,
+    registry,
+    tracking,
+    train,
+    validate,
+    versioning,
+)
 
 
 def _task(fn, name: str):

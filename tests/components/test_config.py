@@ -37,8 +37,15 @@ def test_wrong_type_names_the_key_and_the_value(tmp_path):
 
 
 def test_overrides_are_typed_and_reach_any_key(tmp_path):
-    cfg = config.load(tmp_path / "absent.yaml", ["train.epochs=3", "train.lr=1e-2",
-                                                 "model.widths=[8, 16]", "validate.min_images_per_class=4"])
+    cfg = config.load(
+        tmp_path / "absent.yaml",
+        [
+            "train.epochs=3",
+            "train.lr=1e-2",
+            "model.widths=[8, 16]",
+            "validate.min_images_per_class=4",
+        ],
+    )
     assert cfg.train.epochs == 3 and cfg.train.lr == 0.01
     assert cfg.model.widths == [8, 16]
     assert cfg.validate_.min_images_per_class == 4

@@ -28,9 +28,11 @@ def test_shapes_are_seeded_rgb_and_count_as_asked(tmp_path):
 
 def test_shape_classes_differ_from_each_other():
     rng = np.random.default_rng(0)
-    means = {n: np.mean([datasets.shape_image(n, rng) for _ in range(20)], axis=0)
-             for n in datasets.SHAPE_CLASSES}
+    means = {
+        n: np.mean([datasets.shape_image(n, rng) for _ in range(20)], axis=0)
+        for n in datasets.SHAPE_CLASSES
+    }
     names = list(means)
     for i, first in enumerate(names):
-        for second in names[i + 1:]:
+        for second in names[i + 1 :]:
             assert np.abs(means[first] - means[second]).mean() > 5, (first, second)

@@ -10,7 +10,9 @@ from lensflow.components.config import UserError
 
 
 def _folder_cfg(root, **prepare_kw):
-    return config.from_dict({"data": {"source": str(root)}, "prepare": {"channels": 3, **prepare_kw}})
+    return config.from_dict(
+        {"data": {"source": str(root)}, "prepare": {"channels": 3, **prepare_kw}}
+    )
 
 
 @pytest.fixture
@@ -48,7 +50,10 @@ def test_identical_files_share_a_split(shapes_folder):
         shutil.copy(source, shapes_folder / "circle_small" / f"copy{i}.png")
     prepare.run(_folder_cfg(shapes_folder))
     manifest = pd.read_parquet(paths.MANIFEST)
-    copies = manifest[manifest["sha256"] == manifest.loc[manifest["path"] == "circle_small/0000.png", "sha256"].iloc[0]]
+    copies = manifest[
+        manifest["sha256"]
+        == manifest.loc[manifest["path"] == "circle_small/0000.png", "sha256"].iloc[0]
+    ]
     assert len(copies) == 6 and copies["split"].nunique() == 1
     assert validate.run(_folder_cfg(shapes_folder)).success
 
@@ -70,8 +75,12 @@ def test_broken_file_fails_the_gate_and_is_named(shapes_folder):
     result = validate.run(cfg)
     report = json.loads(paths.VALIDATION_REPORT.read_text())
     assert not result.success
-    assert [(i["path"], i["code"]) for i in report["issues"]] == [("checker_2/broken.png", "undecodable")]
-    assert sorted(p.name for p in (shapes_folder / "checker_2").iterdir()) == before  # nothing deleted
+    assert [(i["path"], i["code"]) for i in report["issues"]] == [
+        ("checker_2/broken.png", "undecodable")
+    ]
+    assert (
+        sorted(p.name for p in (shapes_folder / "checker_2").iterdir()) == before
+    )  # nothing deleted
     with pytest.raises(UserError, match="failed validation"):
         validate.require_passed()
 
@@ -92,9 +101,12 @@ def test_leakage_between_splits_is_caught(shapes_folder):
 
 
 def test_unexpected_class_and_tiny_class_fail(shapes_folder):
-    cfg = config.from_dict({"data": {"source": str(shapes_folder),
-                                     "classes": sorted(datasets.SHAPE_CLASSES)[:-1]},
-                            "validate": {"min_images_per_class": 11}})
+    cfg = config.from_dict(
+        {
+            "data": {"source": str(shapes_folder), "classes": sorted(datasets.SHAPE_CLASSES)[:-1]},
+            "validate": {"min_images_per_class": 11},
+        }
+    )
     prepare.run(cfg)
     validate.run(cfg)
     codes = {i["code"] for i in json.loads(paths.VALIDATION_REPORT.read_text())["issues"]}

@@ -1,0 +1,180 @@
+"""The chain train -> evaluate -> export -> register on tiny real data, against real MLflow."""
+
+import json
+import math
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lensflow.components import (
+    config,
+    datasets,
+    evaluate,
+    export,
+    models,
+    paths,
+    prepare,
+    registry,
+    train,
+    validate,
+)
+from lensflow.components.config import GateFailed
+from tests.conftest import write_tiny_params
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One prepared + trained + exported tiny project, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("project")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        write_tiny_params(root)
+        cfg = config.load("params.yaml")
+        datasets.run(cfg)
+        prepare.run(cfg)
+        assert validate.run(cfg).success
+        result = train.run(cfg)
+        evaluation = evaluate.run(cfg)
+        exported = export.run(cfg)
+        yield {
+            "root": root,
+            "cfg": cfg,
+            "train": result,
+            "evaluation": evaluation,
+            "export": exported,
+            "mp": mp,
+        }
+
+
+def test_checkpoint_is_a_weights_only_state_dict(trained):
+    checkpoint = torch.load(trained["root"] / paths.CHECKPOINT, weights_only=True)
+    assert set(checkpoint) == {"spec", "state_dict"}
+    assert checkpoint["spec"]["classes"] == sorted(datasets.SHAPE_CLASSES)
+    model, _ = models.load_checkpoint(trained["root"] / paths.CHECKPOINT)
+    assert model(torch.zeros(2, 3, 16, 16, dtype=torch.uint8)).shape == (2, 10)
+
+
+def test_training_learns_and_logs_each_epoch(trained):
+    report = json.loads((trained["root"] / paths.TRAINING_REPORT).read_text())
+    curve = (trained["root"] / paths.TRAINING_CURVE).read_text().splitlines()
+    assert report["epochs_run"] == len(curve) - 1 == 8
+    assert trained["train"].best_val_accuracy > 0.5  # 10 classes: chance is 0.1
+    client = mlflow.MlflowClient()
+    run = client.search_runs(
+        client.get_experiment_by_name("lensflow").experiment_id, "tags.`lensflow.step` = 'train'"
+    )[0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == list(
+        range(1, 9)
+    )
+    assert {"git.commit", "data.md5", "params.hash"} <= set(run.data.tags)
+
+
+def test_initial_loss_is_near_ln_classes(trained):
+    """The untrained model's loss is ~ln(10): the classic sanity check of a fresh classifier."""
+    train.seed_everything(0)
+    spec = models.model_spec(trained["cfg"].model, prepare.load_meta())
+    images, labels = prepare.load_split("val")
+    loss, _ = train.evaluate_loss(models.build(spec), images, labels)
+    assert abs(loss - math.log(10)) < 0.5
+
+
+def test_evaluation_report_has_the_documented_keys(trained):
+    report = json.loads((trained["root"] / paths.EVALUATION_REPORT).read_text())
+    assert {
+        "accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "n_images",
+        "per_class",
+        "confusion_matrix",
+    } <= set(report)
+    assert np.array(report["confusion_matrix"]).sum() == report["n_images"]
+    assert (trained["root"] / "plots" / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_onnx_export_has_preprocessing_metadata_and_parity(trained):
+    proto = onnx.load(trained["root"] / paths.ONNX)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["classes"]) == sorted(datasets.SHAPE_CLASSES)
+    assert [i.name for i in proto.graph.input] == ["images"]
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [o.name for o in proto.graph.output] == ["logits", "probabilities"]
+    assert trained["export"].top1_agreement == 1.0 and trained["export"].max_abs_diff < 1e-4
+    assert trained["export"].accuracy == trained["evaluation"].accuracy
+    # any image size and batch size: the graph resizes inside
+    session = export.ort_session(trained["root"] / paths.ONNX)
+    out = session.run(["probabilities"], {"images": np.zeros((3, 3, 40, 24), np.uint8)})[0]
+    assert out.shape == (3, 10) and np.allclose(out.sum(1), 1, atol=1e-5)
+
+
+def test_parity_gate_catches_a_broken_export(trained, tmp_path):
+    proto = onnx.load(trained["root"] / paths.ONNX)
+    weight = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+    array = onnx.numpy_helper.to_array(weight).copy()
+    weight.CopyFrom(onnx.numpy_helper.from_array(array * 0.5, weight.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(proto, broken)
+    model, _ = models.load_checkpoint(trained["root"] / paths.CHECKPOINT)
+    images, _ = prepare.load_split("test")
+    parity = export.check_parity(model, broken, images.numpy(), atol=1e-4)
+    assert not parity["passed"] and parity["max_abs_diff"] > 1e-4
+
+
+def test_export_run_fails_the_flow_when_parity_fails(trained):
+    cfg = trained["cfg"].model_copy(update={"export": config.Export(parity_atol=1e-12)})
+    with pytest.raises(GateFailed, match="parity"):
+        export.run(cfg)
+    assert (
+        json.loads((trained["root"] / paths.EXPORT_REPORT).read_text())["onnx"]["status"]
+        == "failed"
+    )
+    export.run(trained["cfg"])  # restore a passing export for the registry tests
+
+
+def test_registry_promotes_only_through_the_gates(trained):
+    cfg = trained["cfg"]
+    name = cfg.registry.model_name
+    first = registry.run(cfg)
+    assert first.promoted and first.champion_version == first.version
+
+    strict = cfg.model_copy(update={"registry": config.Registry(min_accuracy=1.0)})
+    second = registry.run(strict)
+    report = json.loads((trained["root"] / paths.REGISTRY_REPORT).read_text())
+    assert not second.promoted and report["gates"]["min_accuracy"]["passed"] is False
+    assert report["gates"]["not_worse_than_champion"]["threshold"] == trained["export"].accuracy
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first.version
+
+    version = client.get_model_version(name, second.version)
+    assert version.tags["data.md5"] != "" and "lensflow.gates" in version.tags
+    session, classes = registry.load_onnx_session(registry.champion_uri(name))
+    images, labels = prepare.load_split("test")
+    metrics, _ = evaluate.score(
+        evaluate.onnx_predictor(session), images.numpy(), labels.numpy(), classes
+    )
+    assert metrics["accuracy"] == trained["evaluation"].accuracy
+
+
+def test_a_worse_candidate_does_not_replace_the_champion(trained):
+    cfg = trained["cfg"]
+    client = mlflow.MlflowClient()
+    champion = registry.run(cfg)
+    assert champion.promoted
+    weak = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    train.run(weak)
+    export.run(weak)
+    candidate = registry.run(weak)
+    gate = json.loads((trained["root"] / paths.REGISTRY_REPORT).read_text())["gates"][
+        "not_worse_than_champion"
+    ]
+    assert not candidate.promoted and not gate["passed"]
+    assert gate["value"] < gate["threshold"] == trained["export"].accuracy
+    assert gate["champion_version"] == champion.version
+    assert (
+        str(client.get_model_version_by_alias(cfg.registry.model_name, "champion").version)
+        == champion.version
+    )

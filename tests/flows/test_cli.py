@@ -1,0 +1,68 @@
+"""The `lensflow` command as a user runs it: exit codes, one-line errors, fast --help."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lensflow.components import datasets
+
+
+def lensflow(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "lensflow.flows.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_help_imports_no_heavy_library():
+    code = (
+        "import sys\nfrom lensflow.flows.cli import main\ntry:\n    main(['--help'])\n"
+        "except SystemExit:\n    pass\n"
+        "print([m for m in ('torch', 'mlflow', 'prefect', 'great_expectations', 'dvc') "
+        "if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("[]")
+
+
+def test_mistyped_key_is_one_line_exit_2(project):
+    (project / "params.yaml").write_text("train:\n  epoch: 3\n")
+    done = lensflow("run", cwd=project)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.epoch" in lines[0] and "epochs" in lines[0]
+
+
+def test_bad_set_override_is_exit_2(project):
+    done = lensflow("stage", "prepare", "--set", "prepare.image_size=huge", cwd=project)
+    assert done.returncode == 2 and "prepare.image_size" in done.stderr
+
+
+def test_validate_any_folder_exit_codes(project):
+    root = project / "imgs"
+    datasets.write("shapes", root, per_class=4, seed=0)
+    ok = lensflow("validate", str(root), "--report", "out/report.json", cwd=project)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((project / "out/report.json").read_text())["success"]
+    assert not (project / "data").exists()  # the project's own data is untouched
+
+    (root / "gradient_h" / "notes.png").write_text("not an image")
+    bad = lensflow("validate", str(root), "--report", "out/report.json", cwd=project)
+    assert bad.returncode == 1
+    issues = json.loads((project / "out/report.json").read_text())["issues"]
+    assert issues == [
+        {"path": "gradient_h/notes.png", "code": "undecodable", "message": issues[0]["message"]}
+    ]
+
+
+@pytest.mark.parametrize("target", ["missing", "a_file"])
+def test_validate_unusable_input_is_exit_2(project, target):
+    (project / "a_file").write_text("x")
+    done = lensflow("validate", target, cwd=project)
+    assert done.returncode == 2 and target in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,69 @@
+"""The Prefect training flow end to end on tiny real data, with real MLflow and Prefect."""
+
+import json
+
+import mlflow
+import pytest
+
+from lensflow.components import evaluate, paths, prepare, registry
+from lensflow.components.config import GateFailed
+from lensflow.flows.training import training_flow
+
+
+def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
+    summary = training_flow(params_path="params.yaml")
+
+    assert summary["promoted"] and summary["champion_version"] == summary["version"] == "1"
+    for report in (
+        paths.VALIDATION_REPORT,
+        paths.EVALUATION_REPORT,
+        paths.EXPORT_REPORT,
+        paths.REGISTRY_REPORT,
+    ):
+        assert report.exists(), report
+    evaluation = json.loads(paths.EVALUATION_REPORT.read_text())
+
+    # the champion resolves to an ONNX model scoring exactly what the flow reported
+    session, classes = registry.load_onnx_session(registry.champion_uri("lensflow-classifier"))
+    images, labels = prepare.load_split("test")
+    metrics, _ = evaluate.score(
+        evaluate.onnx_predictor(session), images.numpy(), labels.numpy(), classes
+    )
+    assert metrics["accuracy"] == evaluation["accuracy"] == summary["test_accuracy"]
+
+    # one parent run with a child run per step, all carrying lineage
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("lensflow").experiment_id
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = client.search_runs(experiment, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["lensflow.step"] for r in children) == [
+        "evaluate",
+        "export",
+        "register",
+        "train",
+    ]
+    assert parent.data.params["train.epochs"] == "8"
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    assert flow_run_id != "none"
+    version = client.get_model_version("lensflow-classifier", "1")
+    assert version.tags["prefect.flow_run_id"] == flow_run_id
+    assert (
+        version.tags["data.md5"] and version.tags["params.hash"] == parent.data.tags["params.hash"]
+    )
+
+
+def test_flow_stops_before_training_on_data_that_fails_validation(tiny_cfg, project):
+    from lensflow.components import datasets
+
+    datasets.run(tiny_cfg)
+    broken = project / "data/raw/shapes/checker_2/truncated.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n")
+
+    with pytest.raises(GateFailed, match="validation"):
+        training_flow(params_path="params.yaml")
+
+    report = json.loads(paths.VALIDATION_REPORT.read_text())
+    assert not report["success"]
+    assert report["issues"][0]["path"] == "checker_2/truncated.png"
+    assert not paths.CHECKPOINT.exists()
+    assert broken.exists()  # reported, never deleted
