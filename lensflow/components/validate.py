@@ -43,11 +43,12 @@ def run(cfg: Config) -> ValidationResult:
     manifest = pd.read_parquet(paths.MANIFEST)
     classes = load_meta()["classes"]
     table = _with_derived_columns(manifest)
-    expectations = _expectations(classes, cfg.validate_.min_images_per_class)
-    results = _run_suite(table, list(expectations.values()))
+    results = _run_suite(table, _expectations(classes, cfg.validate_.min_images_per_class))
 
+    code_of_column = {column: code for code, (column, _) in CHECKS.items()}
     issues, checks = [], []
-    for code, result in zip(expectations, results.results, strict=True):
+    for result in results.results:
+        code = code_of_column[result.expectation_config.kwargs["column"]]
         bad_paths = [row["path"] for row in result.result.get("unexpected_index_list") or []]
         checks.append({"code": code, "success": bool(result.success), "n_failed": len(bad_paths)})
         for path in bad_paths:
@@ -90,23 +91,19 @@ def _with_derived_columns(manifest: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _expectations(classes: list[str], min_per_class: int) -> dict:
+def _expectations(classes: list[str], min_per_class: int) -> list:
     import great_expectations as gx
 
-    return {
-        "undecodable": gx.expectations.ExpectColumnValuesToBeInSet(
-            column="decodable", value_set=[True]
+    column = {code: col for code, (col, _) in CHECKS.items()}
+    between = gx.expectations.ExpectColumnValuesToBeBetween
+    return [
+        gx.expectations.ExpectColumnValuesToBeInSet(column=column["undecodable"], value_set=[True]),
+        gx.expectations.ExpectColumnValuesToBeInSet(
+            column=column["unknown_label"], value_set=classes
         ),
-        "unknown_label": gx.expectations.ExpectColumnValuesToBeInSet(
-            column="label", value_set=classes
-        ),
-        "split_leakage": gx.expectations.ExpectColumnValuesToBeBetween(
-            column="splits_sharing_sha256", min_value=0, max_value=1
-        ),
-        "too_few_images": gx.expectations.ExpectColumnValuesToBeBetween(
-            column="class_size", min_value=min_per_class
-        ),
-    }
+        between(column=column["split_leakage"], min_value=0, max_value=1),
+        between(column=column["too_few_images"], min_value=min_per_class),
+    ]
 
 
 def _run_suite(table: pd.DataFrame, expectations: list):
