@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lensflow.components import models, paths, tracking
+from lensflow.components import models, paths, tensorrt, tracking
 from lensflow.components.config import Config, GateFailed
 from lensflow.components.evaluate import onnx_predictor, score, torch_predictor
 from lensflow.components.prepare import load_split
@@ -43,10 +43,13 @@ class WithProbabilities(nn.Module):
 def run(cfg: Config) -> ExportResult:
     model, spec = models.load_checkpoint(paths.CHECKPOINT)
     metadata = {
+        **tracking.lineage(cfg),
+        "lensflow.version": _version(),
         "classes": json.dumps(spec["classes"]),
+        "image_size": str(spec["image_size"]),
+        "channels": str(spec["channels"]),
         "input": f"images: uint8 [batch, {spec['channels']}, height, width]; resized to "
         f"{spec['image_size']}x{spec['image_size']} and normalised inside",
-        "lensflow.params_hash": cfg.params_hash(),
     }
     to_onnx(model, spec, paths.ONNX, cfg.export.opset, metadata)
     images, labels = load_split("test")
@@ -61,7 +64,10 @@ def run(cfg: Config) -> ExportResult:
             "size_bytes": paths.ONNX.stat().st_size,
             "accuracy": metrics["accuracy"],
             "parity": parity,
-        }
+        },
+        "tensorrt_fp16": tensorrt.build_and_score(
+            paths.ONNX, paths.PLAN_FP16, "fp16", images.numpy(), labels.numpy(), spec["classes"]
+        ),
     }
     paths.REPORTS.mkdir(parents=True, exist_ok=True)
     paths.EXPORT_REPORT.write_text(json.dumps(report, indent=2))
@@ -134,3 +140,12 @@ def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, atol: fl
         "atol": atol,
         "passed": max_abs_diff <= atol and agreement == 1.0,
     }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lensflow")
+    except PackageNotFoundError:
+        return "unknown"

@@ -12,6 +12,9 @@ META = PREPARED / "meta.json"
 MODELS = Path("models")
 CHECKPOINT = MODELS / "checkpoint.pt"
 ONNX = MODELS / "model.onnx"
+ONNX_INT8 = MODELS / "model.int8.onnx"
+PLAN_FP16 = MODELS / "model.fp16.plan"
+PLAN_INT8 = MODELS / "model.int8.plan"
 REPORTS = Path("reports")
 PLOTS = Path("plots")
 VALIDATION_REPORT = REPORTS / "validation.json"
@@ -20,6 +23,8 @@ TRAINING_CURVE = REPORTS / "training_curve.csv"
 EVALUATION_REPORT = REPORTS / "evaluation.json"
 PREDICTIONS = REPORTS / "predictions.csv"
 EXPORT_REPORT = REPORTS / "export.json"
+QUANTIZE_REPORT = REPORTS / "quantize.json"
+MODEL_CARD = REPORTS / "model_card.md"
 REGISTRY_REPORT = REPORTS / "registry.json"
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from lensflow.components import models, paths, tracking
+from lensflow.components import models, paths, quantize, tracking
 from lensflow.components.config import Config, UserError
 from lensflow.components.evaluate import onnx_predictor, score
 from lensflow.components.export import ort_session
@@ -72,6 +73,10 @@ def run(cfg: Config) -> RegistryResult:
         client = mlflow.MlflowClient()
         client.set_model_version_tag(name, version, "lensflow.gates", json.dumps(gates))
         client.set_model_version_tag(name, version, "lensflow.decision", decision)
+        card = model_card(cfg, spec, version, export_report)
+        paths.MODEL_CARD.write_text(card)
+        mlflow.log_artifact(str(paths.MODEL_CARD))
+        client.update_model_version(name, version, description=card)
         paths.REPORTS.mkdir(parents=True, exist_ok=True)
         paths.REGISTRY_REPORT.write_text(json.dumps(report, indent=2))
         mlflow.log_artifact(str(paths.REGISTRY_REPORT))
@@ -86,12 +91,24 @@ def champion_uri(name: str) -> str:
 
 
 def load_onnx_session(model_uri: str):
-    """An ONNX Runtime session of a registered lensflow model, plus its class names."""
-    import mlflow
+    """An ONNX Runtime session of a lensflow model (registry URI or .onnx file) + its metadata."""
+    import onnx
 
-    proto = mlflow.onnx.load_model(model_uri)
+    if model_uri.endswith(".onnx") and not model_uri.startswith(("models:/", "runs:/")):
+        if not Path(model_uri).is_file():
+            raise UserError(f"{model_uri}: ONNX file not found")
+        proto = onnx.load(model_uri)
+    else:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            proto = mlflow.onnx.load_model(model_uri)
+        except MlflowException as exc:
+            raise UserError(f"{model_uri}: {exc.message.splitlines()[0]}") from None
     meta = {p.key: p.value for p in proto.metadata_props}
-    return ort_session(proto.SerializeToString()), json.loads(meta.get("classes", "[]"))
+    meta["classes"] = json.loads(meta.get("classes", "[]"))
+    return ort_session(proto.SerializeToString()), meta
 
 
 def _log_and_register(cfg: Config, spec: dict, name: str, run_id: str, images: np.ndarray) -> str:
@@ -116,7 +133,10 @@ def _log_and_register(cfg: Config, spec: dict, name: str, run_id: str, images: n
         },
     )
     mlflow.log_artifact(str(paths.CHECKPOINT), "checkpoint")
-    tags = {**tracking.lineage(cfg), "mlflow.run_id": run_id}
+    int8 = "shipped" if quantize.int8_shipped() else "not_shipped"
+    if int8 == "shipped":
+        mlflow.log_artifact(str(paths.ONNX_INT8), "int8")
+    tags = {**tracking.lineage(cfg), "mlflow.run_id": run_id, "lensflow.int8": int8}
     version = mlflow.register_model(info.model_uri, name, tags=tags)
     return str(version.version)
 
@@ -134,8 +154,8 @@ def _current_champion(name: str):
 def _rescore(champion, classes: list[str], images: np.ndarray, labels: np.ndarray) -> dict:
     if champion is None:
         return {"status": "none"}
-    session, champion_classes = load_onnx_session(f"models:/{champion.name}/{champion.version}")
-    if champion_classes != classes:
+    session, meta = load_onnx_session(f"models:/{champion.name}/{champion.version}")
+    if meta["classes"] != classes:
         return {"status": "incomparable", "reason": "the champion predicts another class set"}
     metrics, _ = score(onnx_predictor(session), images, labels, classes)
     return {"status": "scored", "accuracy": metrics["accuracy"]}
@@ -166,3 +186,47 @@ def _read_json(path) -> dict:
     if not path.exists():
         raise UserError(f"{path} is missing: run the stage that writes it first")
     return json.loads(path.read_text())
+
+
+def model_card(cfg: Config, spec: dict, version: str, export_report: dict) -> str:
+    """A markdown model card: intended use, data version, metrics, limits, formats."""
+    evaluation = _read_json(paths.EVALUATION_REPORT)
+    lineage = tracking.lineage(cfg)
+    quantized = _read_json(paths.QUANTIZE_REPORT) if paths.QUANTIZE_REPORT.exists() else None
+    corruptions = evaluation.get("corruptions", {})
+    robustness = ", ".join(f"{name} {values[-1]:.3f}" for name, values in corruptions.items())
+    int8 = "int8 ONNX (not made)"
+    if quantized:
+        why = "; ".join(quantized["reasons"]) or "gates passed"
+        int8 = f"int8 ONNX ({quantized['status']}: {why})"
+    return "\n".join(
+        [
+            f"# {cfg.registry.model_name} version {version}",
+            "",
+            "## Intended use",
+            f"Classify {spec['channels']}-channel images into {len(spec['classes'])} classes: "
+            f"{', '.join(spec['classes'])}. Input: uint8 images [batch, {spec['channels']}, H, W]; "
+            f"resized to {spec['image_size']}x{spec['image_size']} and normalised inside.",
+            "",
+            "## Data",
+            f"Source `{cfg.data.source}`, DVC hash `{lineage['data.md5']}`; "
+            f"code `{lineage['git.commit']}` (dirty: {lineage['git.dirty']}); "
+            f"params hash `{lineage['params.hash']}`.",
+            "",
+            "## Metrics (test split)",
+            f"accuracy {evaluation['accuracy']:.4f}, macro-F1 {evaluation['macro_f1']:.4f}, "
+            f"top-{evaluation['top_k']} {evaluation['top_k_accuracy']:.4f}, "
+            f"ECE {evaluation['ece']:.4f} on {evaluation['n_images']} images.",
+            "",
+            "## Limits",
+            f"Trained only on `{cfg.data.source}`; images unlike it are out of scope. "
+            f"Accuracy at the strongest corruption tested: {robustness or 'not measured'}.",
+            "",
+            "## Formats",
+            f"- fp32 ONNX (ONNX Runtime accuracy {export_report['onnx']['accuracy']:.4f}, "
+            f"parity max diff {export_report['onnx']['parity']['max_abs_diff']:.1e})",
+            f"- {int8}",
+            f"- TensorRT fp16: {export_report.get('tensorrt_fp16', {}).get('status', 'not tried')}",
+            "",
+        ]
+    )

@@ -6,10 +6,11 @@ Exit codes: 0 success, 1 a gate or check failed (a report says why), 2 bad usage
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
-STAGES = ("prepare", "validate", "train", "evaluate", "export", "register")
+STAGES = ("prepare", "validate", "train", "evaluate", "export", "quantize", "register")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="write the built-in dataset of params.yaml and `dvc add` it")
     _add_params(data)
     data.set_defaults(command=cmd_data)
+
+    evaluate = sub.add_parser("evaluate", help="score any lensflow model on any ImageFolder")
+    evaluate.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/… or a .onnx file",
+    )
+    evaluate.add_argument("--data", help="an ImageFolder (default: this project's test split)")
+    evaluate.add_argument("--report", default="model-evaluation.json", help="the JSON report")
+    evaluate.set_defaults(command=cmd_evaluate)
 
     validate = sub.add_parser("validate", help="validate any ImageFolder; exit 1 if the gate fails")
     validate.add_argument("path", help="an ImageFolder: PATH/<class>/<image>")
@@ -104,6 +115,39 @@ def cmd_data(args) -> int:
 
     root = datasets.run(config.load(args.params, args.overrides))
     print(f"data: {root}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    import mlflow
+
+    from lensflow.components import evaluate, prepare, registry, tracking
+    from lensflow.components.config import UserError
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    session, meta = registry.load_onnx_session(args.model)
+    classes = meta["classes"]
+    if args.data:
+        if "image_size" not in meta:
+            raise UserError(f"{args.model}: no image_size in its metadata; export it again")
+        size, channels = int(meta["image_size"]), int(meta["channels"])
+        images, labels = evaluate.read_image_folder(args.data, classes, channels, size)
+    else:
+        if prepare.load_meta()["classes"] != classes:
+            raise UserError(f"{args.model} predicts other classes than this project's test split")
+        images, labels = (t.numpy() for t in prepare.load_split("test"))
+    metrics, _ = evaluate.score(evaluate.onnx_predictor(session), images, labels, classes)
+    report = Path(args.report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(
+        json.dumps({"model": args.model, "data": args.data or "test split", **metrics}, indent=2)
+    )
+    print(
+        f"{args.model}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+        f"on {metrics['n_images']} images ({report})"
+    )
     return 0
 
 

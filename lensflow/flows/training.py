@@ -11,6 +11,7 @@ from lensflow.components import (
     evaluate,
     export,
     prepare,
+    quantize,
     registry,
     tracking,
     train,
@@ -30,6 +31,7 @@ validate_task = _task(validate.run, "validate")
 train_task = _task(train.run, "train")
 evaluate_task = _task(evaluate.run, "evaluate")
 export_task = _task(export.run, "export")
+quantize_task = _task(quantize.run, "quantize")
 register_task = _task(registry.run, "register")
 dvc_commit_task = _task(versioning.dvc_commit, "record-in-dvc-lock")
 
@@ -47,6 +49,7 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
         trained = train_task(cfg)
         evaluation = evaluate_task(cfg)
         exported = export_task(cfg)
+        quantized = quantize_task(cfg)
         registered = register_task(cfg)
     # dvc.lock may only vouch for outputs made from params.yaml as written: no overrides.
     if versioning.in_dvc_repo() and not overrides:
@@ -57,6 +60,8 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
         "test_accuracy": evaluation.accuracy,
         "test_macro_f1": evaluation.macro_f1,
         "onnx_accuracy": exported.accuracy,
+        "int8_shipped": quantized.shipped,
+        "int8_speedup": quantized.speedup,
         "epochs_run": trained.epochs_run,
         "train_loop_seconds": trained.train_loop_seconds,
         "model_name": registered.name,

@@ -17,6 +17,7 @@ from lensflow.components import (
     models,
     paths,
     prepare,
+    quantize,
     registry,
     train,
     validate,
@@ -151,7 +152,8 @@ def test_registry_promotes_only_through_the_gates(trained):
 
     version = client.get_model_version(name, second.version)
     assert version.tags["data.md5"] != "" and "lensflow.gates" in version.tags
-    session, classes = registry.load_onnx_session(registry.champion_uri(name))
+    session, meta = registry.load_onnx_session(registry.champion_uri(name))
+    classes = meta["classes"]
     images, labels = prepare.load_split("test")
     metrics, _ = evaluate.score(
         evaluate.onnx_predictor(session), images.numpy(), labels.numpy(), classes
@@ -178,3 +180,68 @@ def test_a_worse_candidate_does_not_replace_the_champion(trained):
         str(client.get_model_version_by_alias(cfg.registry.model_name, "champion").version)
         == champion.version
     )
+    train.run(cfg)  # restore the module's trained model for the tests after this one
+    export.run(cfg)
+
+
+def test_quantization_gate_ships_and_refuses_by_its_thresholds(trained):
+    cfg = trained["cfg"]
+    lenient = cfg.model_copy(update={"quantize": config.Quantize(min_speedup=0.01, max_drop=100)})
+    shipped = quantize.run(lenient)
+    report = json.loads((trained["root"] / paths.QUANTIZE_REPORT).read_text())
+    assert shipped.shipped and report["status"] == "shipped" and report["reasons"] == []
+    assert report["formats"]["int8"]["size_bytes"] < report["formats"]["fp32"]["size_bytes"]
+    assert report["formats"]["fp32"]["accuracy"] == trained["export"].accuracy
+    assert report["calibration_images"] == min(300, len(prepare.load_split("train")[0]))
+    assert len(report["excluded_nodes"]) == 1  # the classifier head stays in float
+    assert report["tensorrt_int8"]["status"] in {"ok", "skipped"}
+
+    registered = registry.run(cfg)
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(cfg.registry.model_name, registered.version)
+    assert version.tags["lensflow.int8"] == "shipped"
+    artifacts = [a.path for a in client.list_artifacts(version.run_id, "int8")]
+    assert artifacts == ["int8/model.int8.onnx"]
+    assert "## Formats" in version.description and "int8 ONNX (shipped" in version.description
+
+    slow = cfg.model_copy(update={"quantize": config.Quantize(min_speedup=1000)})
+    refused = quantize.run(slow)
+    assert not refused.shipped and "min_speedup" in refused.reasons[0]
+    exact = cfg.model_copy(update={"quantize": config.Quantize(min_speedup=0.01, max_drop=0)})
+    result = quantize.run(exact)
+    assert result.shipped == (result.accuracy_drop_points <= 0)
+
+
+def test_golden_preprocessing_pins_image_to_tensor():
+    """A fixed synthetic image -> the exact uint8 tensor the model sees (prepare and serving)."""
+    from lensflow.components.preprocess import resize_uint8
+
+    image = datasets.shape_image("circle_large", np.random.default_rng(0))
+    tensor = resize_uint8(torch.from_numpy(image).permute(2, 0, 1)[None], 16)
+    assert int(image.sum()) == 261630
+    assert int(tensor.sum()) == 65398
+    assert tensor[0, :, 8, 8].tolist() == [140, 217, 228]
+    assert tensor[0, :, 0, 0].tolist() == [16, 17, 21]
+
+
+def test_golden_files_to_predictions_match_the_evaluation(trained, tmp_path):
+    """Test files read as a user's folder give the evaluated tensors and predictions."""
+    import shutil
+
+    import pandas as pd
+
+    manifest = pd.read_parquet(trained["root"] / paths.MANIFEST)
+    raw = trained["root"] / "data/raw/shapes"
+    for path in manifest.loc[manifest["split"] == "test", "path"]:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(raw / path, tmp_path / path)
+    classes = sorted(datasets.SHAPE_CLASSES)
+    images, labels = evaluate.read_image_folder(tmp_path, classes, channels=3, size=16)
+    shard_images, shard_labels = prepare.load_split("test")
+    assert np.array_equal(images, shard_images.numpy())
+    assert np.array_equal(labels, shard_labels.numpy())
+
+    session = export.ort_session(trained["root"] / paths.ONNX)
+    predicted = evaluate.onnx_predictor(session)(images).argmax(1)
+    rows = (trained["root"] / paths.PREDICTIONS).read_text().splitlines()[1:]
+    assert [classes[p] for p in predicted] == [row.split(",")[1] for row in rows]

@@ -1,6 +1,7 @@
 """The Prefect training flow end to end on tiny real data, with real MLflow and Prefect."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -24,12 +25,30 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
     evaluation = json.loads(paths.EVALUATION_REPORT.read_text())
 
     # the champion resolves to an ONNX model scoring exactly what the flow reported
-    session, classes = registry.load_onnx_session(registry.champion_uri("lensflow-classifier"))
+    session, meta = registry.load_onnx_session(registry.champion_uri("lensflow-classifier"))
+    classes = meta["classes"]
     images, labels = prepare.load_split("test")
     metrics, _ = evaluate.score(
         evaluate.onnx_predictor(session), images.numpy(), labels.numpy(), classes
     )
     assert metrics["accuracy"] == evaluation["accuracy"] == summary["test_accuracy"]
+
+    # `lensflow evaluate` on the champion reproduces the flow's report
+    from lensflow.flows import cli
+
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--model",
+                registry.champion_uri("lensflow-classifier"),
+                "--report",
+                "champion.json",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(Path("champion.json").read_text())["accuracy"] == evaluation["accuracy"]
 
     # one parent run with a child run per step, all carrying lineage
     client = mlflow.MlflowClient()
@@ -39,6 +58,7 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
     assert sorted(r.data.tags["lensflow.step"] for r in children) == [
         "evaluate",
         "export",
+        "quantize",
         "register",
         "train",
     ]

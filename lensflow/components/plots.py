@@ -1,0 +1,78 @@
+"""Evaluation figures as PNG files (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion_matrix(matrix: np.ndarray, classes: list[str], out: Path) -> Path:
+    plt = _pyplot()
+    size = max(4.0, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xlabel="predicted",
+        ylabel="true",
+        title="confusion matrix (test)",
+    )
+    ax.set_xticklabels(classes, rotation=90)
+    ax.set_yticklabels(classes)
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (row, col), value in np.ndenumerate(matrix):
+        color = "white" if value > threshold else "black"
+        ax.text(col, row, str(value), ha="center", va="center", fontsize=7, color=color)
+    return _save(fig, out)
+
+
+def reliability_diagram(bins: list[dict], ece: float, out: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    centers = [(b["lower"] + b["upper"]) / 2 for b in bins if b["count"]]
+    accuracy = [b["accuracy"] for b in bins if b["count"]]
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.bar(centers, accuracy, width=1 / len(bins), edgecolor="black", alpha=0.7, label="accuracy")
+    ax.set(
+        xlabel="confidence",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title=f"reliability (ECE {ece:.3f})",
+    )
+    ax.legend(loc="upper left")
+    return _save(fig, out)
+
+
+def image_grid(images: np.ndarray, titles: list[str], out: Path, cmap: str | None = None) -> Path:
+    """Up to 16 images [N, C, H, W] (uint8 or float) in a 4-column grid with titles."""
+    plt = _pyplot()
+    n = max(1, min(16, len(images)))
+    rows = (n + 3) // 4
+    fig, axes = plt.subplots(rows, 4, figsize=(8, 2.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images[:n], titles[:n], strict=False):
+        picture = image.transpose(1, 2, 0)
+        ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap=cmap or "gray")
+        ax.set_title(title, fontsize=8)
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    _pyplot().close(fig)
+    return out
