@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lensflow.components import models, paths, tracking
-from lensflow.components.config import Config
+from lensflow.components.config import Config, GateFailed
 from lensflow.components.prepare import load_meta, load_split
 from lensflow.components.validate import require_passed
 
@@ -51,17 +52,30 @@ def run(cfg: Config) -> TrainResult:
     train_x, train_y = load_split("train")
     val_x, val_y = load_split("val")
 
-    with tracking.step_run(cfg, "train") as mlflow_run:
+    with tracking.step_run(cfg, "train"):
         import mlflow
 
         mlflow.set_tag("model.parameters", str(sum(p.numel() for p in model.parameters())))
-        best, history, seconds = fit(model, cfg, (train_x, train_y), (val_x, val_y))
+        sanity = initial_loss_check(model, train_x, train_y, len(spec["classes"]))
+        mlflow.log_metrics(
+            {
+                "sanity/initial_loss": sanity["initial_loss"],
+                "sanity/expected_initial_loss": sanity["expected"],
+            }
+        )
+        best, history, seconds, diverged = fit(model, cfg, (train_x, train_y), (val_x, val_y))
+        if best["state_dict"] is None:
+            raise GateFailed(f"{diverged}; no epoch finished, so there is no checkpoint")
         model.load_state_dict(best["state_dict"])
         models.save_checkpoint(model, spec, paths.CHECKPOINT)
-        _write_reports(history, best, seconds, len(train_x))
+        _write_reports(history, best, seconds, len(train_x), sanity)
         mlflow.log_metrics({"best/epoch": best["epoch"], "train/loop_seconds": seconds})
         mlflow.log_artifact(str(paths.TRAINING_CURVE))
-        del mlflow_run
+    if diverged:
+        raise GateFailed(
+            f"{diverged}; kept the last good checkpoint ({paths.CHECKPOINT}, epoch "
+            f"{best['epoch']}). Lower train.lr or add gradient clipping."
+        )
     return TrainResult(
         str(paths.CHECKPOINT),
         len(history),
@@ -72,8 +86,51 @@ def run(cfg: Config) -> TrainResult:
     )
 
 
+def initial_loss_check(model: nn.Module, images, labels, num_classes: int) -> dict:
+    """A fresh classifier should predict ~uniformly: loss ~ ln(classes). Warns when not
+    (a bad init, wrong labels, a broken preprocessing or a bias left in the head)."""
+    loss, _ = evaluate_loss(model, images[:256], labels[:256])
+    expected = math.log(num_classes)
+    ok = abs(loss - expected) <= 0.25 * expected
+    if not ok:
+        warnings.warn(
+            f"initial loss {loss:.3f} is far from ln({num_classes}) = {expected:.3f}: "
+            "check the labels, the preprocessing and the weight init",
+            stacklevel=2,
+        )
+    return {"initial_loss": loss, "expected": expected, "ok": ok}
+
+
+def overfit_one_batch(cfg: Config, batch_size: int = 32, steps: int = 200) -> dict:
+    """`lensflow doctor`: can the model memorise one small batch? If not, something between
+    data, labels, model and optimiser is broken, and no amount of training will fix it."""
+    seed_everything(cfg.seed)
+    spec = models.model_spec(cfg.model, load_meta())
+    model = models.build(spec)
+    images, labels = (t[:batch_size] for t in load_split("train"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    final_loss, accuracy = evaluate_loss(model, images, labels)
+    return {
+        "batch_size": len(images),
+        "steps": steps,
+        "final_loss": round(final_loss, 5),
+        "accuracy": accuracy,
+        "passed": accuracy == 1.0,
+        "initial_loss_check": initial_loss_check(
+            models.build(spec), images, labels, len(spec["classes"])
+        ),
+    }
+
+
 def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple):
-    """The training loop. Returns (best epoch state, per-epoch history, loop seconds)."""
+    """The training loop. Returns (best epoch state, per-epoch history, loop seconds, and why
+    training stopped early on a non-finite loss, or None)."""
     import mlflow
 
     images, labels = train
@@ -85,7 +142,7 @@ def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple):
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     generator = torch.Generator().manual_seed(cfg.seed)
     best = {"val_loss": math.inf, "epoch": 0, "val_accuracy": 0.0, "state_dict": None}
-    history, bad_epochs, seconds = [], 0, 0.0
+    history, bad_epochs, seconds, diverged = [], 0, 0.0, None
 
     bar = tqdm(
         range(1, cfg.train.epochs + 1),
@@ -99,6 +156,9 @@ def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple):
             model, images, labels, cfg.train.batch_size, optimizer, scheduler, criterion, generator
         )
         seconds += time.perf_counter() - start
+        if not math.isfinite(train_loss):
+            diverged = f"the training loss became {train_loss} in epoch {epoch}"
+            break
         val_loss, val_acc = evaluate_loss(model, *val)
         row = {
             "epoch": epoch,
@@ -139,7 +199,7 @@ def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple):
                 )
                 break
     bar.close()
-    return best, history, seconds
+    return best, history, seconds, diverged
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
@@ -175,6 +235,8 @@ def _train_epoch(model, images, labels, batch_size, optimizer, scheduler, criter
         batch, target = images[index], labels[index]
         logits = model(batch)
         loss = criterion(logits, target)
+        if not torch.isfinite(loss):  # stop before a NaN step poisons the weights
+            return loss.item(), 0.0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -194,7 +256,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def _write_reports(history: list[dict], best: dict, seconds: float, n_train: int) -> None:
+def _write_reports(history, best: dict, seconds: float, n_train: int, sanity: dict) -> None:
     paths.REPORTS.mkdir(parents=True, exist_ok=True)
     with paths.TRAINING_CURVE.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
@@ -207,5 +269,8 @@ def _write_reports(history: list[dict], best: dict, seconds: float, n_train: int
         "best_val_accuracy": best["val_accuracy"],
         "train_loop_seconds": round(seconds, 3),
         "images_per_second": round(n_train * len(history) / seconds, 1) if seconds else None,
+        "initial_loss": sanity["initial_loss"],
+        "expected_initial_loss": sanity["expected"],
+        "initial_loss_ok": sanity["ok"],
     }
     paths.TRAINING_REPORT.write_text(json.dumps(report, indent=2))

@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_params(data)
     data.set_defaults(command=cmd_data)
 
+    doctor = sub.add_parser("doctor", help="sanity checks: initial loss ~ ln(C), overfit one batch")
+    _add_params(doctor)
+    doctor.set_defaults(command=cmd_doctor)
+
     evaluate = sub.add_parser("evaluate", help="score any lensflow model on any ImageFolder")
     evaluate.add_argument(
         "--model",
@@ -116,6 +120,19 @@ def cmd_data(args) -> int:
     root = datasets.run(config.load(args.params, args.overrides))
     print(f"data: {root}")
     return 0
+
+
+def cmd_doctor(args) -> int:
+    from lensflow.components import config, train
+
+    result = train.overfit_one_batch(config.load(args.params, args.overrides))
+    print(json.dumps(result, indent=2))
+    verdict = "can" if result["passed"] else "CANNOT"
+    print(
+        f"doctor: the model {verdict} overfit one batch of {result['batch_size']} images "
+        f"(accuracy {result['accuracy']:.3f} after {result['steps']} steps)"
+    )
+    return 0 if result["passed"] else 1
 
 
 def cmd_evaluate(args) -> int:

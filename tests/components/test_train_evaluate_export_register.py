@@ -76,11 +76,60 @@ def test_training_learns_and_logs_each_epoch(trained):
 
 def test_initial_loss_is_near_ln_classes(trained):
     """The untrained model's loss is ~ln(10): the classic sanity check of a fresh classifier."""
-    train.seed_everything(0)
+    report = json.loads((trained["root"] / paths.TRAINING_REPORT).read_text())
+    assert report["expected_initial_loss"] == pytest.approx(math.log(10))
+    assert report["initial_loss_ok"] and abs(report["initial_loss"] - math.log(10)) < 0.5
+
     spec = models.model_spec(trained["cfg"].model, prepare.load_meta())
+    model = models.build(spec)
+    with torch.no_grad():
+        model.network.head.bias[0] = 20.0  # a head that is sure of class 0 before training
     images, labels = prepare.load_split("val")
-    loss, _ = train.evaluate_loss(models.build(spec), images, labels)
-    assert abs(loss - math.log(10)) < 0.5
+    with pytest.warns(UserWarning, match="initial loss"):
+        assert not train.initial_loss_check(model, images, labels, 10)["ok"]
+
+
+def test_doctor_overfits_one_batch(trained):
+    result = train.overfit_one_batch(trained["cfg"], batch_size=16, steps=60)
+    assert result["passed"] and result["accuracy"] == 1.0 and result["batch_size"] == 16
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_epoch(trained):
+    class NanAfter(torch.nn.Module):
+        """The real model, whose logits turn to NaN after `calls` training forwards."""
+
+        def __init__(self, model, calls):
+            super().__init__()
+            self.model, self.calls = model, calls
+
+        def forward(self, images):
+            logits = self.model(images)
+            if self.training:
+                self.calls -= 1
+                if self.calls < 0:
+                    return logits * float("nan")
+            return logits
+
+    cfg = trained["cfg"]
+    spec = models.model_spec(cfg.model, prepare.load_meta())
+    steps_per_epoch = math.ceil(len(prepare.load_split("train")[0]) / cfg.train.batch_size)
+    model = NanAfter(models.build(spec), calls=2 * steps_per_epoch + 1)
+    with mlflow.start_run():
+        best, history, _, diverged = train.fit(
+            model, cfg, prepare.load_split("train"), prepare.load_split("val")
+        )
+    assert "epoch 3" in diverged and len(history) == 2 and best["epoch"] in (1, 2)
+    assert all(
+        torch.isfinite(v).all() for v in best["state_dict"].values() if v.is_floating_point()
+    )
+
+
+def test_an_infinite_learning_rate_fails_with_a_clear_message(trained):
+    cfg = trained["cfg"]
+    broken = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": float("inf")})})
+    with pytest.raises(GateFailed, match="training loss became nan"):
+        train.run(broken)
+    assert (trained["root"] / paths.CHECKPOINT).exists()  # the earlier checkpoint is untouched
 
 
 def test_evaluation_report_has_the_documented_keys(trained):
