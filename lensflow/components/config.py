@@ -48,6 +48,13 @@ class Validate(Section):
     min_images_per_class: int = Field(2, ge=1)
 
 
+class Augment(Section):
+    preset: Literal["none", "light", "standard", "strong"] = "none"
+    flip: Literal["auto"] | bool = Field("auto", description="auto: never for built-in data")
+    mixup_alpha: float = Field(0.0, ge=0, description="0 = off; e.g. 0.2")
+    cutmix_alpha: float = Field(0.0, ge=0, description="0 = off; e.g. 1.0")
+
+
 class Model(Section):
     arch: Literal["simple_cnn"] = "simple_cnn"
     widths: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
@@ -70,6 +77,13 @@ class Export(Section):
     parity_atol: float = Field(1e-4, gt=0)
 
 
+class Quantize(Section):
+    calibration_images: int = Field(300, ge=1, description="training images used to calibrate")
+    exclude_head: bool = Field(True, description="keep the classifier head in float")
+    min_speedup: float = Field(1.3, gt=0, description="int8 vs fp32 ONNX Runtime, batch 64")
+    max_drop: float = Field(1.0, ge=0, description="accuracy points int8 may lose")
+
+
 class Registry(Section):
     model_name: str = "lensflow-classifier"
     min_accuracy: float = Field(0.9, ge=0, le=1)
@@ -81,9 +95,11 @@ class Config(Section):
     data: Data = Data()
     prepare: Prepare = Prepare()
     validate_: Validate = Field(Validate(), alias="validate")
+    augment: Augment = Augment()
     model: Model = Model()
     train: Train = Train()
     export: Export = Export()
+    quantize: Quantize = Quantize()
     registry: Registry = Registry()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lensflow.components import models, paths, tracking
+from lensflow.components import augment, models, paths, plots, tracking
+from lensflow.components.augment import BatchAugment
 from lensflow.components.config import Config, GateFailed
 from lensflow.components.prepare import load_meta, load_split
 from lensflow.components.validate import require_passed
@@ -63,7 +64,12 @@ def run(cfg: Config) -> TrainResult:
                 "sanity/expected_initial_loss": sanity["expected"],
             }
         )
-        best, history, seconds, diverged = fit(model, cfg, (train_x, train_y), (val_x, val_y))
+        augmenter = _augmenter(cfg, len(spec["classes"]), seed=cfg.seed)
+        if augmenter.active:
+            mlflow.log_artifact(str(_augmentation_preview(cfg, train_x, train_y, spec)), "plots")
+        best, history, seconds, diverged = fit(
+            model, cfg, (train_x, train_y), (val_x, val_y), augmenter
+        )
         if best["state_dict"] is None:
             raise GateFailed(f"{diverged}; no epoch finished, so there is no checkpoint")
         model.load_state_dict(best["state_dict"])
@@ -128,7 +134,7 @@ def overfit_one_batch(cfg: Config, batch_size: int = 32, steps: int = 200) -> di
     }
 
 
-def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple):
+def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple, augment=None):
     """The training loop. Returns (best epoch state, per-epoch history, loop seconds, and why
     training stopped early on a non-finite loss, or None)."""
     import mlflow
@@ -153,7 +159,14 @@ def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple):
     for epoch in bar:
         start = time.perf_counter()
         train_loss, train_acc = _train_epoch(
-            model, images, labels, cfg.train.batch_size, optimizer, scheduler, criterion, generator
+            model,
+            (images, labels),
+            cfg.train.batch_size,
+            optimizer,
+            scheduler,
+            criterion,
+            generator,
+            augment,
         )
         seconds += time.perf_counter() - start
         if not math.isfinite(train_loss):
@@ -222,17 +235,21 @@ def evaluate_loss(model: nn.Module, images, labels, batch_size: int = 256):
         logits = model(images[i : i + batch_size])
         target = labels[i : i + batch_size]
         total_loss += nn.functional.cross_entropy(logits, target, reduction="sum").item()
-        correct += (logits.argmax(1) == target).sum().item()
+        hard_target = target.argmax(1) if target.ndim == 2 else target  # MixUp/CutMix: soft
+        correct += (logits.argmax(1) == hard_target).sum().item()
     return total_loss / len(images), correct / len(images)
 
 
-def _train_epoch(model, images, labels, batch_size, optimizer, scheduler, criterion, generator):
+def _train_epoch(model, data, batch_size, optimizer, scheduler, criterion, generator, augment):
+    images, labels = data
     model.train()
     order = torch.randperm(len(images), generator=generator)
     total_loss, correct = 0.0, 0
     for i in range(0, len(images), batch_size):
         index = order[i : i + batch_size]
         batch, target = images[index], labels[index]
+        if augment is not None and augment.active:
+            batch, target = augment(batch, target)
         logits = model(batch)
         loss = criterion(logits, target)
         if not torch.isfinite(loss):  # stop before a NaN step poisons the weights
@@ -242,8 +259,24 @@ def _train_epoch(model, images, labels, batch_size, optimizer, scheduler, criter
         optimizer.step()
         scheduler.step()
         total_loss += loss.item() * len(index)
-        correct += (logits.argmax(1) == target).sum().item()
+        hard_target = target.argmax(1) if target.ndim == 2 else target  # MixUp/CutMix: soft
+        correct += (logits.argmax(1) == hard_target).sum().item()
     return total_loss / len(images), correct / len(images)
+
+
+def _augmenter(cfg: Config, num_classes: int, seed: int) -> BatchAugment:
+    allow_flips = augment.flips_allowed(cfg.augment, cfg.data.source)
+    return BatchAugment(cfg.augment, num_classes, allow_flips, seed)
+
+
+def _augmentation_preview(cfg: Config, images, labels, spec: dict):
+    """16 augmented training images, from a generator of their own (training stays seeded)."""
+    augmented, _ = _augmenter(cfg, len(spec["classes"]), seed=cfg.seed + 1)(
+        images[:16], labels[:16]
+    )
+    titles = [spec["classes"][i] for i in labels[:16]]
+    pixels = augmented.clamp(0, 255).to(torch.uint8).numpy()
+    return plots.image_grid(pixels, titles, paths.PLOTS / "augmentation_preview.png")
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
