@@ -11,6 +11,7 @@ MANIFEST = PREPARED / "manifest.parquet"
 META = PREPARED / "meta.json"
 MODELS = Path("models")
 CHECKPOINT = MODELS / "checkpoint.pt"
+LAST_CHECKPOINT = MODELS / "last.pt"  # every epoch, for --resume
 ONNX = MODELS / "model.onnx"
 ONNX_INT8 = MODELS / "model.int8.onnx"
 PLAN_FP16 = MODELS / "model.fp16.plan"

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lensflow.components import augment, models, paths, plots, tracking
 from lensflow.components.augment import BatchAugment
-from lensflow.components.config import Config, GateFailed
+from lensflow.components.config import Config, GateFailed, UserError
 from lensflow.components.prepare import load_meta, load_split
 from lensflow.components.validate import require_passed
 
@@ -44,7 +44,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg: Config) -> TrainResult:
+def run(cfg: Config, resume: bool = False) -> TrainResult:
     require_passed()
     seed_everything(cfg.seed)
     meta = load_meta()
@@ -68,7 +68,7 @@ def run(cfg: Config) -> TrainResult:
         if augmenter.active:
             mlflow.log_artifact(str(_augmentation_preview(cfg, train_x, train_y, spec)), "plots")
         best, history, seconds, diverged = fit(
-            model, cfg, (train_x, train_y), (val_x, val_y), augmenter
+            model, cfg, (train_x, train_y), (val_x, val_y), augmenter, resume
         )
         if best["state_dict"] is None:
             raise GateFailed(f"{diverged}; no epoch finished, so there is no checkpoint")
@@ -134,9 +134,13 @@ def overfit_one_batch(cfg: Config, batch_size: int = 32, steps: int = 200) -> di
     }
 
 
-def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple, augment=None):
+def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple, augment=None, resume=False):
     """The training loop. Returns (best epoch state, per-epoch history, loop seconds, and why
-    training stopped early on a non-finite loss, or None)."""
+    training stopped early on a non-finite loss, or None).
+
+    After every epoch everything the next epoch depends on (weights, optimiser, schedule,
+    random generators, early-stopping state) goes to models/last.pt, so `resume=True`
+    continues a killed run and, on CPU, ends with the same weights as an uninterrupted one."""
     import mlflow
 
     images, labels = train
@@ -149,9 +153,14 @@ def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple, augment=None):
     generator = torch.Generator().manual_seed(cfg.seed)
     best = {"val_loss": math.inf, "epoch": 0, "val_accuracy": 0.0, "state_dict": None}
     history, bad_epochs, seconds, diverged = [], 0, 0.0, None
+    first_epoch = 1
+    if resume:
+        state = _load_last(cfg, model, optimizer, scheduler, generator, augment)
+        best, history, bad_epochs = state["best"], state["history"], state["bad_epochs"]
+        first_epoch = state["epoch"] + 1
 
     bar = tqdm(
-        range(1, cfg.train.epochs + 1),
+        range(first_epoch, cfg.train.epochs + 1),
         desc="train",
         unit="epoch",
         disable=not cfg.train.progress_bar,
@@ -206,13 +215,57 @@ def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple, augment=None):
             bad_epochs = 0
         else:
             bad_epochs += 1
-            if bad_epochs >= cfg.train.patience:
-                bar.write(
-                    f"early stop at epoch {epoch}: no better val loss for {bad_epochs} epochs"
-                )
-                break
+        _save_last(
+            cfg,
+            epoch,
+            model,
+            optimizer,
+            scheduler,
+            generator,
+            augment,
+            {"best": best, "history": history, "bad_epochs": bad_epochs},
+        )
+        if bad_epochs >= cfg.train.patience:
+            bar.write(f"early stop at epoch {epoch}: no better val loss for {bad_epochs} epochs")
+            break
     bar.close()
     return best, history, seconds, diverged
+
+
+def _save_last(cfg, epoch, model, optimizer, scheduler, generator, augment, loop_state) -> None:
+    paths.LAST_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "params_hash": cfg.params_hash(),
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "augment_rng": augment.generator.get_state() if augment is not None else None,
+        **loop_state,
+    }
+    partial = paths.LAST_CHECKPOINT.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(paths.LAST_CHECKPOINT)  # atomic: a kill never leaves half a file
+
+
+def _load_last(cfg, model, optimizer, scheduler, generator, augment) -> dict:
+    if not paths.LAST_CHECKPOINT.exists():
+        raise UserError(f"{paths.LAST_CHECKPOINT} not found: nothing to resume")
+    state = torch.load(paths.LAST_CHECKPOINT, weights_only=True)
+    if state["params_hash"] != cfg.params_hash():
+        raise UserError(
+            f"{paths.LAST_CHECKPOINT} was written with other params: train without --resume"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if augment is not None and state["augment_rng"] is not None:
+        augment.generator.set_state(state["augment_rng"])
+    return state
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):

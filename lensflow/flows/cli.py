@@ -39,11 +39,13 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the training flow, end to end (Prefect)")
     _add_params(run)
+    run.add_argument("--resume", action="store_true", help="continue training from models/last.pt")
     run.set_defaults(command=cmd_run)
 
     stage = sub.add_parser("stage", help="one component, as dvc.yaml calls it")
     stage.add_argument("name", choices=STAGES)
     _add_params(stage)
+    stage.add_argument("--resume", action="store_true", help="train: continue from models/last.pt")
     stage.set_defaults(command=cmd_stage)
 
     data = sub.add_parser("data", help="write the built-in dataset of params.yaml and `dvc add` it")
@@ -93,7 +95,7 @@ def cmd_run(args) -> int:
     config.load(args.params, args.overrides)  # fail fast, before Prefect starts, on a bad config
     from lensflow.flows.training import training_flow
 
-    summary = training_flow(params_path=args.params, overrides=args.overrides)
+    summary = training_flow(params_path=args.params, overrides=args.overrides, resume=args.resume)
     print(_where_to_look(summary))
     return 0
 
@@ -102,12 +104,15 @@ def cmd_stage(args) -> int:
     import importlib
 
     from lensflow.components import config
+    from lensflow.components.config import UserError
 
     cfg = config.load(args.params, args.overrides)
+    if args.resume and args.name != "train":
+        raise UserError("--resume applies to the train stage only")
     module = importlib.import_module(
         f"lensflow.components.{'registry' if args.name == 'register' else args.name}"
     )
-    result = module.run(cfg)
+    result = module.run(cfg, resume=True) if args.resume else module.run(cfg)
     print(f"{args.name}: {result}")
     if args.name == "validate" and not result.success:
         return 1

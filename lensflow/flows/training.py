@@ -37,7 +37,9 @@ dvc_commit_task = _task(versioning.dvc_commit, "record-in-dvc-lock")
 
 
 @flow(name="lensflow-training", log_prints=True)
-def training_flow(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def training_flow(
+    params_path: str = "params.yaml", overrides: list[str] | None = None, resume: bool = False
+) -> dict:
     cfg = config.load(params_path, overrides)
     with tracking.pipeline_run(cfg, "training", flow_run_id=str(runtime.flow_run.id)) as run:
         data_task(cfg)
@@ -46,7 +48,7 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
         print(validate.summary(validation))
         if not validation.success:
             raise config.GateFailed(f"the data failed validation; see {validation.report}")
-        trained = train_task(cfg)
+        trained = train_task(cfg, resume)
         evaluation = evaluate_task(cfg)
         exported = export_task(cfg)
         quantized = quantize_task(cfg)

@@ -294,3 +294,40 @@ def test_golden_files_to_predictions_match_the_evaluation(trained, tmp_path):
     predicted = evaluate.onnx_predictor(session)(images).argmax(1)
     rows = (trained["root"] / paths.PREDICTIONS).read_text().splitlines()[1:]
     assert [classes[p] for p in predicted] == [row.split(",")[1] for row in rows]
+
+
+def test_resume_after_a_kill_ends_with_the_same_weights(trained, monkeypatch):
+    cfg = trained["cfg"]
+    cfg = cfg.model_copy(
+        update={
+            "augment": config.from_dict(
+                {"augment": {"preset": "standard", "flip": True, "mixup_alpha": 0.2}}
+            ).augment
+        }
+    )
+    train.run(cfg)
+    uninterrupted = torch.load(trained["root"] / paths.CHECKPOINT, weights_only=True)
+
+    real_epoch, calls = train._train_epoch, {"n": 0}
+
+    def killed_in_epoch_4(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # what Ctrl-C or a kill does mid-epoch
+        return real_epoch(*args)
+
+    monkeypatch.setattr(train, "_train_epoch", killed_in_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg)
+    assert torch.load(trained["root"] / paths.LAST_CHECKPOINT, weights_only=True)["epoch"] == 3
+    monkeypatch.setattr(train, "_train_epoch", real_epoch)
+    train.run(cfg, resume=True)
+    resumed = torch.load(trained["root"] / paths.CHECKPOINT, weights_only=True)
+    for name, tensor in uninterrupted["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+
+    other = cfg.model_copy(update={"seed": 7})
+    with pytest.raises(config.UserError, match="other params"):
+        train.run(other, resume=True)
+    train.run(trained["cfg"])  # restore the module's model for the tests after this one
+    export.run(trained["cfg"])
