@@ -13,6 +13,7 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,29 +41,29 @@ def main() -> None:
             os.chdir(cwd)
 
     standard = cfg.augment.model_copy(update={"preset": "standard"})
-    loops = {
-        "bare": lambda m, o, s: bare_epoch(m, o, images, labels, cfg.train.batch_size),
-        "lensflow_no_aug": lambda m, o, s: lensflow_epoch(m, o, s, cfg, images, labels, None),
-        "lensflow_standard": lambda m, o, s: lensflow_epoch(
-            m, o, s, cfg, images, labels, BatchAugment(standard, 10, False, cfg.seed)
-        ),
+    steps = (len(images) + cfg.train.batch_size - 1) // cfg.train.batch_size
+    augmenters = {
+        "lensflow_no_aug": None,
+        "lensflow_standard": BatchAugment(standard, 10, False, cfg.seed),
     }
-    state = {}
-    for name in loops:
+    epochs = {}
+    for name in ("bare", *augmenters):
         train.seed_everything(cfg.seed)
         model = models.build(spec)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-        steps = EPOCHS * ((len(images) + cfg.train.batch_size - 1) // cfg.train.batch_size)
-        scheduler = train.warmup_cosine(optimizer, 0, steps)
-        loops[name](model, optimizer, scheduler)  # warm-up epoch
-        state[name] = (model, optimizer, scheduler, [])
+        if name == "bare":
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+            epoch = partial(bare_epoch, model, optimizer, images, labels, cfg.train.batch_size)
+        else:
+            loop = train.Loop(model, cfg, labels, steps, augmenters[name])
+            epoch = partial(train._train_epoch, model, (images, labels), cfg.train.batch_size, loop)
+        epoch()  # warm-up
+        epochs[name] = (epoch, [])
     for _ in range(EPOCHS):
-        for name, loop in loops.items():
-            model, optimizer, scheduler, times = state[name]
+        for epoch, times in epochs.values():
             start = time.perf_counter()
-            loop(model, optimizer, scheduler)
+            epoch()
             times.append(time.perf_counter() - start)
-    rate = {name: len(images) / statistics.median(s[3]) for name, s in state.items()}
+    rate = {name: len(images) / statistics.median(times) for name, (_, times) in epochs.items()}
     print(
         json.dumps(
             {
@@ -89,21 +90,6 @@ def bare_epoch(model, optimizer, images, labels, batch_size):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-
-
-def lensflow_epoch(model, optimizer, scheduler, cfg, images, labels, augment):
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train._train_epoch(
-        model,
-        (images, labels),
-        cfg.train.batch_size,
-        optimizer,
-        scheduler,
-        criterion,
-        generator,
-        augment,
-    )
 
 
 if __name__ == "__main__":

@@ -68,6 +68,13 @@ class Train(Section):
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only (Nesterov)")
+    schedule: Literal["cosine", "onecycle", "step", "plateau"] = "cosine"
+    step_epochs: int = Field(10, ge=1, description="schedule step: LR x 0.1 every step_epochs")
+    grad_clip_norm: float = Field(0.0, ge=0, description="0 = off")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="0 = off; e.g. 0.999")
+    class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
     patience: int = Field(5, ge=1, description="early stopping: epochs without a better val loss")
     progress_bar: bool = True
 

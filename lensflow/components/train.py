@@ -144,18 +144,12 @@ def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple, augment=None, r
     import mlflow
 
     images, labels = train
-    steps_per_epoch = math.ceil(len(images) / cfg.train.batch_size)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    scheduler = warmup_cosine(
-        optimizer, cfg.train.warmup_epochs * steps_per_epoch, cfg.train.epochs * steps_per_epoch
-    )
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    loop = Loop(model, cfg, labels, math.ceil(len(images) / cfg.train.batch_size), augment)
     best = {"val_loss": math.inf, "epoch": 0, "val_accuracy": 0.0, "state_dict": None}
     history, bad_epochs, seconds, diverged = [], 0, 0.0, None
     first_epoch = 1
     if resume:
-        state = _load_last(cfg, model, optimizer, scheduler, generator, augment)
+        state = _load_last(cfg, model, loop)
         best, history, bad_epochs = state["best"], state["history"], state["bad_epochs"]
         first_epoch = state["epoch"] + 1
 
@@ -167,28 +161,21 @@ def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple, augment=None, r
     )
     for epoch in bar:
         start = time.perf_counter()
-        train_loss, train_acc = _train_epoch(
-            model,
-            (images, labels),
-            cfg.train.batch_size,
-            optimizer,
-            scheduler,
-            criterion,
-            generator,
-            augment,
-        )
+        train_loss, train_acc = _train_epoch(model, (images, labels), cfg.train.batch_size, loop)
         seconds += time.perf_counter() - start
         if not math.isfinite(train_loss):
             diverged = f"the training loss became {train_loss} in epoch {epoch}"
             break
-        val_loss, val_acc = evaluate_loss(model, *val)
+        val_loss, val_acc = evaluate_loss(loop.evaluated_model, *val)
+        lr = loop.optimizer.param_groups[0]["lr"]
+        loop.after_epoch(val_loss)
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
             "train_accuracy": train_acc,
             "val_loss": val_loss,
             "val_accuracy": val_acc,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
         }
         history.append(row)
         mlflow.log_metrics(
@@ -210,21 +197,13 @@ def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple, augment=None, r
                 "val_loss": val_loss,
                 "epoch": epoch,
                 "val_accuracy": val_acc,
-                "state_dict": copy.deepcopy(model.state_dict()),
+                "state_dict": copy.deepcopy(loop.evaluated_model.state_dict()),
             }
             bad_epochs = 0
         else:
             bad_epochs += 1
-        _save_last(
-            cfg,
-            epoch,
-            model,
-            optimizer,
-            scheduler,
-            generator,
-            augment,
-            {"best": best, "history": history, "bad_epochs": bad_epochs},
-        )
+        loop_state = {"best": best, "history": history, "bad_epochs": bad_epochs}
+        _save_last(cfg, epoch, model, loop, loop_state)
         if bad_epochs >= cfg.train.patience:
             bar.write(f"early stop at epoch {epoch}: no better val loss for {bad_epochs} epochs")
             break
@@ -232,17 +211,99 @@ def fit(model: nn.Module, cfg: Config, train: tuple, val: tuple, augment=None, r
     return best, history, seconds, diverged
 
 
-def _save_last(cfg, epoch, model, optimizer, scheduler, generator, augment, loop_state) -> None:
+class Loop:
+    """Optimiser, LR schedule, loss, EMA, gradient clipping and the random generators:
+    everything one training step needs besides the model and the data."""
+
+    def __init__(self, model: nn.Module, cfg: Config, labels, steps_per_epoch: int, augment):
+        t = cfg.train
+        groups = _param_groups(model, t.weight_decay)
+        if t.optimizer == "sgd":
+            nesterov = t.momentum > 0  # torch refuses Nesterov without momentum
+            self.optimizer = torch.optim.SGD(
+                groups, lr=t.lr, momentum=t.momentum, nesterov=nesterov
+            )
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=t.lr)
+        self.schedule = t.schedule
+        self.scheduler = _scheduler(self.optimizer, t, steps_per_epoch)
+        weights = _class_weights(labels, model) if t.class_weights else None
+        self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.augment = augment
+        self.grad_clip_norm = t.grad_clip_norm
+        self.ema = None
+        if t.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            ema_fn = get_ema_multi_avg_fn(t.ema_decay)
+            self.ema = AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
+        self.evaluated_model = self.ema.module if self.ema is not None else model
+
+    def step(self, model: nn.Module, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
+        self.optimizer.step()
+        if self.schedule in ("cosine", "onecycle"):  # stepped per batch
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(model)
+
+    def after_epoch(self, val_loss: float) -> None:
+        if self.schedule == "plateau":
+            self.scheduler.step(val_loss)
+        elif self.schedule == "step":
+            self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "augment_rng": self.augment.generator.get_state() if self.augment else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.augment is not None and state["augment_rng"] is not None:
+            self.augment.generator.set_state(state["augment_rng"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def _scheduler(optimizer, t, steps_per_epoch: int):
+    total = t.epochs * steps_per_epoch
+    if t.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=total)
+    if t.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_epochs, gamma=0.1)
+    if t.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=2)
+    return warmup_cosine(optimizer, t.warmup_epochs * steps_per_epoch, total)
+
+
+def _class_weights(labels: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Inverse class frequency, mean 1: rare classes weigh more in the loss."""
+    num_classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
+    weights = counts.sum() / counts
+    return weights / weights.mean()
+
+
+def _save_last(cfg, epoch: int, model, loop: Loop, loop_state: dict) -> None:
     paths.LAST_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "params_hash": cfg.params_hash(),
         "epoch": epoch,
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "augment_rng": augment.generator.get_state() if augment is not None else None,
+        **loop.state_dict(),
         **loop_state,
     }
     partial = paths.LAST_CHECKPOINT.with_suffix(".partial")
@@ -250,7 +311,7 @@ def _save_last(cfg, epoch, model, optimizer, scheduler, generator, augment, loop
     partial.replace(paths.LAST_CHECKPOINT)  # atomic: a kill never leaves half a file
 
 
-def _load_last(cfg, model, optimizer, scheduler, generator, augment) -> dict:
+def _load_last(cfg, model, loop: Loop) -> dict:
     if not paths.LAST_CHECKPOINT.exists():
         raise UserError(f"{paths.LAST_CHECKPOINT} not found: nothing to resume")
     state = torch.load(paths.LAST_CHECKPOINT, weights_only=True)
@@ -259,12 +320,7 @@ def _load_last(cfg, model, optimizer, scheduler, generator, augment) -> dict:
             f"{paths.LAST_CHECKPOINT} was written with other params: train without --resume"
         )
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if augment is not None and state["augment_rng"] is not None:
-        augment.generator.set_state(state["augment_rng"])
+    loop.load_state_dict(state)
     return state
 
 
@@ -293,24 +349,21 @@ def evaluate_loss(model: nn.Module, images, labels, batch_size: int = 256):
     return total_loss / len(images), correct / len(images)
 
 
-def _train_epoch(model, data, batch_size, optimizer, scheduler, criterion, generator, augment):
+def _train_epoch(model, data, batch_size: int, loop: Loop):
     images, labels = data
     model.train()
-    order = torch.randperm(len(images), generator=generator)
+    order = torch.randperm(len(images), generator=loop.generator)
     total_loss, correct = 0.0, 0
     for i in range(0, len(images), batch_size):
         index = order[i : i + batch_size]
         batch, target = images[index], labels[index]
-        if augment is not None and augment.active:
-            batch, target = augment(batch, target)
+        if loop.augment is not None and loop.augment.active:
+            batch, target = loop.augment(batch, target)
         logits = model(batch)
-        loss = criterion(logits, target)
+        loss = loop.criterion(logits, target)
         if not torch.isfinite(loss):  # stop before a NaN step poisons the weights
             return loss.item(), 0.0
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        loop.step(model, loss)
         total_loss += loss.item() * len(index)
         hard_target = target.argmax(1) if target.ndim == 2 else target  # MixUp/CutMix: soft
         correct += (logits.argmax(1) == hard_target).sum().item()
