@@ -56,7 +56,14 @@ class Augment(Section):
 
 
 class Model(Section):
-    arch: Literal["simple_cnn"] = "simple_cnn"
+    arch: Literal[
+        "simple_cnn", "resnet_cnn", "mini_alexnet", "efficientnet_lite0", "resnet18", "resnet34",
+        "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+    ] = "simple_cnn"
+    se: bool = Field(False, description="resnet_cnn: squeeze-and-excitation in each block")
+    pretrained: str | None = Field(
+        None, description="efficientnet-lite0 | torchvision | a state_dict file | models:/URI"
+    )
     widths: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
     dropout: float = Field(0.2, ge=0, lt=1)
 
@@ -75,6 +82,8 @@ class Train(Section):
     grad_clip_norm: float = Field(0.0, ge=0, description="0 = off")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="0 = off; e.g. 0.999")
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
+    strategy: Literal["fine_tune", "feature_extraction"] = "fine_tune"
+    backbone_lr_factor: float = Field(1.0, gt=0, description="backbone lr = lr x this factor")
     patience: int = Field(5, ge=1, description="early stopping: epochs without a better val loss")
     progress_bar: bool = True
 

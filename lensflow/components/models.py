@@ -46,30 +46,200 @@ class Classifier(nn.Module):
         super().__init__()
         self.preprocess = preprocess
         self.network = network
+        self.frozen_backbone = False  # feature extraction: see freeze_backbone
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(self.preprocess(images))
 
+    def freeze_backbone(self) -> None:
+        """Train the head only. The backbone's batch-norm layers also stop updating their
+        running statistics: `train()` keeps them in eval mode."""
+        for parameter in self.network.parameters():
+            parameter.requires_grad = False
+        for parameter in head(self.network).parameters():
+            parameter.requires_grad = True
+        self.frozen_backbone = True
+        self.train(self.training)
 
-def build(spec: dict) -> Classifier:
-    """Build from a spec (stored in every checkpoint): arch, widths, dropout, classes, data."""
-    if spec["arch"] != "simple_cnn":
-        raise UserError(f"model.arch: unknown architecture {spec['arch']!r}")
-    network = SimpleCNN(spec["channels"], len(spec["classes"]), spec["widths"], spec["dropout"])
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.frozen_backbone:
+            for module in self.network.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+TORCHVISION_ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+)
+ARCHS = ("simple_cnn", "resnet_cnn", "mini_alexnet", "efficientnet_lite0", *TORCHVISION_ARCHS)
+
+
+def build(spec: dict, pretrained: str | None = None) -> Classifier:
+    """Build from a spec (stored in every checkpoint). `pretrained` loads initial weights:
+    "efficientnet-lite0", "torchvision", a local state_dict file or an MLflow model URI."""
+    from lensflow.components import pretrained as sources
+
+    network = _network(spec)
+    if pretrained:
+        sources.load(network, spec, pretrained)
     return Classifier(Preprocess(spec["image_size"], spec["mean"], spec["std"]), network)
 
 
+def _network(spec: dict) -> nn.Module:
+    arch, channels, num_classes = spec["arch"], spec["channels"], len(spec["classes"])
+    if arch == "simple_cnn":
+        return SimpleCNN(channels, num_classes, spec["widths"], spec["dropout"])
+    if arch == "resnet_cnn":
+        return ResidualCNN(channels, num_classes, spec["widths"], spec["dropout"], spec["se"])
+    if arch == "mini_alexnet":
+        return MiniAlexNet(channels, num_classes, spec["dropout"])
+    if arch == "efficientnet_lite0":
+        from efficientnet_lite_pytorch import EfficientNet
+
+        network = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+    elif arch in TORCHVISION_ARCHS:
+        import torchvision
+
+        network = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    else:
+        raise UserError(f"model.arch: unknown architecture {arch!r}; choose one of {ARCHS}")
+    return nn.Sequential(GrayToRGB(), network) if channels == 1 else network
+
+
+def head(network: nn.Module) -> nn.Linear:
+    """The classifier head: the last Linear layer, in every supported architecture."""
+    return [m for m in network.modules() if isinstance(m, nn.Linear)][-1]
+
+
+class GrayToRGB(nn.Module):
+    """ImageNet architectures expect 3 channels: repeat a grayscale channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, 3, -1, -1)
+
+
+class SqueezeExcitation(nn.Module):
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, max(8, channels // reduction), 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(max(8, channels // reduction), channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 Conv-BN, an optional squeeze-and-excitation, and the identity shortcut
+    (a strided 1x1 projection when the shape changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, se: bool):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            SqueezeExcitation(out_channels) if se else nn.Identity(),
+        )
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResidualCNN(nn.Module):
+    """A stem, one residual block per width (each after the first halves the resolution),
+    global average pooling, dropout and a linear head."""
+
+    def __init__(self, in_channels, num_classes, widths, dropout, se=False):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        blocks, channels = [], widths[0]
+        for i, width in enumerate(widths):
+            blocks.append(ResidualBlock(channels, width, 1 if i == 0 else 2, se))
+            channels = width
+        self.stages = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stages(self.stem(x))).flatten(1)
+        return self.head(self.dropout(x))
+
+
+class MiniAlexNet(nn.Module):
+    """AlexNet's shape at small scale: wide early convs, max-pooling, two dropout-regularised
+    fully connected layers."""
+
+    def __init__(self, in_channels: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(128, 128, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveMaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(128 * 4, 256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(256, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 def model_spec(model_cfg, meta: dict) -> dict:
-    """Everything needed to rebuild the model, from params.model and the prepared data."""
+    """Everything needed to rebuild the model, from params.model and the prepared data.
+    ImageNet weights bring ImageNet's normalisation; otherwise the training data's."""
+    mean, std = meta["mean"], meta["std"]
+    if model_cfg.pretrained in ("efficientnet-lite0", "torchvision"):
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if meta["channels"] == 1:
+            mean, std = [sum(mean) / 3], [sum(std) / 3]
     return {
         "arch": model_cfg.arch,
         "widths": list(model_cfg.widths),
         "dropout": model_cfg.dropout,
+        "se": model_cfg.se,
+        "pretrained": model_cfg.pretrained,
         "classes": meta["classes"],
         "channels": meta["channels"],
         "image_size": meta["image_size"],
-        "mean": meta["mean"],
-        "std": meta["std"],
+        "mean": mean,
+        "std": std,
     }
 
 

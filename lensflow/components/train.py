@@ -49,7 +49,9 @@ def run(cfg: Config, resume: bool = False) -> TrainResult:
     seed_everything(cfg.seed)
     meta = load_meta()
     spec = models.model_spec(cfg.model, meta)
-    model = models.build(spec)
+    model = models.build(spec, cfg.model.pretrained)
+    if cfg.train.strategy == "feature_extraction":
+        model.freeze_backbone()
     train_x, train_y = load_split("train")
     val_x, val_y = load_split("val")
 
@@ -217,7 +219,7 @@ class Loop:
 
     def __init__(self, model: nn.Module, cfg: Config, labels, steps_per_epoch: int, augment):
         t = cfg.train
-        groups = _param_groups(model, t.weight_decay)
+        groups = _param_groups(model, t)
         if t.optimizer == "sgd":
             nesterov = t.momentum > 0  # torch refuses Nesterov without momentum
             self.optimizer = torch.optim.SGD(
@@ -281,7 +283,8 @@ class Loop:
 def _scheduler(optimizer, t, steps_per_epoch: int):
     total = t.epochs * steps_per_epoch
     if t.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=total)
+        peaks = [group["lr"] for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total)
     if t.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_epochs, gamma=0.1)
     if t.schedule == "plateau":
@@ -385,14 +388,32 @@ def _augmentation_preview(cfg: Config, images, labels, spec: dict):
     return plots.image_grid(pixels, titles, paths.PLOTS / "augmentation_preview.png")
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv/linear weights only: decaying norms and biases hurts accuracy."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def _param_groups(model: nn.Module, t) -> list[dict]:
+    """Every trainable parameter in exactly one group; frozen ones in none.
+    Weight decay on conv/linear weights only (decaying norms and biases hurts accuracy);
+    the backbone learns at lr x backbone_lr_factor (discriminative learning rates)."""
+    head_ids = {id(p) for p in models.head(model).parameters()}
+    groups = []
+    for part, lr in (("backbone", t.lr * t.backbone_lr_factor), ("head", t.lr)):
+        for decay in (True, False):
+            params = [
+                p
+                for p in model.parameters()
+                if p.requires_grad
+                and (id(p) in head_ids) == (part == "head")
+                and (p.ndim > 1) == decay
+            ]
+            if params:
+                weight_decay = t.weight_decay if decay else 0.0
+                groups.append(
+                    {
+                        "params": params,
+                        "lr": lr,
+                        "weight_decay": weight_decay,
+                        "name": f"{part}{'' if decay else '/no_decay'}",
+                    }
+                )
+    return groups
 
 
 def _write_reports(history, best: dict, seconds: float, n_train: int, sanity: dict) -> None:

