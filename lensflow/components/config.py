@@ -42,10 +42,57 @@ class Prepare(Section):
     channels: Literal[1, 3] = 1
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    max_pixels: int = Field(
+        50_000_000, ge=1, description="larger images are refused from their header, never decoded"
+    )
+    workers: int = Field(0, ge=0, description="processes reading images; 0 = one per CPU core")
+
+
+# error: fails the gate; warn: reported; quarantine: reported and left out of the splits;
+# off: not checked. Files are never modified, whatever the policy.
+FilePolicy = Literal["error", "warn", "quarantine", "off"]
+GatePolicy = Literal["error", "warn", "off"]  # for checks on classes and splits: nothing to exclude
+
+
+class Policies(Section):
+    unreadable: FilePolicy = "error"
+    empty_file: FilePolicy = "error"
+    not_an_image: FilePolicy = "error"
+    truncated: FilePolicy = "error"
+    undecodable: FilePolicy = "error"
+    too_many_pixels: FilePolicy = "error"
+    symlink_outside_root: FilePolicy = "quarantine"
+    outside_class_folder: FilePolicy = "warn"
+    nested_folder: FilePolicy = "warn"
+    unknown_label: FilePolicy = "error"
+    too_small: FilePolicy = "quarantine"
+    extreme_aspect_ratio: FilePolicy = "warn"
+    mode_grayscale: FilePolicy = "warn"
+    mode_palette: FilePolicy = "warn"
+    mode_alpha: FilePolicy = "warn"
+    mode_cmyk: FilePolicy = "warn"
+    mode_16bit: FilePolicy = "warn"
+    exif_rotated: FilePolicy = "warn"
+    constant_image: FilePolicy = "warn"
+    duplicate: FilePolicy = "warn"
+    conflicting_labels: FilePolicy = "error"
+    split_leakage: GatePolicy = "error"
+    near_duplicate: FilePolicy = "warn"
+    missing_class: GatePolicy = "error"
+    empty_class: GatePolicy = "error"
+    too_few_images: GatePolicy = "error"
+    class_imbalance: GatePolicy = "warn"
 
 
 class Validate(Section):
     min_images_per_class: int = Field(2, ge=1)
+    min_size: int = Field(8, ge=1, description="minimum shorter side, in pixels")
+    max_aspect_ratio: float = Field(10.0, ge=1, description="longer side / shorter side")
+    max_imbalance_ratio: float = Field(10.0, ge=1, description="largest class / this class")
+    near_duplicate_distance: int = Field(
+        3, ge=0, le=16, description="perceptual-hash bits (of 128) that near-duplicates differ by"
+    )
+    policy: Policies = Policies()
 
 
 class Augment(Section):
@@ -57,8 +104,16 @@ class Augment(Section):
 
 class Model(Section):
     arch: Literal[
-        "simple_cnn", "resnet_cnn", "mini_alexnet", "efficientnet_lite0", "resnet18", "resnet34",
-        "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+        "simple_cnn",
+        "resnet_cnn",
+        "mini_alexnet",
+        "efficientnet_lite0",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
     ] = "simple_cnn"
     se: bool = Field(False, description="resnet_cnn: squeeze-and-excitation in each block")
     pretrained: str | None = Field(

@@ -1,27 +1,35 @@
-"""prepare: ImageFolder -> manifest (one row per file) + decoded uint8 tensor shards.
+"""prepare: ImageFolder -> manifest (one row per file, with its facts) + uint8 tensor shards.
 
-Every file under a class folder gets a manifest row, decodable or not, so `validate` can
-report it. Identical files (same sha256) always land in the same split, so a duplicated
-image can never leak from train into test. The raw folder is only ever read.
+Every file under the dataset root gets a manifest row, usable or not, so `validate` can report
+it: its facts come from `imagefacts` (read by one process per core, streamed, in path order).
+Files whose checks have a `quarantine` or `error` policy are left out of the splits (split
+"excluded", the codes in `excluded_by`). Identical files (same sha256) always land in the same
+split, so a duplicated image can never leak from train into test. The raw folder is only read:
+hidden files are ignored, and symbolic links that lead outside the root are not followed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import multiprocessing
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
-from lensflow.components import datasets, paths
+from lensflow.components import checks, datasets, imagefacts, paths
 from lensflow.components.config import Config, UserError
-from lensflow.components.preprocess import resize_uint8
 
-SPLITS = ("train", "val", "test")
+SPLITS = checks.SPLITS
+# Below this many files per worker, starting worker processes costs more than it saves.
+MIN_FILES_PER_WORKER = 1000
+CHUNK = 64  # files per task sent to a worker
+MANIFEST_COLUMNS = ("path", "label", "label_index", "location", *imagefacts.empty_facts())
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,16 @@ class PrepareResult:
     n_per_split: dict[str, int]
     classes: list[str]
     manifest: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One non-hidden file under the root."""
+
+    path: str  # where to read it
+    rel: str  # relative to the root, with '/', as the manifest and reports name it
+    label: str | None  # its top-level folder; None at the root
+    location: str  # class_folder | nested_folder | dataset_root | outside_root (a link)
 
 
 def source_dir(cfg: Config) -> Path:
@@ -41,30 +59,36 @@ def source_dir(cfg: Config) -> Path:
 
 def run(cfg: Config) -> PrepareResult:
     root = source_dir(cfg)
-    classes = _class_names(root, cfg)
-    rows, arrays = _read_images(root, classes, cfg)
-    manifest = pd.DataFrame(rows)
+    entries, class_folders = scan(root, cfg)
+    classes = list(cfg.data.classes) if cfg.data.classes else sorted(class_folders)
+    manifest, pixels = _read_images(entries, classes, cfg)
+    active = checks.active(cfg, classes)
+    file_checks = [c for c in active if not c.needs_splits]
+    manifest["excluded_by"] = checks.excluded_by(checks.derive(manifest), file_checks)
     manifest["split"] = _assign_splits(manifest, cfg)
+    _mark_near_duplicates(manifest, active, cfg)
     paths.PREPARED.mkdir(parents=True, exist_ok=True)
     manifest.to_parquet(paths.MANIFEST, index=False)
 
     n_per_split = {}
     for split in SPLITS:
-        index = manifest.index[manifest["split"] == split]
-        images = torch.stack([arrays[i] for i in index]) if len(index) else _empty(cfg)
+        index = manifest.index[manifest["split"] == split].to_numpy()
+        images = torch.from_numpy(pixels[index])
         labels = torch.tensor(manifest.loc[index, "label_index"].to_numpy(), dtype=torch.int64)
         torch.save({"images": images, "labels": labels}, paths.shard(split))
         n_per_split[split] = len(index)
-
-    mean, std = _channel_stats(paths.shard("train"))
+        if split == "train":
+            mean, std = _channel_stats(images.numpy())
     meta = {
         "source": str(root),
         "classes": classes,
+        "class_folders": class_folders,
         "image_size": cfg.prepare.image_size,
         "channels": cfg.prepare.channels,
         "mean": mean,
         "std": std,
         "n_per_split": n_per_split,
+        "validate_params": cfg.validate_.model_dump(mode="json"),
     }
     paths.META.write_text(json.dumps(meta, indent=2))
     return PrepareResult(len(manifest), n_per_split, classes, str(paths.MANIFEST))
@@ -82,54 +106,138 @@ def load_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return shard["images"], shard["labels"]
 
 
-def _class_names(root: Path, cfg: Config) -> list[str]:
+def scan(root: Path, cfg: Config) -> tuple[list[Entry], dict[str, int]]:
+    """Every non-hidden file under `root` in path order, and the file count per class folder.
+
+    Folder links are followed while they stay inside the root, except into a folder already
+    walked (so a loop ends); a link that leads outside is listed, never followed or read.
+    """
+    _check_root(root, cfg)
+    real_root = root.resolve()
+    entries, class_folders, walked = [], {}, set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        here = Path(folder)
+        walked.add(here.resolve())
+        inside, outside = _inside_and_outside(here, subfolders, real_root)
+        entries += [_entry(here / name, root, outside=True) for name in outside]
+        subfolders[:] = [name for name in inside if (here / name).resolve() not in walked]
+        if here == root:
+            class_folders = dict.fromkeys(map(_printable, subfolders), 0)
+        for name in sorted(files):
+            file = here / name
+            if not name.startswith("."):
+                leads_out = file.is_symlink() and not file.resolve().is_relative_to(real_root)
+                entries.append(_entry(file, root, outside=leads_out))
+    if not class_folders:
+        raise UserError(f"{root}: no class folders (expected <root>/<class>/<image>)")
+    entries.sort(key=lambda e: Path(e.rel).parts)
+    for entry in entries:
+        if entry.location in ("class_folder", "nested_folder"):
+            class_folders[entry.label] += 1
+    return entries, class_folders
+
+
+def _check_root(root: Path, cfg: Config) -> None:
     if not root.exists():
         hint = " (run `lensflow data` to write it)" if cfg.data.source in datasets.BUILTIN else ""
         raise UserError(f"{root}: dataset folder not found{hint}")
     if not root.is_dir():
         raise UserError(f"{root}: not a directory (expected <root>/<class>/<image>)")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not found:
-        raise UserError(f"{root}: no class folders (expected <root>/<class>/<image>)")
-    return list(cfg.data.classes) if cfg.data.classes else found
 
 
-def _read_images(root: Path, classes: list[str], cfg: Config):
-    rows, arrays = [], []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for file in sorted(f for f in class_dir.rglob("*") if f.is_file()):
-            if any(part.startswith(".") for part in file.relative_to(root).parts):
-                continue
-            row, array = _read_one(file, cfg)
-            row["path"] = file.relative_to(root).as_posix()
-            row["label"] = class_dir.name
-            row["label_index"] = classes.index(class_dir.name) if class_dir.name in classes else -1
-            rows.append(row)
-            arrays.append(array)
-    return rows, arrays
+def _inside_and_outside(here: Path, names: list[str], real_root: Path):
+    """Non-hidden subfolders, sorted, split into those inside the root and links leading out."""
+    visible = sorted(name for name in names if not name.startswith("."))
+    inside = [name for name in visible if (here / name).resolve().is_relative_to(real_root)]
+    return inside, [name for name in visible if name not in inside]
 
 
-def _read_one(file: Path, cfg: Config) -> tuple[dict, torch.Tensor | None]:
-    data = file.read_bytes()
-    row = {"sha256": hashlib.sha256(data).hexdigest(), "width": 0, "height": 0, "mode": ""}
-    try:
-        with Image.open(file) as image:
-            image.load()
-            row.update(width=image.width, height=image.height, mode=image.mode)
-            pixels = np.asarray(image.convert("L" if cfg.prepare.channels == 1 else "RGB"))
-    except Exception as exc:  # PIL raises many types for broken files; all mean "undecodable"
-        row.update(decodable=False, error=f"{type(exc).__name__}: {exc}")
-        return row, None
-    tensor = torch.from_numpy(pixels.copy()).reshape(pixels.shape[0], pixels.shape[1], -1)
-    tensor = resize_uint8(tensor.permute(2, 0, 1).unsqueeze(0), cfg.prepare.image_size)[0]
-    row.update(decodable=True, error="")
-    return row, tensor
+def _entry(path: Path, root: Path, outside: bool) -> Entry:
+    parts = path.relative_to(root).parts
+    if outside:
+        location = "outside_root"
+    elif len(parts) == 1:
+        location = "dataset_root"
+    elif len(parts) == 2:
+        location = "class_folder"
+    else:
+        location = "nested_folder"
+    label = _printable(parts[0]) if len(parts) > 1 else None
+    return Entry(str(path), _printable("/".join(parts)), label, location)
+
+
+def _printable(name: str) -> str:
+    # A name that is not valid UTF-8 (a raw byte escaped by Python) cannot go into parquet/JSON.
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _read_images(entries: list[Entry], classes: list[str], cfg: Config):
+    """(manifest, uint8 pixels [rows, C, S, S]); rows that were not decoded stay zero.
+
+    The facts arrive one file at a time and go straight into column lists, so what is held
+    grows by one manifest row (and one shard image) per file.
+    """
+    size, channels = cfg.prepare.image_size, cfg.prepare.channels
+    pixels = np.zeros((len(entries), channels, size, size), dtype=np.uint8)
+    readable = [e.location in ("class_folder", "nested_folder") for e in entries]
+    options = imagefacts.ReadOptions(channels, size, cfg.prepare.max_pixels)
+    to_read = [entry.path for entry, read in zip(entries, readable, strict=True) if read]
+    stream = _read_all(to_read, options, cfg.prepare.workers)
+    label_index = {name: i for i, name in enumerate(classes)}
+    columns: dict[str, list] = {name: [] for name in MANIFEST_COLUMNS}
+    for i, entry in enumerate(entries):
+        if readable[i]:
+            facts, array = next(stream)
+            if array is not None:
+                pixels[i] = array
+        else:
+            facts = _not_read(entry)
+        row = {
+            "path": entry.rel,
+            "label": entry.label,
+            "label_index": label_index.get(entry.label, -1),
+            "location": entry.location,
+        }
+        for name, value in {**row, **facts}.items():
+            columns[name].append(value)
+    return pd.DataFrame(columns), pixels
+
+
+def _not_read(entry: Entry) -> dict:
+    reasons = {
+        "outside_root": "a symbolic link that leads outside the dataset root: not followed",
+        "dataset_root": "outside any class folder: not read",
+    }
+    facts = imagefacts.empty_facts()
+    facts.update(decode=None, decodable=False, error=reasons[entry.location])
+    return facts
+
+
+def _read_all(files: list[str], options, workers: int) -> Iterator[tuple[dict, object]]:
+    """imagefacts.read over `files`, in order; `workers` processes (0: one per core) for
+    large folders."""
+    read_chunk = partial(imagefacts.read_many, options=options)
+    chunks = [files[i : i + CHUNK] for i in range(0, len(files), CHUNK)]
+    workers = min(workers or len(os.sched_getaffinity(0)), len(files) // MIN_FILES_PER_WORKER)
+    if workers <= 1:
+        for chunk in chunks:
+            yield from read_chunk(chunk)
+        return
+    # fork: workers start at once and share the loaded libraries; the initializer gives each
+    # one torch thread (as torch's DataLoader workers do), so forking after torch is safe.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with context.Pool(workers, initializer=imagefacts.init_worker) as pool:
+        for results in pool.imap(read_chunk, chunks):
+            yield from results
 
 
 def _assign_splits(manifest: pd.DataFrame, cfg: Config) -> pd.Series:
     """Stratified, seeded split over groups of identical files; unusable rows are 'excluded'."""
     split = pd.Series("excluded", index=manifest.index, dtype=object)
-    usable = manifest[manifest["decodable"] & (manifest["label_index"] >= 0)]
+    usable = manifest[
+        manifest["decodable"] & (manifest["label_index"] >= 0) & (manifest["excluded_by"] == "")
+    ]
     groups = usable.groupby("sha256", sort=True)["label"].first()
     rng = np.random.default_rng(cfg.seed)
     assignment: dict[str, str] = {}
@@ -143,15 +251,30 @@ def _assign_splits(manifest: pd.DataFrame, cfg: Config) -> pd.Series:
     return split
 
 
-def _channel_stats(train_shard: Path) -> tuple[list[float], list[float]]:
-    images = torch.load(train_shard, weights_only=True)["images"].float() / 255.0
-    if images.numel() == 0:
-        raise UserError("the training split is empty: not enough usable images")
-    mean = images.mean(dim=(0, 2, 3))
-    std = images.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return [round(v, 6) for v in mean.tolist()], [round(v, 6) for v in std.tolist()]
+def _mark_near_duplicates(manifest: pd.DataFrame, active: list, cfg: Config) -> None:
+    """Record, for each val/test image, a near-duplicate in an earlier split; with a
+    quarantine (or error) policy the later copy leaves its split. (Exact copies share one.)"""
+    manifest["near_duplicate_of"], manifest["near_duplicate_distance"] = None, np.nan
+    check = next((c for c in active if c.code == "near_duplicate"), None)
+    if check is None:
+        return
+    near_of, distance = checks.near_duplicates(manifest, cfg.validate_.near_duplicate_distance)
+    manifest["near_duplicate_of"], manifest["near_duplicate_distance"] = near_of, distance
+    if check.policy in ("quarantine", "error"):
+        found = near_of.notna()
+        manifest.loc[found, "excluded_by"] = check.code
+        manifest.loc[found, "split"] = "excluded"
 
 
-def _empty(cfg: Config) -> torch.Tensor:
-    size = cfg.prepare.image_size
-    return torch.empty(0, cfg.prepare.channels, size, size, dtype=torch.uint8)
+def _channel_stats(images: np.ndarray) -> tuple[list[float] | None, list[float] | None]:
+    """Per-channel mean/std (sample std, as torch's) in [0, 1] of uint8 [N, C, S, S]; None
+    when there are no images (the gate fails then). Exact integer sums, no float copy."""
+    if images.size == 0:
+        return None, None
+    n = images.size // images.shape[1]
+    sums = np.einsum("ncij->c", images, dtype=np.int64)
+    squares = np.einsum("ncij,ncij->c", images, images, dtype=np.int64)
+    mean = sums / n / 255
+    variance = (squares - sums.astype(np.float64) ** 2 / n) / (n - 1) / 255**2
+    std = np.maximum(np.sqrt(np.maximum(variance, 0)), 1e-3)
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]

@@ -1,31 +1,69 @@
 """validate: a Great Expectations suite over the per-image manifest that `prepare` wrote.
 
-GX validates tables, not images, so every image fact it checks is a manifest column.
-The suite is the gate: when it fails, reports/validation.json lists every offending file
-with a code and the flow stops before training.
+GX validates tables, not images, so every image fact it checks is a manifest column, and the
+class checks run on a one-row-per-class table. Each check of `checks.active` is one
+expectation; its policy sets the severity (`error` -> critical, the others -> warning) and the
+gate passes when no critical expectation fails. reports/validation.json lists every offending
+file with its code, severity and reason; reports/validation.html and reports/data_stats.json
+are the browsable report and the data statistics, also logged to MLflow with the GX result.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import pairwise
 
+import numpy as np
 import pandas as pd
 
-from lensflow.components import paths
+from lensflow.components import checks, paths
+from lensflow.components.checks import SPLITS
 from lensflow.components.config import Config, UserError
-from lensflow.components.prepare import SPLITS, load_meta
+from lensflow.components.prepare import load_meta
 
-# code -> (column, message); each becomes one expectation of the suite
-CHECKS = {
-    "undecodable": ("decodable", "the file cannot be decoded as an image"),
-    "unknown_label": ("label", "the folder is not one of the expected classes"),
-    "split_leakage": ("splits_sharing_sha256", "the same file content is in more than one split"),
-    "too_few_images": (
-        "class_size",
-        "the class has fewer images than validate.min_images_per_class",
-    ),
+HTML_REPORT = paths.VALIDATION_REPORT.with_suffix(".html")
+DATA_STATS = paths.REPORTS / "data_stats.json"
+SEVERITIES = ("error", "quarantine", "warn")
+HTML_MAX_ISSUES = 2000
+SIZE_EDGES = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+KEY_COLUMN = {"images": "path", "classes": "name"}
+
+# The reason of each code; {names} come from the offending row and from validate's params.
+MESSAGES = {
+    "unreadable": "the file cannot be read: {error}",
+    "empty_file": "the file is empty (0 bytes)",
+    "not_an_image": "not an image: {error}",
+    "truncated": "the image data ends early: {error}",
+    "undecodable": "the file cannot be decoded as an image: {error}",
+    "too_many_pixels": "refused before decoding (decompression-bomb guard): {error}",
+    "symlink_outside_root": "a symbolic link that leads outside the dataset root: not followed",
+    "outside_class_folder": "a file outside any class folder: not used",
+    "nested_folder": "in a subfolder of class '{label}'",
+    "unknown_label": "the folder '{label}' is not one of data.classes",
+    "too_small": "{width}x{height} is under validate.min_size ({min_size} px, shorter side)",
+    "extreme_aspect_ratio": "{width}x{height}: aspect ratio {aspect_ratio:.1f} is over "
+    "validate.max_aspect_ratio ({max_aspect_ratio})",
+    "mode_grayscale": "a grey image (mode {mode}) converted to RGB",
+    "mode_palette": "a palette image (mode {mode}) converted to {target}",
+    "mode_alpha": "alpha channel (mode {mode}) dropped when converting to {target}",
+    "mode_cmyk": "a CMYK image converted to {target}",
+    "mode_16bit": "a {bit_depth:.0f}-bit image (mode {mode}) scaled to 8 bits",
+    "exif_rotated": "EXIF orientation {exif_orientation:.0f}: turned upright before use",
+    "constant_image": "every pixel has the same value",
+    "duplicate": "the same content as {duplicate_of}, in the same class",
+    "conflicting_labels": "the same content is in {labels_per_sha256:.0f} classes: {same_content}",
+    "split_leakage": "the same content is in {splits_per_sha256:.0f} splits: {same_content}",
+    "near_duplicate": "looks like {near_duplicate_of} of an earlier split (perceptual hashes "
+    "{near_duplicate_distance:.0f} bits apart; validate.near_duplicate_distance: {near_limit})",
+    "missing_class": "class '{name}' is in data.classes but has no folder",
+    "empty_class": "the class folder is empty",
+    "too_few_images": "{n_used:.0f} usable images, under validate.min_images_per_class "
+    "({min_images_per_class})",
+    "class_imbalance": "{n_used:.0f} usable images; the largest class has {largest:.0f} "
+    "(ratio {imbalance_ratio:.1f} > validate.max_imbalance_ratio {max_imbalance_ratio})",
 }
 
 
@@ -35,36 +73,57 @@ class ValidationResult:
     n_images: int
     n_issues: int
     report: str
+    n_used: int = 0
+    problems: list[tuple[str, str, int]] = field(default_factory=list)  # (code, severity, n)
 
 
-def run(cfg: Config) -> ValidationResult:
-    if not paths.MANIFEST.exists():
-        raise UserError(f"{paths.MANIFEST} is missing: run the prepare stage first")
-    manifest = pd.read_parquet(paths.MANIFEST)
-    classes = load_meta()["classes"]
-    table = _with_derived_columns(manifest)
-    results = _run_suite(table, _expectations(classes, cfg.validate_.min_images_per_class))
-
-    code_of_column = {column: code for code, (column, _) in CHECKS.items()}
-    issues, checks = [], []
-    for result in results.results:
-        code = code_of_column[result.expectation_config.kwargs["column"]]
-        bad_paths = [row["path"] for row in result.result.get("unexpected_index_list") or []]
-        checks.append({"code": code, "success": bool(result.success), "n_failed": len(bad_paths)})
-        for path in bad_paths:
-            issues.append({"path": path, "code": code, "message": _message(code, path, manifest)})
-
+def run(cfg: Config, track: bool = True) -> ValidationResult:
+    """Check the prepared manifest, write the reports; `track`: log them to MLflow too."""
+    manifest, meta = _load(cfg)
+    classes = meta["classes"]
+    active = checks.active(cfg, classes)
+    images = checks.derive(manifest)
+    tables = {
+        "images": images,
+        "classes": checks.class_table(images, meta["class_folders"], classes),
+    }
+    results = _run_suites(tables, active)
+    issues = _issues(results, active, tables, cfg)
+    counts = {check.code: 0 for check in active}
+    for issue in issues:
+        counts[issue["code"]] += 1
     report = {
-        "success": bool(results.success),
+        "success": all(_gate_passed(result) for result in results.values()),
         "n_images": len(manifest),
         "n_used": int(manifest["split"].isin(SPLITS).sum()),
-        "checks": checks,
+        "counts": counts,
+        "checks": [
+            {
+                "code": c.code,
+                "policy": c.policy,
+                "success": counts[c.code] == 0,
+                "n_failed": counts[c.code],
+            }
+            for c in active
+        ],
         "issues": issues,
     }
-    paths.REPORTS.mkdir(parents=True, exist_ok=True)
-    paths.VALIDATION_REPORT.write_text(json.dumps(report, indent=2))
+    stats = data_stats(tables["images"], meta)
+    _write_reports(report, stats, meta["source"])
+    if track:
+        gx_results = {name: result.to_json_dict() for name, result in results.items()}
+        _log_to_mlflow(cfg, report, stats, gx_results)
+    problems = [
+        (check.code, check.policy, counts[check.code]) for check in active if counts[check.code]
+    ]
+    problems.sort(key=lambda p: (SEVERITIES.index(p[1]), -p[2]))
     return ValidationResult(
-        report["success"], len(manifest), len(issues), str(paths.VALIDATION_REPORT)
+        report["success"],
+        len(manifest),
+        len(issues),
+        str(paths.VALIDATION_REPORT),
+        report["n_used"],
+        problems,
     )
 
 
@@ -77,58 +136,265 @@ def require_passed() -> None:
 
 
 def summary(result: ValidationResult) -> str:
+    """A few lines for the terminal: the verdict, then the problems by severity."""
     verdict = "passed" if result.success else "FAILED"
-    counts = f"{result.n_images} images, {result.n_issues} issues"
-    return f"validation {verdict}: {counts} ({result.report})"
+    counts = f"{result.n_images} files, {result.n_used} used, {result.n_issues} issues"
+    lines = [f"validation {verdict}: {counts} ({result.report})"]
+    for severity in SEVERITIES:
+        found = [f"{code} {n}" for code, policy, n in result.problems if policy == severity]
+        if found:
+            lines.append(f"  {severity}: {', '.join(found)}")
+    return "\n".join(lines)
 
 
-def _with_derived_columns(manifest: pd.DataFrame) -> pd.DataFrame:
-    table = manifest.copy()
-    in_split = table[table["split"].isin(SPLITS)]
-    splits_per_sha = in_split.groupby("sha256")["split"].nunique()
-    table["splits_sharing_sha256"] = table["sha256"].map(splits_per_sha).fillna(0).astype(int)
-    table["class_size"] = table.groupby("label")["path"].transform("count")
-    return table
+def _load(cfg: Config) -> tuple[pd.DataFrame, dict]:
+    if not paths.MANIFEST.exists():
+        raise UserError(f"{paths.MANIFEST} is missing: run the prepare stage first")
+    meta = load_meta()
+    if meta.get("validate_params") != cfg.validate_.model_dump(mode="json"):
+        # prepare applies the quarantine policies: its splits must come from the same params
+        raise UserError(
+            f"{paths.PREPARED} was prepared with other `validate` params: run prepare again"
+        )
+    return pd.read_parquet(paths.MANIFEST), meta
 
 
-def _expectations(classes: list[str], min_per_class: int) -> list:
-    import great_expectations as gx
-
-    column = {code: col for code, (col, _) in CHECKS.items()}
-    between = gx.expectations.ExpectColumnValuesToBeBetween
-    return [
-        gx.expectations.ExpectColumnValuesToBeInSet(column=column["undecodable"], value_set=[True]),
-        gx.expectations.ExpectColumnValuesToBeInSet(
-            column=column["unknown_label"], value_set=classes
-        ),
-        between(column=column["split_leakage"], min_value=0, max_value=1),
-        between(column=column["too_few_images"], min_value=min_per_class),
-    ]
-
-
-def _run_suite(table: pd.DataFrame, expectations: list):
+def _run_suites(tables: dict[str, pd.DataFrame], active: list[checks.Check]) -> dict:
+    """One GX suite per table (images, classes); returns the validation result of each."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False}
-    batch = (
-        context.data_sources.add_pandas("manifest")
-        .add_dataframe_asset("images")
-        .add_batch_definition_whole_dataframe("all")
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name="lensflow-images"))
-    for expectation in expectations:
-        suite.add_expectation(expectation)
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="lensflow-images", data=batch, suite=suite)
-    )
-    result_format = {"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]}
-    return definition.run(batch_parameters={"dataframe": table}, result_format=result_format)
+    source = context.data_sources.add_pandas("manifest")
+    results = {}
+    for name, table in tables.items():
+        table_checks = [check for check in active if check.table == name]
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+        suite = context.suites.add(gx.ExpectationSuite(name=f"lensflow-{name}"))
+        for check in table_checks:
+            suite.add_expectation(_expectation(gx, check))
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"lensflow-{name}", data=batch, suite=suite)
+        )
+        key = KEY_COLUMN[name]
+        columns = [key, *dict.fromkeys(check.column for check in table_checks)]
+        result_format = {"result_format": "COMPLETE", "unexpected_index_column_names": [key]}
+        results[name] = definition.run(
+            batch_parameters={"dataframe": table[columns]}, result_format=result_format
+        )
+    return results
 
 
-def _message(code: str, path: str, manifest: pd.DataFrame) -> str:
-    if code == "undecodable":
-        error = manifest.loc[manifest["path"] == path, "error"].iloc[0]
-        return f"{CHECKS[code][1]}: {error}"
-    return CHECKS[code][1]
+def _expectation(gx, check: checks.Check):
+    expect = gx.expectations
+    common = {
+        "column": check.column,
+        "severity": "critical" if check.policy == "error" else "warning",
+        "meta": {"code": check.code, "policy": check.policy},
+    }
+    if check.rule == "min":
+        return expect.ExpectColumnValuesToBeBetween(min_value=check.bound, **common)
+    if check.rule == "max":
+        return expect.ExpectColumnValuesToBeBetween(max_value=check.bound, **common)
+    if check.rule == "in":
+        return expect.ExpectColumnValuesToBeInSet(value_set=check.bound, **common)
+    if check.rule == "not_in":
+        return expect.ExpectColumnValuesToNotBeInSet(value_set=check.bound, **common)
+    return expect.ExpectColumnValuesToBeNull(**common)
+
+
+def _gate_passed(result) -> bool:
+    from great_expectations.expectations.metadata_types import FailureSeverity
+
+    return result.get_max_severity_failure() != FailureSeverity.CRITICAL
+
+
+def _issues(results: dict, active: list[checks.Check], tables: dict, cfg: Config) -> list[dict]:
+    """Every offending row of every expectation, errors first, then in check and path order."""
+    policy = {check.code: check.policy for check in active}
+    issues = []
+    for name, result in results.items():
+        table, key = tables[name], KEY_COLUMN[name]
+        for expectation in result.results:
+            code = expectation.expectation_config.meta["code"]
+            bad = {row[key] for row in expectation.result.get("unexpected_index_list") or []}
+            rows = table[table[key].isin(bad)].sort_values(key)
+            if code in ("conflicting_labels", "split_leakage"):
+                rows = rows.assign(same_content=_copies(code, rows, table))
+            context = _message_context(code, table, cfg)
+            for row in rows.to_dict("records"):
+                path = row["path"] if name == "images" else f"{row['name']}/"
+                message = MESSAGES[code].format(**{**context, **row})
+                issues.append(
+                    {"path": path, "code": code, "severity": policy[code], "message": message}
+                )
+    order = {check.code: i for i, check in enumerate(active)}
+    issues.sort(key=lambda i: (SEVERITIES.index(i["severity"]), order[i["code"]]))
+    return issues
+
+
+def _message_context(code: str, table: pd.DataFrame, cfg: Config) -> dict:
+    """The values a message needs besides its own row."""
+    context = {
+        **cfg.validate_.model_dump(exclude={"policy"}),
+        # a row's own near_duplicate_distance (the measured one) hides the param's name
+        "near_limit": cfg.validate_.near_duplicate_distance,
+        "target": "L" if cfg.prepare.channels == 1 else "RGB",
+    }
+    if code == "class_imbalance":
+        context["largest"] = table["n_used"].max()
+    return context
+
+
+def _copies(code: str, rows: pd.DataFrame, table: pd.DataFrame) -> pd.Series:
+    """For each row, every file with its content: 'path (class)' or 'path (split)'."""
+    column = "label" if code == "conflicting_labels" else "split"
+    candidates = table["decode"] == "ok" if column == "label" else table["split"].isin(SPLITS)
+    copies = table[candidates & table["sha256"].isin(rows["sha256"])]
+    named = copies["path"] + " (" + copies[column].astype(str) + ")"
+    return rows["sha256"].map(named.groupby(copies["sha256"]).agg(", ".join))
+
+
+def data_stats(images: pd.DataFrame, meta: dict) -> dict:
+    """Class counts per split, image sizes, modes, formats and channel statistics."""
+    decoded = images[images["decode"] == "ok"]
+    used = images[images["split"].isin(SPLITS)]
+    per_class = {}
+    for name in [*meta["classes"], *sorted(set(meta["class_folders"]) - set(meta["classes"]))]:
+        rows = images[images["label"] == name]
+        per_class[name] = {
+            "files": len(rows),
+            "used": int(rows["split"].isin(SPLITS).sum()),
+            **{split: int((rows["split"] == split).sum()) for split in SPLITS},
+        }
+    return {
+        "classes": per_class,
+        "size_histogram": _size_histogram(decoded),
+        "common_sizes": _top_counts(
+            decoded["width"].astype(str) + "x" + decoded["height"].astype(str)
+        ),
+        "modes": _top_counts(decoded["mode"]),
+        "formats": _top_counts(images.loc[images["format"].fillna("") != "", "format"]),
+        **_channel_stats(used),
+    }
+
+
+def _size_histogram(decoded: pd.DataFrame) -> dict[str, int]:
+    """Counts by shorter side, in powers of two."""
+    labels = [f"{lo}-{hi - 1}" for lo, hi in pairwise(SIZE_EDGES)] + [f"{SIZE_EDGES[-1]}+"]
+    shorter = np.minimum(decoded["width"], decoded["height"])
+    counts, _ = np.histogram(shorter, bins=[*SIZE_EDGES, np.inf])
+    return dict(zip(labels, (int(c) for c in counts), strict=True))
+
+
+def _top_counts(values: pd.Series, top: int = 20) -> dict[str, int]:
+    return {str(k): int(v) for k, v in values.value_counts().head(top).items()}
+
+
+def _channel_stats(used: pd.DataFrame) -> dict:
+    """Pixel-weighted mean and std per channel over the used images, in [0, 1]."""
+    if used.empty:
+        return {"channel_mean": None, "channel_std": None}
+    means = np.stack(used["channel_mean"].to_numpy()) / 255.0
+    stds = np.stack(used["channel_std"].to_numpy()) / 255.0
+    weights = (used["width"] * used["height"]).to_numpy(dtype=float)[:, None]
+    mean = (weights * means).sum(axis=0) / weights.sum()
+    second_moment = (weights * (stds**2 + means**2)).sum(axis=0) / weights.sum()
+    std = np.sqrt(np.maximum(second_moment - mean**2, 0))
+    return {
+        "channel_mean": [round(float(v), 6) for v in mean],
+        "channel_std": [round(float(v), 6) for v in std],
+    }
+
+
+def _write_reports(report: dict, stats: dict, source: str) -> None:
+    paths.REPORTS.mkdir(parents=True, exist_ok=True)
+    paths.VALIDATION_REPORT.write_text(json.dumps(report, indent=2))
+    DATA_STATS.write_text(json.dumps(stats, indent=2))
+    HTML_REPORT.write_text(html_report(report, stats, source), encoding="utf-8")
+
+
+def html_report(report: dict, stats: dict, source: str) -> str:
+    """A self-contained page: verdict, checks, issues, class counts, sizes and channels."""
+    verdict = "passed" if report["success"] else "FAILED"
+    issues = report["issues"][:HTML_MAX_ISSUES]
+    more = len(report["issues"]) - len(issues)
+    classes = [[name, *counts.values()] for name, counts in stats["classes"].items()]
+    parts = [
+        f"<h1>Data validation {verdict}</h1>",
+        f"<p>{_e(source)}: {report['n_images']} files, {report['n_used']} used in the splits.</p>",
+        "<h2>Checks</h2>",
+        _table(
+            ["code", "policy", "files"],
+            [[c["code"], c["policy"], c["n_failed"]] for c in report["checks"]],
+        ),
+        f"<h2>Issues ({len(report['issues'])})</h2>",
+        _table(["path", "code", "severity", "message"], [list(i.values()) for i in issues]),
+        f"<p>{more} more in validation.json</p>" if more else "",
+        "<h2>Classes</h2>",
+        _table(["class", "files", "used", *SPLITS], classes),
+        "<h2>Shorter side (pixels)</h2>",
+        _table(["size", "images"], list(stats["size_histogram"].items())),
+        "<h2>Modes and formats</h2>",
+        _table(["mode", "images"], list(stats["modes"].items())),
+        _table(["format", "files"], list(stats["formats"].items())),
+        "<h2>Channels (used images, 0-1)</h2>",
+        _table(["", "mean", "std"], _channel_rows(stats)),
+    ]
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+    )
+    body = "\n".join(parts)
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>lensflow validation</title>"
+        f"<style>{style}</style></head><body>{body}</body></html>"
+    )
+
+
+def _channel_rows(stats: dict) -> list[list]:
+    if stats["channel_mean"] is None:
+        return []
+    return [
+        [f"channel {i}", mean, std]
+        for i, (mean, std) in enumerate(
+            zip(stats["channel_mean"], stats["channel_std"], strict=True)
+        )
+    ]
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _log_to_mlflow(cfg: Config, report: dict, stats: dict, gx_results: dict) -> None:
+    """The reports as artifacts under validation/: into the pipeline run when there is one
+    (the flow), else into a `validate` run of its own (the DVC stage)."""
+    import mlflow
+
+    from lensflow.components import tracking
+
+    artifacts = {
+        "validation/validation.json": report,
+        "validation/data_stats.json": stats,
+        "validation/gx_result.json": gx_results,
+    }
+    page = HTML_REPORT.read_text(encoding="utf-8")
+    parent = tracking._parent_run_id  # set while the flow's pipeline run is open
+    if parent is not None:
+        client = mlflow.MlflowClient(tracking.tracking_uri())
+        for name, content in artifacts.items():
+            client.log_dict(parent, content, name)
+        client.log_text(parent, page, "validation/validation.html")
+        return
+    with tracking.step_run(cfg, "validate"):
+        for name, content in artifacts.items():
+            mlflow.log_dict(content, name)
+        mlflow.log_text(page, "validation/validation.html")

@@ -188,9 +188,11 @@ def cmd_validate(args) -> int:
         os.chdir(work)  # prepare's shards are scratch here; the project's data/ stays untouched
         try:
             prepare.run(cfg)
-            result = validate.run(cfg)
+            result = validate.run(cfg, track=False)  # a dry run: nothing logged to MLflow
             report.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(paths.VALIDATION_REPORT, report)
+            if report.suffix != ".html":
+                shutil.copyfile(validate.HTML_REPORT, report.with_suffix(".html"))
         finally:
             os.chdir(cwd)
     print(validate.summary(result).replace(result.report, str(report)))

@@ -55,13 +55,13 @@ def test_identical_files_share_a_split(shapes_folder):
         == manifest.loc[manifest["path"] == "circle_small/0000.png", "sha256"].iloc[0]
     ]
     assert len(copies) == 6 and copies["split"].nunique() == 1
-    assert validate.run(_folder_cfg(shapes_folder)).success
+    assert validate.run(_folder_cfg(shapes_folder), track=False).success
 
 
 def test_clean_folder_passes_validation(shapes_folder):
     cfg = _folder_cfg(shapes_folder)
     prepare.run(cfg)
-    result = validate.run(cfg)
+    result = validate.run(cfg, track=False)
     report = json.loads(paths.VALIDATION_REPORT.read_text())
     assert result.success and report["success"] and report["issues"] == []
     assert report["n_images"] == report["n_used"] == 100
@@ -72,12 +72,13 @@ def test_broken_file_fails_the_gate_and_is_named(shapes_folder):
     before = sorted(p.name for p in (shapes_folder / "checker_2").iterdir())
     cfg = _folder_cfg(shapes_folder)
     prepare.run(cfg)
-    result = validate.run(cfg)
+    result = validate.run(cfg, track=False)
     report = json.loads(paths.VALIDATION_REPORT.read_text())
     assert not result.success
-    assert [(i["path"], i["code"]) for i in report["issues"]] == [
-        ("checker_2/broken.png", "undecodable")
+    assert [(i["path"], i["code"], i["severity"]) for i in report["issues"]] == [
+        ("checker_2/broken.png", "undecodable", "error")
     ]
+    assert report["n_used"] == 100 and report["counts"]["undecodable"] == 1
     assert (
         sorted(p.name for p in (shapes_folder / "checker_2").iterdir()) == before
     )  # nothing deleted
@@ -93,7 +94,7 @@ def test_leakage_between_splits_is_caught(shapes_folder):
     train_row = manifest[manifest["split"] == "train"].index[0]
     manifest.loc[train_row, "sha256"] = manifest.loc[test_row, "sha256"]
     manifest.to_parquet(paths.MANIFEST)
-    validate.run(cfg)
+    validate.run(cfg, track=False)
     report = json.loads(paths.VALIDATION_REPORT.read_text())
     leaked = {i["path"] for i in report["issues"] if i["code"] == "split_leakage"}
     assert leaked == {manifest.loc[test_row, "path"], manifest.loc[train_row, "path"]}
@@ -108,9 +109,11 @@ def test_unexpected_class_and_tiny_class_fail(shapes_folder):
         }
     )
     prepare.run(cfg)
-    validate.run(cfg)
-    codes = {i["code"] for i in json.loads(paths.VALIDATION_REPORT.read_text())["issues"]}
-    assert codes == {"unknown_label", "too_few_images"}
+    validate.run(cfg, track=False)
+    issues = json.loads(paths.VALIDATION_REPORT.read_text())["issues"]
+    assert {i["code"] for i in issues} == {"unknown_label", "too_few_images"}
+    too_few = {i["path"] for i in issues if i["code"] == "too_few_images"}
+    assert len(too_few) == 9 and all(path.endswith("/") for path in too_few)  # one per class
 
 
 @pytest.mark.parametrize("make", ["missing", "file", "empty"])

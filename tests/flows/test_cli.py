@@ -55,14 +55,23 @@ def test_validate_any_folder_exit_codes(project):
     (root / "gradient_h" / "notes.png").write_text("not an image")
     bad = lensflow("validate", str(root), "--report", "out/report.json", cwd=project)
     assert bad.returncode == 1
+    assert "validation FAILED" in bad.stdout and "not_an_image 1" in bad.stdout
     issues = json.loads((project / "out/report.json").read_text())["issues"]
-    assert issues == [
-        {"path": "gradient_h/notes.png", "code": "undecodable", "message": issues[0]["message"]}
-    ]
+    assert issues[0] == {
+        "path": "gradient_h/notes.png",
+        "code": "not_an_image",
+        "severity": "error",
+        "message": issues[0]["message"],
+    }
+    assert [i for i in issues if i["severity"] == "error"] == issues[:1]
+    assert (project / "out/report.html").exists()
 
 
-@pytest.mark.parametrize("target", ["missing", "a_file"])
+@pytest.mark.parametrize("target", ["missing", "a_file", "no_class_folders"])
 def test_validate_unusable_input_is_exit_2(project, target):
     (project / "a_file").write_text("x")
+    (project / "no_class_folders").mkdir()
+    (project / "no_class_folders" / "stray.png").write_text("x")
     done = lensflow("validate", target, cwd=project)
     assert done.returncode == 2 and target in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
