@@ -387,13 +387,6 @@ def _log_to_mlflow(cfg: Config, report: dict, stats: dict, gx_results: dict) -> 
         "validation/gx_result.json": gx_results,
     }
     page = HTML_REPORT.read_text(encoding="utf-8")
-    parent = tracking._parent_run_id  # set while the flow's pipeline run is open
-    if parent is not None:
-        client = mlflow.MlflowClient(tracking.tracking_uri())
-        for name, content in artifacts.items():
-            client.log_dict(parent, content, name)
-        client.log_text(parent, page, "validation/validation.html")
-        return
     with tracking.step_run(cfg, "validate"):
         for name, content in artifacts.items():
             mlflow.log_dict(content, name)

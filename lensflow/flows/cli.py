@@ -113,7 +113,7 @@ def cmd_stage(args) -> int:
         f"lensflow.components.{'registry' if args.name == 'register' else args.name}"
     )
     result = module.run(cfg, resume=True) if args.resume else module.run(cfg)
-    print(f"{args.name}: {result}")
+    print(module.summary(result) if hasattr(module, "summary") else f"{args.name}: {result}")
     if args.name == "validate" and not result.success:
         return 1
     return 0

@@ -61,6 +61,7 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
         "quantize",
         "register",
         "train",
+        "validate",
     ]
     assert parent.data.params["train.epochs"] == "8"
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
