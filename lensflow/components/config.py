@@ -102,19 +102,15 @@ class Augment(Section):
     cutmix_alpha: float = Field(0.0, ge=0, description="0 = off; e.g. 1.0")
 
 
+TorchvisionArch = Literal[
+    "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
+    "efficientnet_b0",
+]  # fmt: skip
+Arch = Literal["simple_cnn", "resnet_cnn", "mini_alexnet", "efficientnet_lite0", TorchvisionArch]
+
+
 class Model(Section):
-    arch: Literal[
-        "simple_cnn",
-        "resnet_cnn",
-        "mini_alexnet",
-        "efficientnet_lite0",
-        "resnet18",
-        "resnet34",
-        "resnet50",
-        "mobilenet_v3_small",
-        "mobilenet_v3_large",
-        "efficientnet_b0",
-    ] = "simple_cnn"
+    arch: Arch = "simple_cnn"
     se: bool = Field(False, description="resnet_cnn: squeeze-and-excitation in each block")
     pretrained: str | None = Field(
         None, description="efficientnet-lite0 | torchvision | a state_dict file | models:/URI"

@@ -7,11 +7,12 @@ same module, so the exported graph is exactly the model that was evaluated.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import nn
 
-from lensflow.components.config import UserError
+from lensflow.components.config import Arch, TorchvisionArch, UserError
 from lensflow.components.preprocess import Preprocess
 
 
@@ -71,15 +72,8 @@ class Classifier(nn.Module):
 
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-TORCHVISION_ARCHS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-    "efficientnet_b0",
-)
-ARCHS = ("simple_cnn", "resnet_cnn", "mini_alexnet", "efficientnet_lite0", *TORCHVISION_ARCHS)
+TORCHVISION_ARCHS = get_args(TorchvisionArch)
+ARCHS = get_args(Arch)  # flattened: the nested Literal's names included
 
 
 def build(spec: dict, pretrained: str | None = None) -> Classifier:
