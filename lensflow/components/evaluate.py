@@ -287,13 +287,12 @@ def _write_predictions(labels: np.ndarray, predicted: np.ndarray, classes: list[
 
 
 def read_image_folder(root, classes: list[str], channels: int, size: int):
-    """An ImageFolder decoded as the prepare step does: uint8 [N, C, size, size] + labels."""
+    """An ImageFolder decoded exactly as prepare decodes it (imagefacts: EXIF rotation, mode
+    conversion, pixel limit, resize): uint8 [N, C, size, size] + labels."""
     from pathlib import Path
 
-    from PIL import Image
-
-    from lensflow.components.config import UserError
-    from lensflow.components.preprocess import resize_uint8
+    from lensflow.components import imagefacts
+    from lensflow.components.config import Prepare, UserError
 
     root = Path(root)
     if not root.is_dir():
@@ -303,17 +302,16 @@ def read_image_folder(root, classes: list[str], channels: int, size: int):
     if not folders or unknown:
         problem = f"classes the model does not know: {unknown}" if unknown else "no class folders"
         raise UserError(f"{root}: {problem} (the model knows {classes})")
-    images, labels = [], []
+    files, labels = [], []
     for folder in folders:
-        for file in sorted(
-            f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")
-        ):
-            try:
-                with Image.open(file) as image:
-                    pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"))
-            except Exception as exc:  # any decoding failure is the user's data, not our bug
-                raise UserError(f"{file}: cannot be decoded as an image ({exc})") from None
-            tensor = torch.from_numpy(pixels.copy()).reshape(*pixels.shape[:2], -1)
-            images.append(resize_uint8(tensor.permute(2, 0, 1)[None], size)[0])
+        visible = (f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+        for file in sorted(visible):
+            files.append(str(file))
             labels.append(classes.index(folder.name))
-    return torch.stack(images).numpy(), np.array(labels, dtype=np.int64)
+    options = imagefacts.ReadOptions(channels, size, Prepare().max_pixels)
+    images = []
+    for file, (facts, pixels) in zip(files, imagefacts.read_many(files, options), strict=True):
+        if pixels is None:
+            raise UserError(f"{file}: cannot be used as an image ({facts['error']})")
+        images.append(pixels)
+    return np.stack(images), np.array(labels, dtype=np.int64)
