@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,14 @@ def tiny_cfg(project) -> config.Config:
 def write_tiny_params(project: Path) -> None:
     """A complete params.yaml (every key, as DVC needs) with the TINY values."""
     (project / "params.yaml").write_text(yaml.safe_dump(config.from_dict(TINY).as_dict()))
+
+
+@contextmanager
+def tiny_project(root: Path):
+    """`root` as a tiny project for a module-scoped fixture: the cwd, TINY params.yaml, a
+    private sqlite MLflow store. Yields the MonkeyPatch that undoes it on exit."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        write_tiny_params(root)
+        yield mp

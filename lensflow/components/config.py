@@ -9,10 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 class UserError(Exception):
@@ -117,6 +126,9 @@ class Model(Section):
     )
     widths: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
     dropout: float = Field(0.2, ge=0, lt=1)
+    input_size: int | None = Field(
+        None, ge=8, le=1024, description="size the network sees (resized inside); None: image_size"
+    )
 
 
 class Train(Section):
@@ -133,8 +145,25 @@ class Train(Section):
     grad_clip_norm: float = Field(0.0, ge=0, description="0 = off")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="0 = off; e.g. 0.999")
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
-    strategy: Literal["fine_tune", "feature_extraction"] = "fine_tune"
+    strategy: Literal["fine_tune", "feature_extraction", "two_stage", "gradual_unfreeze"] = (
+        "fine_tune"
+    )
     backbone_lr_factor: float = Field(1.0, gt=0, description="backbone lr = lr x this factor")
+    layer_lr_decay: float = Field(
+        1.0, gt=0, le=1, description="each backbone stage below the top: lr x this once more"
+    )
+    head_epochs: int = Field(3, ge=1, description="two_stage, gradual_unfreeze: head-only epochs")
+    unfreeze_stages: int = Field(
+        0, ge=0, description="two_stage: backbone stages unfrozen after the head epochs; 0 = all"
+    )
+    unfreeze_every: int = Field(
+        1, ge=1, description="gradual_unfreeze: one more stage every this many epochs"
+    )
+    use_tuned: bool = Field(False, description="train with the best params of reports/tuning.json")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(False, description="mixed precision: bf16 on CPU, fp16 (+ scaler) on CUDA")
+    channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile the training model")
     patience: int = Field(5, ge=1, description="early stopping: epochs without a better val loss")
     progress_bar: bool = True
 
@@ -156,6 +185,170 @@ class Registry(Section):
     min_accuracy: float = Field(0.9, ge=0, le=1)
 
 
+class Distribution(Section):
+    """How tune samples one key: a float or int range (log scale optional), or choices."""
+
+    type: Literal["float", "int", "categorical"]
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = Field(None, gt=0)
+    choices: list[str | int | float | bool | None] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Distribution:
+        problem = _distribution_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler) -> dict | None:
+        data = handler(self)  # None for a key that is not tuned
+        return {k: v for k, v in data.items() if v is not None} if data is not None else None
+
+
+def _distribution_problem(d: Distribution) -> str | None:
+    if d.type == "categorical":
+        if d.choices is None:
+            return "categorical needs choices: [...]"
+        if (d.low, d.high, d.step) != (None, None, None) or d.log:
+            return "categorical takes choices only (no low, high, log or step)"
+        return None
+    if d.choices is not None:
+        return f"{d.type} takes low and high, not choices"
+    if d.low is None or d.high is None:
+        return f"{d.type} needs low and high"
+    if d.low >= d.high:
+        return f"low ({d.low}) must be below high ({d.high})"
+    if d.log and d.low <= 0:
+        return "log scale needs low > 0"
+    if d.log and d.step is not None:
+        return "log and step cannot be combined"
+    if d.type == "int" and not all(float(v).is_integer() for v in (d.low, d.high, d.step or 1)):
+        return "int needs whole numbers for low, high and step"
+    return None
+
+
+class SpaceSection(Section):
+    """tune.space.<section>: a Distribution per key to tune; other keys keep their value."""
+
+    target: ClassVar[type[Section]]
+
+    @field_validator("*")
+    @classmethod
+    def _fits_key(cls, dist: Distribution | None, info) -> Distribution | None:
+        problem = dist and _misfit(cls.target, info.field_name, dist)
+        if problem:
+            raise ValueError(problem)
+        return dist
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+def _misfit(section: type[Section], key: str, dist: Distribution) -> str | None:
+    """Why `dist` cannot sample `key` of `section` (None: it can)."""
+    annotation = section.model_fields[key].annotation
+    kinds = {annotation, *get_args(annotation)}
+    if dist.type == "float" and float not in kinds:
+        return "a float range for a key that is not a float: use type int or categorical"
+    if dist.type == "int" and not kinds & {int, float}:
+        return "an int range for a key that is not a number: use type categorical"
+    values = dist.choices if dist.type == "categorical" else [dist.low, dist.high]
+    for value in values:
+        try:
+            section.model_validate({key: value})
+        except ValidationError as exc:
+            return f"{value!r} is not a valid value here: {exc.errors()[0]['msg']}"
+    return None
+
+
+def _space_of(section: type[Section]) -> type[SpaceSection]:
+    fields = {name: (Distribution, None) for name in section.model_fields}  # None: not tuned
+    space = create_model(f"{section.__name__}Space", __base__=SpaceSection, **fields)
+    space.target = section
+    return space
+
+
+AugmentSpace = _space_of(Augment)
+ModelSpace = _space_of(Model)
+TrainSpace = _space_of(Train)
+
+
+class Space(Section):
+    """tune.space: what to search. Only augment, model and train keys can be tuned: the trials
+    train on the data as prepared."""
+
+    augment: AugmentSpace = AugmentSpace()
+    model: ModelSpace = ModelSpace()
+    train: TrainSpace = TrainSpace()
+
+    def flat(self) -> dict[str, Distribution]:
+        """{"train.lr": Distribution, ...}: the tuned keys, as dotted params keys."""
+        return {
+            f"{section}.{key}": dist
+            for section in ("augment", "model", "train")
+            for key, dist in getattr(self, section)
+            if dist is not None
+        }
+
+
+def _default_space() -> Space:
+    return Space(
+        model=ModelSpace(dropout=Distribution(type="float", low=0.0, high=0.5)),
+        train=TrainSpace(
+            lr=Distribution(type="float", low=1e-4, high=1e-2, log=True),
+            weight_decay=Distribution(type="float", low=1e-5, high=0.1, log=True),
+            batch_size=Distribution(type="categorical", choices=[32, 64, 128]),
+            label_smoothing=Distribution(type="float", low=0.0, high=0.2),
+        ),
+    )
+
+
+class Tune(Section):
+    enabled: bool = Field(False, description="lensflow run / dvc repro: a study before train")
+    study: str = Field("lensflow", min_length=1, description="study name prefix (+ params hash)")
+    storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL (no passwords)")
+    trials: int = Field(20, ge=1, description="trials per invocation")
+    timeout: float | None = Field(None, gt=0, description="seconds per invocation; None: no limit")
+    workers: int = Field(1, ge=1, description="processes sharing the study")
+    metric: Literal["val_accuracy", "val_macro_f1"] = "val_accuracy"
+    pruner: Literal["none", "median", "successive_halving", "hyperband"] = "successive_halving"
+    startup_trials: int = Field(5, ge=0, description="random trials before TPE; median waits")
+    min_epochs: int = Field(2, ge=1, description="no trial is pruned before this many epochs")
+    space: Space = Field(default_factory=_default_space)
+
+
+def _default_transfer() -> dict:
+    return {
+        "model.arch": "efficientnet_lite0",
+        "model.pretrained": "efficientnet-lite0",
+        "model.input_size": 64,
+        "train.strategy": "feature_extraction",
+        "train.lr": 0.01,
+    }
+
+
+class Compare(Section):
+    """lensflow compare: two arms, each params.yaml plus dotted overrides of its augment,
+    model and train keys, trained on every fraction of the same prepared training split."""
+
+    fractions: list[float] = Field(default_factory=lambda: [1.0, 0.1], min_length=1)
+    scratch: dict = Field(default_factory=dict, description="overrides of the scratch arm")
+    transfer: dict = Field(default_factory=_default_transfer, description="of the transfer arm")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, fractions: list[float]) -> list[float]:
+        if not all(0 < f <= 1 for f in fractions):
+            raise ValueError("every fraction must be in (0, 1]")
+        if len(set(fractions)) != len(fractions):
+            raise ValueError("fractions must differ")
+        return fractions
+
+
 class Config(Section):
     seed: int = 42
     tracking: Tracking = Tracking()
@@ -168,6 +361,8 @@ class Config(Section):
     export: Export = Export()
     quantize: Quantize = Quantize()
     registry: Registry = Registry()
+    tune: Tune = Tune()
+    compare: Compare = Compare()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 

@@ -23,12 +23,14 @@ class SimpleCNN(nn.Module):
         super().__init__()
         stages, channels = [], in_channels
         for width in widths:
-            stages += [
-                nn.Conv2d(channels, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            ]
+            stages.append(
+                nn.Sequential(
+                    nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                    nn.MaxPool2d(2),
+                )
+            )
             channels = width
         self.features = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -47,27 +49,36 @@ class Classifier(nn.Module):
         super().__init__()
         self.preprocess = preprocess
         self.network = network
-        self.frozen_backbone = False  # feature extraction: see freeze_backbone
+        self.frozen: list[nn.Module] = []  # backbone stages that do not learn
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(self.preprocess(images))
 
-    def freeze_backbone(self) -> None:
-        """Train the head only. The backbone's batch-norm layers also stop updating their
-        running statistics: `train()` keeps them in eval mode."""
+    def stages(self) -> list[nn.Module]:
+        """The backbone, input to output, in units that transfer learning unfreezes."""
+        return backbone_stages(self.network)
+
+    def set_trainable_stages(self, count: int | None) -> None:
+        """Train the head and the last `count` backbone stages (None: everything; 0: the head
+        only, i.e. feature extraction). Frozen stages' batch-norm layers also stop updating
+        their running statistics: `train()` keeps them in eval mode."""
+        stages = self.stages()
+        self.frozen = [] if count is None else stages[: len(stages) - count]
+        frozen = {id(p) for stage in self.frozen for p in stage.parameters()}
         for parameter in self.network.parameters():
-            parameter.requires_grad = False
-        for parameter in head(self.network).parameters():
-            parameter.requires_grad = True
-        self.frozen_backbone = True
+            parameter.requires_grad = id(parameter) not in frozen
         self.train(self.training)
+
+    def freeze_backbone(self) -> None:
+        self.set_trainable_stages(0)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and self.frozen_backbone:
-            for module in self.network.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        if mode:
+            for stage in self.frozen:
+                for module in stage.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
         return self
 
 
@@ -99,6 +110,11 @@ def _network(spec: dict) -> nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
 
         network = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+        # The TensorFlow port's BN momentum (0.01) lets running statistics trail the weights
+        # for hundreds of steps: fine-tuned, the model evaluates with stale ImageNet stats.
+        for module in network.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = 0.1
     elif arch in TORCHVISION_ARCHS:
         import torchvision
 
@@ -111,6 +127,31 @@ def _network(spec: dict) -> nn.Module:
 def head(network: nn.Module) -> nn.Linear:
     """The classifier head: the last Linear layer, in every supported architecture."""
     return [m for m in network.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def backbone_stages(network: nn.Module) -> list[nn.Module]:
+    """Every parameter outside the head, in input-to-output units: the network's children,
+    containers (Sequential, ModuleList) opened one level, the child holding the head opened
+    down to it. E.g. resnet18: conv1, bn1, its 8 basic blocks; efficientnet_b0: its 9
+    feature stages; mobilenet_v3: its feature blocks and the classifier's hidden layer."""
+    if isinstance(network, nn.Sequential) and isinstance(network[0], GrayToRGB):
+        network = network[1]
+    units = _units_around_head(network, head(network), open_containers=True)
+    return [unit for unit in units if any(True for _ in unit.parameters())]
+
+
+def _units_around_head(module: nn.Module, classifier_head: nn.Module, open_containers: bool):
+    units = []
+    for child in module.children():
+        if child is classifier_head:
+            continue
+        if any(m is classifier_head for m in child.modules()):
+            units += _units_around_head(child, classifier_head, open_containers=False)
+        elif open_containers and isinstance(child, nn.Sequential | nn.ModuleList):
+            units += list(child.children())
+        else:
+            units.append(child)
+    return units
 
 
 class GrayToRGB(nn.Module):
@@ -231,7 +272,7 @@ def model_spec(model_cfg, meta: dict) -> dict:
         "pretrained": model_cfg.pretrained,
         "classes": meta["classes"],
         "channels": meta["channels"],
-        "image_size": meta["image_size"],
+        "image_size": model_cfg.input_size or meta["image_size"],
         "mean": mean,
         "std": std,
     }

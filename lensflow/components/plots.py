@@ -70,9 +70,42 @@ def image_grid(images: np.ndarray, titles: list[str], out: Path, cmap: str | Non
     return _save(fig, out)
 
 
+def comparison_curves(panels: dict[str, dict[str, list[dict]]], out: Path) -> Path:
+    """Validation accuracy of each arm against epochs and against training seconds (log
+    scale), one row per regime. `panels`: {regime: {arm: history rows of train.fit}}."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    for (regime, arms), (by_epoch, by_time) in zip(panels.items(), axes, strict=True):
+        for arm, history in arms.items():
+            accuracy = [row["val_accuracy"] for row in history]
+            by_epoch.plot([row["epoch"] for row in history], accuracy, marker=".", label=arm)
+            by_time.plot([row["seconds"] for row in history], accuracy, marker=".", label=arm)
+        by_epoch.set(xlabel="epoch", ylabel="validation accuracy", title=f"{regime}: per epoch")
+        by_time.set(xlabel="training seconds", ylabel="validation accuracy", xscale="log")
+        by_time.set_title(f"{regime}: against training time")
+        for ax in (by_epoch, by_time):
+            ax.grid(alpha=0.3)
+            ax.legend()
+    return _save(fig, out)
+
+
 def _save(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     _pyplot().close(fig)
     return out
+
+
+def training_curves(history, out: Path) -> Path:
+    """Loss and accuracy per epoch (train and validation), and the learning rate."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for column, ax in zip(("loss", "accuracy"), axes, strict=False):
+        ax.plot(history["epoch"], history[f"train_{column}"], label="train")
+        ax.plot(history["epoch"], history[f"val_{column}"], label="validation")
+        ax.set(xlabel="epoch", title=column)
+        ax.legend()
+    axes[2].plot(history["epoch"], history["lr"])
+    axes[2].set(xlabel="epoch", title="learning rate (head, end of epoch)")
+    return _save(fig, out)

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-STAGES = ("prepare", "validate", "train", "evaluate", "export", "quantize", "register")
+STAGES = ("prepare", "validate", "tune", "train", "evaluate", "export", "quantize", "register")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,12 +66,39 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", default="model-evaluation.json", help="the JSON report")
     evaluate.set_defaults(command=cmd_evaluate)
 
+    tune = sub.add_parser("tune", help="an Optuna study over tune.space (resumes the same study)")
+    _add_params(tune)
+    tune.add_argument("--trials", type=_positive_int, help="trials to run now (tune.trials)")
+    tune.add_argument(
+        "--workers", type=_positive_int, help="processes sharing the study (tune.workers)"
+    )
+    tune.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="start no trial after this many seconds (tune.timeout)",
+    )
+    tune.set_defaults(command=cmd_tune)
+
     validate = sub.add_parser("validate", help="validate any ImageFolder; exit 1 if the gate fails")
     validate.add_argument("path", help="an ImageFolder: PATH/<class>/<image>")
     validate.add_argument(
         "--report", default="validation.json", help="where to write the JSON report"
     )
     validate.set_defaults(command=cmd_validate)
+
+    compare = sub.add_parser(
+        "compare", help="scratch vs transfer learning: same data, same split, same evaluator"
+    )
+    _add_params(compare)
+    compare.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        metavar="F",
+        help="fractions of the training split, e.g. 1.0 0.1 (compare.fractions)",
+    )
+    compare.set_defaults(command=cmd_compare)
     return parser
 
 
@@ -116,6 +143,28 @@ def cmd_stage(args) -> int:
     print(module.summary(result) if hasattr(module, "summary") else f"{args.name}: {result}")
     if args.name == "validate" and not result.success:
         return 1
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def cmd_tune(args) -> int:
+    from lensflow.components import config
+
+    overrides = [*args.overrides, "tune.enabled=true"]
+    for key in ("trials", "workers", "timeout"):
+        if getattr(args, key) is not None:
+            overrides.append(f"tune.{key}={getattr(args, key)}")
+    config.load(args.params, overrides)  # fail fast, before Prefect starts, on a bad config
+    from lensflow.components import tune
+    from lensflow.flows.tuning import tuning_flow
+
+    result = tuning_flow(params_path=args.params, overrides=overrides)
+    print(tune.summary(result))
     return 0
 
 
@@ -197,6 +246,23 @@ def cmd_validate(args) -> int:
             os.chdir(cwd)
     print(validate.summary(result).replace(result.report, str(report)))
     return 0 if result.success else 1
+
+
+def cmd_compare(args) -> int:
+    from lensflow.components import compare, config, tracking
+
+    overrides = list(args.overrides)
+    if args.fractions:
+        overrides.append(f"compare.fractions=[{', '.join(map(str, args.fractions))}]")
+    cfg = config.load(args.params, overrides)
+    compare.arm_configs(cfg)  # a bad override fails here, before anything runs
+    result = compare.run(cfg)
+    print(compare.summary(result))
+    print(
+        f"MLflow: parent run {result.mlflow_run_id}; mlflow ui --backend-store-uri "
+        f"{tracking.tracking_uri()} --host 127.0.0.1 --port 5000"
+    )
+    return 0
 
 
 def _where_to_look(summary: dict) -> str:

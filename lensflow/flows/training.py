@@ -15,6 +15,7 @@ from lensflow.components import (
     registry,
     tracking,
     train,
+    tune,
     validate,
     versioning,
 )
@@ -28,6 +29,7 @@ def _task(fn, name: str):
 data_task = _task(datasets.run, "data")
 prepare_task = _task(prepare.run, "prepare")
 validate_task = _task(validate.run, "validate")
+tune_task = _task(tune.run, "tune")  # a study only when tune.enabled
 train_task = _task(train.run, "train")
 evaluate_task = _task(evaluate.run, "evaluate")
 export_task = _task(export.run, "export")
@@ -36,18 +38,24 @@ register_task = _task(registry.run, "register")
 dvc_commit_task = _task(versioning.dvc_commit, "record-in-dvc-lock")
 
 
+def validated_data(cfg: config.Config) -> None:
+    """data -> prepare -> validate; the flow stops here when the data fails validation."""
+    data_task(cfg)
+    prepare_task(cfg)
+    validation = validate_task(cfg)
+    print(validate.summary(validation))
+    if not validation.success:
+        raise config.GateFailed(f"the data failed validation; see {validation.report}")
+
+
 @flow(name="lensflow-training", log_prints=True)
 def training_flow(
     params_path: str = "params.yaml", overrides: list[str] | None = None, resume: bool = False
 ) -> dict:
     cfg = config.load(params_path, overrides)
     with tracking.pipeline_run(cfg, "training", flow_run_id=str(runtime.flow_run.id)) as run:
-        data_task(cfg)
-        prepare_task(cfg)
-        validation = validate_task(cfg)
-        print(validate.summary(validation))
-        if not validation.success:
-            raise config.GateFailed(f"the data failed validation; see {validation.report}")
+        validated_data(cfg)
+        tune_task(cfg)  # writes reports/tuning.json, which train reads when train.use_tuned
         trained = train_task(cfg, resume)
         evaluation = evaluate_task(cfg)
         exported = export_task(cfg)

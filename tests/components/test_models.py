@@ -33,17 +33,18 @@ def test_every_architecture_takes_uint8_images_and_has_a_fresh_head(arch, channe
     assert models.head(model.network).out_features == len(CLASSES)
 
 
-@pytest.mark.parametrize(
-    "arch",
-    [
-        "simple_cnn",
-        "resnet_cnn",
-        "mini_alexnet",
-        "resnet18",
-        "mobilenet_v3_small",
-        "efficientnet_lite0",
-    ],
-)
+# one of each family: the three from-scratch nets, a ResNet, a MobileNet, an EfficientNet
+STRATEGY_ARCHS = [
+    "simple_cnn",
+    "resnet_cnn",
+    "mini_alexnet",
+    "resnet18",
+    "mobilenet_v3_small",
+    "efficientnet_lite0",
+]
+
+
+@pytest.mark.parametrize("arch", STRATEGY_ARCHS)
 @pytest.mark.parametrize("strategy", ["fine_tune", "feature_extraction"])
 def test_strategy_decides_what_is_trainable_and_in_which_group(arch, strategy):
     spec, _ = _spec(arch)

@@ -23,17 +23,14 @@ from lensflow.components import (
     validate,
 )
 from lensflow.components.config import GateFailed
-from tests.conftest import write_tiny_params
+from tests.conftest import tiny_project
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One prepared + trained + exported tiny project, shared by the tests of this module."""
     root = tmp_path_factory.mktemp("project")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        write_tiny_params(root)
+    with tiny_project(root) as mp:
         cfg = config.load("params.yaml")
         datasets.run(cfg)
         prepare.run(cfg)
@@ -96,14 +93,14 @@ def test_doctor_overfits_one_batch(trained):
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_epoch(trained):
     class NanAfter(torch.nn.Module):
-        """The real model, whose logits turn to NaN after `calls` training forwards."""
+        """The real network, whose logits turn to NaN after `calls` training forwards."""
 
-        def __init__(self, model, calls):
+        def __init__(self, network, calls):
             super().__init__()
-            self.model, self.calls = model, calls
+            self.network, self.calls = network, calls
 
         def forward(self, images):
-            logits = self.model(images)
+            logits = self.network(images)
             if self.training:
                 self.calls -= 1
                 if self.calls < 0:
@@ -113,7 +110,8 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_epoch(trained):
     cfg = trained["cfg"]
     spec = models.model_spec(cfg.model, prepare.load_meta())
     steps_per_epoch = math.ceil(len(prepare.load_split("train")[0]) / cfg.train.batch_size)
-    model = NanAfter(models.build(spec), calls=2 * steps_per_epoch + 1)
+    model = models.build(spec)
+    model.network = NanAfter(model.network, calls=2 * steps_per_epoch + 1)
     with mlflow.start_run():
         best, history, _, diverged = train.fit(
             model, cfg, prepare.load_split("train"), prepare.load_split("val")

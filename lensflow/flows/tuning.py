@@ -1,0 +1,20 @@
+"""The tuning flow (`lensflow tune`): the data steps, then an Optuna study. Wiring only.
+
+The training flow runs the same study as its optional `tune` step (tune.enabled).
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from lensflow.components import config, tune
+from lensflow.flows.training import tune_task, validated_data
+
+
+@flow(name="lensflow-tuning", log_prints=True)
+def tuning_flow(
+    params_path: str = "params.yaml", overrides: list[str] | None = None
+) -> tune.TuneResult:
+    cfg = config.load(params_path, overrides)
+    validated_data(cfg)
+    return tune_task(cfg)
