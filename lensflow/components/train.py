@@ -283,7 +283,6 @@ class Loop:
         self.device = _device(t.device)
         memory_format = torch.channels_last if t.channels_last else torch.preserve_format
         model.to(self.device, memory_format=memory_format)
-        self.memory_format = memory_format
         stages = len(model.stages())
         self.stages, self.trainable = stages, "unset"
         groups = param_groups(model, t, trainable_stages(t, t.epochs, stages))
@@ -329,11 +328,15 @@ class Loop:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def autocast(self):
-        return torch.autocast(self.device.type, self.amp_dtype, enabled=self.recipe.amp)
+        if not self.recipe.amp:  # entering a disabled autocast still costs per batch
+            return nullcontext()
+        return torch.autocast(self.device.type, self.amp_dtype)
 
     def batch(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
-        return images.contiguous(memory_format=self.memory_format)
+        if self.recipe.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def step(self, model: nn.Module, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -341,8 +344,11 @@ class Loop:
         if self.grad_clip_norm > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.schedule in ("cosine", "onecycle"):  # stepped per batch
             self.scheduler.step()
         if self.ema is not None:
