@@ -172,7 +172,7 @@ def _run_arm(arm: str, cfg: Config, fraction: float, index, data: dict, meta: di
             "fraction": fraction,
             "arch": cfg.model.arch,
             "pretrained": cfg.model.pretrained,
-            "input_size": spec["image_size"],
+            "input_size": spec["input_size"],
             "strategy": cfg.train.strategy,
             "train_images": len(index),
             "epochs_run": len(history),

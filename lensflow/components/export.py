@@ -48,8 +48,8 @@ def run(cfg: Config) -> ExportResult:
         "classes": json.dumps(spec["classes"]),
         "image_size": str(spec["image_size"]),
         "channels": str(spec["channels"]),
-        "input": f"images: uint8 [batch, {spec['channels']}, height, width]; resized to "
-        f"{spec['image_size']}x{spec['image_size']} and normalised inside",
+        "input": f"images: uint8 [batch, {spec['channels']}, height, width], best at "
+        f"image_size (as trained); resized to {models.input_size(spec)} px and normalised inside",
     }
     to_onnx(model, spec, paths.ONNX, cfg.export.opset, metadata)
     images, labels = load_split("test")

@@ -95,7 +95,7 @@ def build(spec: dict, pretrained: str | None = None) -> Classifier:
     network = _network(spec)
     if pretrained:
         sources.load(network, spec, pretrained)
-    return Classifier(Preprocess(spec["image_size"], spec["mean"], spec["std"]), network)
+    return Classifier(Preprocess(input_size(spec), spec["mean"], spec["std"]), network)
 
 
 def _network(spec: dict) -> nn.Module:
@@ -272,10 +272,16 @@ def model_spec(model_cfg, meta: dict) -> dict:
         "pretrained": model_cfg.pretrained,
         "classes": meta["classes"],
         "channels": meta["channels"],
-        "image_size": model_cfg.input_size or meta["image_size"],
+        "image_size": meta["image_size"],  # what the data was prepared at: what to send
+        "input_size": model_cfg.input_size or meta["image_size"],  # what the network sees
         "mean": mean,
         "std": std,
     }
+
+
+def input_size(spec: dict) -> int:
+    """The size the network sees (checkpoints from before model.input_size: image_size)."""
+    return spec.get("input_size", spec["image_size"])
 
 
 def save_checkpoint(model: Classifier, spec: dict, path: Path) -> None:

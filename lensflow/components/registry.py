@@ -206,7 +206,8 @@ def model_card(cfg: Config, spec: dict, version: str, export_report: dict) -> st
             "## Intended use",
             f"Classify {spec['channels']}-channel images into {len(spec['classes'])} classes: "
             f"{', '.join(spec['classes'])}. Input: uint8 images [batch, {spec['channels']}, H, W]; "
-            f"resized to {spec['image_size']}x{spec['image_size']} and normalised inside.",
+            f"best at {spec['image_size']}x{spec['image_size']} (as trained); resized to "
+            f"{models.input_size(spec)} px and normalised inside.",
             "",
             "## Data",
             f"Source `{cfg.data.source}`, DVC hash `{lineage['data.md5']}`; "

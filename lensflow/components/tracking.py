@@ -72,7 +72,8 @@ def pipeline_run(cfg: Config, name: str, flow_run_id: str | None = None):
 
 @contextmanager
 def step_run(cfg: Config, step: str):
-    """A child run of the current pipeline run, or a run of its own (DVC stage, test)."""
+    """A child run of the current pipeline run, or a run of its own (DVC stage, test); either
+    way with the params the step ran with."""
     import mlflow
 
     experiment_id = setup(cfg)
@@ -88,6 +89,8 @@ def step_run(cfg: Config, step: str):
     )
     # Resume the child by id: works on whichever thread Prefect runs the task on.
     with mlflow.start_run(run_id=run.info.run_id, nested=True) as active:
+        # the step's own params: those of the parent, unless the step changed them (use_tuned)
+        mlflow.log_params(_flatten(cfg.as_dict()))
         yield active
 
 

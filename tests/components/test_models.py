@@ -106,3 +106,13 @@ def test_bad_pretrained_sources_are_user_errors(source, message):
     spec, _ = _spec("simple_cnn")
     with pytest.raises(UserError, match=message):
         models.build(spec, source)
+
+
+def test_input_size_resizes_inside_the_model_and_keeps_the_data_size_for_clients():
+    spec, _ = _spec("simple_cnn", input_size=64)
+    assert (spec["image_size"], spec["input_size"]) == (32, 64)  # clients send 32 px
+    model = models.build(spec).eval()
+    seen = model.preprocess(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert seen.shape[-2:] == (64, 64)
+    old_checkpoint_spec = {k: v for k, v in spec.items() if k != "input_size"}
+    assert models.build(old_checkpoint_spec).preprocess.size == 32

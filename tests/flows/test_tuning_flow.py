@@ -6,6 +6,7 @@ import mlflow
 
 from lensflow.components import paths
 from lensflow.flows import cli
+from lensflow.flows.training import training_flow
 
 
 def test_lensflow_tune_prepares_the_data_and_runs_a_study(tiny_cfg, capsys):
@@ -30,3 +31,26 @@ def test_lensflow_tune_prepares_the_data_and_runs_a_study(tiny_cfg, capsys):
     assert cli.main(["stage", "tune"]) == 0
     assert "no study (tune.enabled is false" in capsys.readouterr().out
     assert json.loads(paths.TUNING_REPORT.read_text()) == report
+
+
+def test_training_flow_tunes_then_trains_with_the_best_params(tiny_cfg):
+    overrides = [
+        "tune.enabled=true",
+        "tune.trials=2",
+        "tune.pruner=none",
+        "tune.space={train: {lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}}}",
+        "train.use_tuned=true",
+        "train.epochs=2",
+    ]
+    summary = training_flow(params_path="params.yaml", overrides=overrides)
+    best_lr = json.loads(paths.TUNING_REPORT.read_text())["best_params"]["train.lr"]
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = client.search_runs(
+        parent.info.experiment_id, f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    step_runs = {run.data.tags["lensflow.step"]: run for run in children}
+    assert {"validate", "tune", "train", "evaluate", "export", "register"} <= set(step_runs)
+    assert float(step_runs["train"].data.params["train.lr"]) == best_lr  # what it trained with
+    assert float(parent.data.params["train.lr"]) == tiny_cfg.train.lr  # params.yaml's value
