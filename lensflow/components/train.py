@@ -90,6 +90,14 @@ def run(cfg: Config, resume: bool = False) -> TrainResult:
     )
 
 
+def summary(result: TrainResult) -> str:
+    return (
+        f"train: best epoch {result.best_epoch} of {result.epochs_run}, validation accuracy "
+        f"{result.best_val_accuracy:.4f} (loss {result.best_val_loss:.4f}), "
+        f"{result.train_loop_seconds:.1f} s in the loop: {result.checkpoint}"
+    )
+
+
 def _log_start(cfg, model, sanity: dict, train: tuple, spec: dict) -> None:
     import mlflow
 
