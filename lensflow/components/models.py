@@ -69,9 +69,6 @@ class Classifier(nn.Module):
             parameter.requires_grad = id(parameter) not in frozen
         self.train(self.training)
 
-    def freeze_backbone(self) -> None:
-        self.set_trainable_stages(0)
-
     def train(self, mode: bool = True):
         super().train(mode)
         if mode:

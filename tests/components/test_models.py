@@ -51,7 +51,7 @@ def test_strategy_decides_what_is_trainable_and_in_which_group(arch, strategy):
     cfg = config.from_dict({"train": {"strategy": strategy, "backbone_lr_factor": 0.1, "lr": 0.01}})
     model = models.build(spec)
     if strategy == "feature_extraction":
-        model.freeze_backbone()
+        model.set_trainable_stages(0)
     loop = train.Loop(model, cfg, torch.tensor([0, 1, 2, 3, 4]), 1, augment=None)
     head_ids = {id(p) for p in models.head(model.network).parameters()}
     in_groups = {id(p): g for g in loop.optimizer.param_groups for p in g["params"]}
@@ -67,7 +67,7 @@ def test_strategy_decides_what_is_trainable_and_in_which_group(arch, strategy):
 def test_feature_extraction_keeps_backbone_batch_norm_statistics_frozen():
     spec, _ = _spec("resnet_cnn", se=True)
     model = models.build(spec)
-    model.freeze_backbone()
+    model.set_trainable_stages(0)
     model.train()
     norms = [m for m in model.network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and not any(m.training for m in norms)
