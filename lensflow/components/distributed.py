@@ -60,14 +60,6 @@ def wrap(model: nn.Module) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def all_finite(loss: torch.Tensor) -> bool:
-    """Is the loss finite in every process? (All must stop together, or the rest hang.)"""
-    finite = torch.isfinite(loss.detach()).to(torch.int32)
-    if active():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite)
-
-
 def sum_over_processes(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int):
     """Epoch totals over all processes, as Python numbers."""
     totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen))])

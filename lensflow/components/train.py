@@ -473,7 +473,11 @@ def evaluate_loss(model: nn.Module, images, labels, batch_size: int = 256):
 
 def _train_epoch(model, data, batch_size: int, loop: Loop):
     """One pass over the training set in a seeded order. Under DDP every process draws the
-    same order and takes its share of each batch, so the global batch is batch_size."""
+    same order and takes its share of each batch, so the global batch is batch_size.
+
+    Losses stay on the device until the epoch ends (no per-batch sync): a non-finite loss
+    shows as a non-finite epoch loss, the same in every process, and `fit` stops there, before
+    anything is saved from the poisoned weights."""
     images, labels = data
     model.train()
     order = torch.randperm(len(images), generator=loop.generator)
@@ -493,8 +497,6 @@ def _train_epoch(model, data, batch_size: int, loop: Loop):
         with loop.autocast():
             logits = loop.forward(batch)
             loss = loop.criterion(logits.float(), target)
-        if not distributed.all_finite(loss):  # stop before a NaN step poisons the weights
-            return math.nan, 0.0
         loop.step(model, loss)
         total_loss += loss.detach() * len(index)
         hard_target = target.argmax(1) if target.ndim == 2 else target  # MixUp/CutMix: soft
