@@ -27,8 +27,8 @@ test: setup
 	python -m pytest -q
 
 lint: setup
-	ruff check lensflow tests bench
-	ruff format --check lensflow tests bench
+	ruff check components flows tests bench
+	ruff format --check components flows tests bench
 
 bench: setup
 	@for script in bench/*.py; do python $$script || exit 1; done

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
-from lensflow.components import config, evaluate, export, models, paths, speed, tensorrt, tracking
-from lensflow.components.prepare import load_split
+from components import config, evaluate, export, models, paths, speed, tensorrt, tracking
+from components.prepare import load_split
 
 
 def main() -> int:

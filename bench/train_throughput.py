@@ -22,8 +22,8 @@ import mlflow
 import torch
 from torch import nn
 
-from lensflow.components import config, datasets, models, prepare, train
-from lensflow.components.augment import BatchAugment
+from components import config, datasets, models, prepare, train
+from components.augment import BatchAugment
 
 EPOCHS = 10
 TARGET = 0.985

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lensflow.components import config, datasets, prepare, tune, validate
+from components import config, datasets, prepare, tune, validate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lensflow.components import config
+from components import config
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")

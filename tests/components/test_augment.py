@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lensflow.components import augment, config, datasets
-from lensflow.components.augment import BatchAugment
+from components import augment, config, datasets
+from components.augment import BatchAugment
 
 
 def _cfg(**augment_keys):
@@ -72,7 +72,7 @@ def test_mixup_and_cutmix_make_soft_targets():
 
 
 def test_training_with_standard_augmentation_and_mixup_learns(tiny_cfg, project):
-    from lensflow.components import paths, prepare, train, validate
+    from components import paths, prepare, train, validate
 
     cfg = tiny_cfg.model_copy(
         update={"augment": _cfg(preset="standard", flip=True, mixup_alpha=0.2, cutmix_alpha=1.0)}

@@ -7,9 +7,9 @@ import mlflow
 import pytest
 import torch
 
-from lensflow.components import compare, config, evaluate, models, paths, prepare
-from lensflow.components.config import UserError
-from lensflow.flows import cli
+from components import compare, config, evaluate, models, paths, prepare
+from components.config import UserError
+from flows import cli
 from tests.conftest import TINY, tiny_project, write_tiny_params
 
 # A tiny transfer arm: ImageNet EfficientNet-Lite0 at 32 px, frozen backbone, 2 epochs.

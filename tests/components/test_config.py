@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from lensflow.components import config
-from lensflow.components.config import UserError
+from components import config
+from components.config import UserError
 
 
 def test_repository_params_file_is_valid_and_matches_the_defaults():

@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from lensflow.components import datasets
+from components import datasets
 
 
 def test_digits_are_the_real_sklearn_images(tmp_path):

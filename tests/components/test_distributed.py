@@ -7,7 +7,7 @@ import sys
 import mlflow
 import torch
 
-from lensflow.components import datasets, models, paths, prepare, tracking, validate
+from components import datasets, models, paths, prepare, tracking, validate
 
 
 def test_two_process_ddp_training_logs_and_checkpoints_once(tiny_cfg, project):
@@ -15,7 +15,7 @@ def test_two_process_ddp_training_logs_and_checkpoints_once(tiny_cfg, project):
     prepare.run(tiny_cfg)
     assert validate.run(tiny_cfg).success
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command = [*launch, "-m", "lensflow.flows.cli", "stage", "train", "--set", "train.epochs=4"]
+    command = [*launch, "-m", "flows.cli", "stage", "train", "--set", "train.epochs=4"]
     done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 

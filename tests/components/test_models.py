@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lensflow.components import config, models, train
-from lensflow.components.config import UserError
+from components import config, models, train
+from components.config import UserError
 
 CLASSES = [str(i) for i in range(5)]
 

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lensflow.components import config, datasets, paths, prepare, validate
-from lensflow.components.config import UserError
+from components import config, datasets, paths, prepare, validate
+from components.config import UserError
 
 
 def _folder_cfg(root, **prepare_kw):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lensflow.components import config, models, train
+from components import config, models, train
 
 
 def _model():

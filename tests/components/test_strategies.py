@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from lensflow.components import config, models, train
+from components import config, models, train
 from tests.components.test_models import STRATEGY_ARCHS as ARCHS
 from tests.components.test_models import _spec
 

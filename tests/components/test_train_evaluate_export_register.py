@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from lensflow.components import (
+from components import (
     config,
     datasets,
     evaluate,
@@ -22,7 +22,7 @@ from lensflow.components import (
     train,
     validate,
 )
-from lensflow.components.config import GateFailed
+from components.config import GateFailed
 from tests.conftest import tiny_project
 
 
@@ -261,7 +261,7 @@ def test_quantization_gate_ships_and_refuses_by_its_thresholds(trained):
 
 def test_golden_preprocessing_pins_image_to_tensor():
     """A fixed synthetic image -> the exact uint8 tensor the model sees (prepare and serving)."""
-    from lensflow.components.preprocess import resize_uint8
+    from components.preprocess import resize_uint8
 
     image = datasets.shape_image("circle_large", np.random.default_rng(0))
     tensor = resize_uint8(torch.from_numpy(image).permute(2, 0, 1)[None], 16)

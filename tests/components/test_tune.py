@@ -5,8 +5,8 @@ import json
 import mlflow
 import pytest
 
-from lensflow.components import config, datasets, paths, prepare, train, tune, validate
-from lensflow.components.config import GateFailed, UserError
+from components import config, datasets, paths, prepare, train, tune, validate
+from components.config import GateFailed, UserError
 from tests.conftest import tiny_project
 
 # Short trials, a wide learning-rate range (some trials learn far slower: the pruner's prey),

@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lensflow.components import checks, config, datasets, imagefacts, paths, prepare, validate
-from lensflow.components.config import UserError
+from components import checks, config, datasets, imagefacts, paths, prepare, validate
+from components.config import UserError
 
 RNG = np.random.default_rng(7)
 

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from lensflow.components import datasets
+from components import datasets
 
 
 def lensflow(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "lensflow.flows.cli", *args],
+        [sys.executable, "-m", "flows.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -21,7 +21,7 @@ def lensflow(*args, cwd):
 
 def test_help_imports_no_heavy_library():
     code = (
-        "import sys\nfrom lensflow.flows.cli import main\ntry:\n    main(['--help'])\n"
+        "import sys\nfrom flows.cli import main\ntry:\n    main(['--help'])\n"
         "except SystemExit:\n    pass\n"
         "print([m for m in ('torch', 'mlflow', 'prefect', 'great_expectations', 'dvc') "
         "if m in sys.modules])"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from lensflow.components import paths
-from lensflow.flows.training import training_flow
+from components import paths
+from flows.training import training_flow
 from tests.conftest import REPO, write_tiny_params
 
 
@@ -28,9 +28,10 @@ def sh(*args, cwd):
 
 def test_dvc_repro_matches_the_flow(project):
     shutil.copy(REPO / "dvc.yaml", project)
-    shutil.copytree(
-        REPO / "lensflow", project / "lensflow", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    for package in ("components", "flows"):  # dvc.yaml's code deps
+        shutil.copytree(
+            REPO / package, project / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
     write_tiny_params(project)
     sh("git", "init", "-q", cwd=project)
     sh(sys.executable, "-m", "dvc", "init", "-q", cwd=project)

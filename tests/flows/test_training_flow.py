@@ -6,9 +6,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from lensflow.components import evaluate, paths, prepare, registry
-from lensflow.components.config import GateFailed
-from lensflow.flows.training import training_flow
+from components import evaluate, paths, prepare, registry
+from components.config import GateFailed
+from flows.training import training_flow
 
 
 def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
@@ -34,7 +34,7 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
     assert metrics["accuracy"] == evaluation["accuracy"] == summary["test_accuracy"]
 
     # `lensflow evaluate` on the champion reproduces the flow's report
-    from lensflow.flows import cli
+    from flows import cli
 
     assert (
         cli.main(
@@ -74,7 +74,7 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
 
 
 def test_flow_stops_before_training_on_data_that_fails_validation(tiny_cfg, project):
-    from lensflow.components import datasets
+    from components import datasets
 
     datasets.run(tiny_cfg)
     broken = project / "data/raw/shapes/checker_2/truncated.png"

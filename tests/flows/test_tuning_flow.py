@@ -4,9 +4,9 @@ import json
 
 import mlflow
 
-from lensflow.components import paths
-from lensflow.flows import cli
-from lensflow.flows.training import training_flow
+from components import paths
+from flows import cli
+from flows.training import training_flow
 
 
 def test_lensflow_tune_prepares_the_data_and_runs_a_study(tiny_cfg, capsys):

@@ -26,9 +26,9 @@ from urllib.parse import urlsplit
 import optuna
 import torch
 
-from lensflow.components import config, models, paths, prepare, tracking, train, versioning
-from lensflow.components.config import Config, Distribution, GateFailed, UserError
-from lensflow.components.validate import require_passed
+from components import config, models, paths, prepare, tracking, train, versioning
+from components.config import Config, Distribution, GateFailed, UserError
+from components.validate import require_passed
 
 STORAGE_ENV = "LENSFLOW_TUNE_STORAGE"  # wins over tune.storage: URLs with credentials go here
 RUN_ATTR = "mlflow_run_id"  # study and trial attribute: their MLflow run

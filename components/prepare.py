@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lensflow.components import checks, datasets, imagefacts, paths
-from lensflow.components.config import Config, UserError
+from components import checks, datasets, imagefacts, paths
+from components.config import Config, UserError
 
 SPLITS = checks.SPLITS
 # Below this many files per worker, starting worker processes costs more than it saves.

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    from lensflow.components.config import GateFailed, UserError
+    from components.config import GateFailed, UserError
 
     try:
         return args.command(args)
@@ -117,10 +117,10 @@ def _add_params(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args) -> int:
-    from lensflow.components import config
+    from components import config
 
     config.load(args.params, args.overrides)  # fail fast, before Prefect starts, on a bad config
-    from lensflow.flows.training import training_flow
+    from flows.training import training_flow
 
     summary = training_flow(params_path=args.params, overrides=args.overrides, resume=args.resume)
     print(_where_to_look(summary))
@@ -130,14 +130,14 @@ def cmd_run(args) -> int:
 def cmd_stage(args) -> int:
     import importlib
 
-    from lensflow.components import config
-    from lensflow.components.config import UserError
+    from components import config
+    from components.config import UserError
 
     cfg = config.load(args.params, args.overrides)
     if args.resume and args.name != "train":
         raise UserError("--resume applies to the train stage only")
     module = importlib.import_module(
-        f"lensflow.components.{'registry' if args.name == 'register' else args.name}"
+        f"components.{'registry' if args.name == 'register' else args.name}"
     )
     result = module.run(cfg, resume=True) if args.resume else module.run(cfg)
     print(module.summary(result) if hasattr(module, "summary") else f"{args.name}: {result}")
@@ -153,15 +153,15 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_tune(args) -> int:
-    from lensflow.components import config
+    from components import config
 
     overrides = [*args.overrides, "tune.enabled=true"]
     for key in ("trials", "workers", "timeout"):
         if getattr(args, key) is not None:
             overrides.append(f"tune.{key}={getattr(args, key)}")
     config.load(args.params, overrides)  # fail fast, before Prefect starts, on a bad config
-    from lensflow.components import tune
-    from lensflow.flows.tuning import tuning_flow
+    from components import tune
+    from flows.tuning import tuning_flow
 
     result = tuning_flow(params_path=args.params, overrides=overrides)
     print(tune.summary(result))
@@ -169,7 +169,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from lensflow.components import config, datasets
+    from components import config, datasets
 
     root = datasets.run(config.load(args.params, args.overrides))
     print(f"data: {root}")
@@ -177,7 +177,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from lensflow.components import config, train
+    from components import config, train
 
     result = train.overfit_one_batch(config.load(args.params, args.overrides))
     print(json.dumps(result, indent=2))
@@ -194,8 +194,8 @@ def cmd_evaluate(args) -> int:
 
     import mlflow
 
-    from lensflow.components import evaluate, prepare, registry, tracking
-    from lensflow.components.config import UserError
+    from components import evaluate, prepare, registry, tracking
+    from components.config import UserError
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     session, meta = registry.load_onnx_session(args.model)
@@ -227,7 +227,7 @@ def cmd_validate(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from lensflow.components import config, paths, prepare, validate
+    from components import config, paths, prepare, validate
 
     source = Path(args.path).resolve()
     report = Path(args.report).resolve()
@@ -249,7 +249,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from lensflow.components import compare, config, tracking
+    from components import compare, config, tracking
 
     overrides = list(args.overrides)
     if args.fractions:
@@ -266,7 +266,7 @@ def cmd_compare(args) -> int:
 
 
 def _where_to_look(summary: dict) -> str:
-    from lensflow.components import paths, registry, tracking
+    from components import paths, registry, tracking
 
     champion = registry.champion_uri(summary["model_name"])
     promoted = (

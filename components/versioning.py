@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from lensflow.components.config import UserError
+from components.config import UserError
 
 
 def git_commit() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
 
-from lensflow.components import (
+from components import (
     config,
     datasets,
     evaluate,

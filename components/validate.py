@@ -19,10 +19,10 @@ from itertools import pairwise
 import numpy as np
 import pandas as pd
 
-from lensflow.components import checks, paths
-from lensflow.components.checks import SPLITS
-from lensflow.components.config import Config, UserError
-from lensflow.components.prepare import load_meta
+from components import checks, paths
+from components.checks import SPLITS
+from components.config import Config, UserError
+from components.prepare import load_meta
 
 HTML_REPORT = paths.VALIDATION_REPORT.with_suffix(".html")
 DATA_STATS = paths.REPORTS / "data_stats.json"
@@ -379,7 +379,7 @@ def _log_to_mlflow(cfg: Config, report: dict, stats: dict, gx_results: dict) -> 
     (the flow), else into a `validate` run of its own (the DVC stage)."""
     import mlflow
 
-    from lensflow.components import tracking
+    from components import tracking
 
     artifacts = {
         "validation/validation.json": report,

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lensflow.components import augment, distributed, models, paths, plots, tracking
-from lensflow.components.augment import BatchAugment
-from lensflow.components.config import Config, GateFailed, UserError
-from lensflow.components.prepare import load_meta, load_split
-from lensflow.components.validate import require_passed
+from components import augment, distributed, models, paths, plots, tracking
+from components.augment import BatchAugment
+from components.config import Config, GateFailed, UserError
+from components.prepare import load_meta, load_split
+from components.validate import require_passed
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def seed_everything(seed: int) -> None:
 def run(cfg: Config, resume: bool = False) -> TrainResult:
     require_passed()
     if cfg.train.use_tuned:
-        from lensflow.components import tune  # here: tune imports train
+        from components import tune  # here: tune imports train
 
         cfg = tune.apply_tuned(cfg)
     seed_everything(cfg.seed)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from lensflow.components.preprocess import resize_uint8
+from components.preprocess import resize_uint8
 
 # Leading bytes of the formats we expect, to name what a file is when PIL cannot open it.
 SIGNATURES = {

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lensflow.components import models, paths, tensorrt, tracking
-from lensflow.components.config import Config, GateFailed
-from lensflow.components.evaluate import onnx_predictor, score, torch_predictor
-from lensflow.components.prepare import load_split
+from components import models, paths, tensorrt, tracking
+from components.config import Config, GateFailed
+from components.evaluate import onnx_predictor, score, torch_predictor
+from components.prepare import load_split
 
 
 @dataclass(frozen=True)

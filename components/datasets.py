@@ -93,8 +93,8 @@ def run(cfg) -> Path:
     repository a freshly written built-in dataset is tracked with `dvc add`, so `data.md5`
     names its version.
     """
-    from lensflow.components import versioning
-    from lensflow.components.prepare import source_dir
+    from components import versioning
+    from components.prepare import source_dir
 
     root = source_dir(cfg)
     if cfg.data.source not in BUILTIN or root.exists():

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from lensflow.components import datasets
+from components import datasets
 
 PRESETS = {
     "none": {},

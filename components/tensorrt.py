@@ -43,7 +43,7 @@ def build_and_score(
     reason = unavailable_reason()
     if reason:
         return {"status": "skipped", "reason": reason}
-    from lensflow.components.evaluate import score
+    from components.evaluate import score
 
     build_engine(onnx_path, plan_path, precision, images.shape[1:])
     metrics, _ = score(predictor(plan_path), images, labels, classes)

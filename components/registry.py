@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lensflow.components import models, paths, quantize, tracking
-from lensflow.components.config import Config, UserError
-from lensflow.components.evaluate import onnx_predictor, score
-from lensflow.components.export import ort_session
-from lensflow.components.prepare import load_split
+from components import models, paths, quantize, tracking
+from components.config import Config, UserError
+from components.evaluate import onnx_predictor, score
+from components.export import ort_session
+from components.prepare import load_split
 
 CHAMPION = "champion"
 

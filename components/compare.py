@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lensflow.components import (
+from components import (
     config,
     datasets,
     evaluate,
@@ -35,7 +35,7 @@ from lensflow.components import (
     train,
     validate,
 )
-from lensflow.components.config import Config, GateFailed, UserError
+from components.config import Config, GateFailed, UserError
 
 ARMS = ("scratch", "transfer")
 ARM_SECTIONS = ("augment", "model", "train")  # arms differ in these; the data stays the same

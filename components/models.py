@@ -12,8 +12,8 @@ from typing import get_args
 import torch
 from torch import nn
 
-from lensflow.components.config import Arch, TorchvisionArch, UserError
-from lensflow.components.preprocess import Preprocess
+from components.config import Arch, TorchvisionArch, UserError
+from components.preprocess import Preprocess
 
 
 class SimpleCNN(nn.Module):
@@ -87,7 +87,7 @@ ARCHS = get_args(Arch)  # flattened: the nested Literal's names included
 def build(spec: dict, pretrained: str | None = None) -> Classifier:
     """Build from a spec (stored in every checkpoint). `pretrained` loads initial weights:
     "efficientnet-lite0", "torchvision", a local state_dict file or an MLflow model URI."""
-    from lensflow.components import pretrained as sources
+    from components import pretrained as sources
 
     network = _network(spec)
     if pretrained:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lensflow.components import models, paths, plots, tracking
-from lensflow.components.config import Config
-from lensflow.components.prepare import load_split
+from components import models, paths, plots, tracking
+from components.config import Config
+from components.prepare import load_split
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 CALIBRATION_BINS = 15
@@ -291,8 +291,8 @@ def read_image_folder(root, classes: list[str], channels: int, size: int):
     conversion, pixel limit, resize): uint8 [N, C, size, size] + labels."""
     from pathlib import Path
 
-    from lensflow.components import imagefacts
-    from lensflow.components.config import Prepare, UserError
+    from components import imagefacts
+    from components.config import Prepare, UserError
 
     root = Path(root)
     if not root.is_dir():

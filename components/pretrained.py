@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lensflow.components.config import UserError
+from components.config import UserError
 
 
 def load(network: nn.Module, spec: dict, source: str) -> None:
@@ -57,7 +57,7 @@ def _align(name: str, own: dict) -> str:
 
 
 def _head(network: nn.Module) -> nn.Module:
-    from lensflow.components.models import head
+    from components.models import head
 
     return head(network)
 

@@ -10,8 +10,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from lensflow.components import versioning
-from lensflow.components.config import Config
+from components import versioning
+from components.config import Config
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 LOCAL_ARTIFACTS = Path("mlartifacts")
@@ -41,7 +41,7 @@ def setup(cfg: Config) -> str:
 
 
 def lineage(cfg: Config) -> dict[str, str]:
-    from lensflow.components.prepare import source_dir
+    from components.prepare import source_dir
 
     return {
         "git.commit": versioning.git_commit(),

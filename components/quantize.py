@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lensflow.components import paths, speed, tensorrt, tracking
-from lensflow.components.config import Config
-from lensflow.components.evaluate import onnx_predictor, score
-from lensflow.components.export import ort_session
-from lensflow.components.prepare import load_meta, load_split
+from components import paths, speed, tensorrt, tracking
+from components.config import Config
+from components.evaluate import onnx_predictor, score
+from components.export import ort_session
+from components.prepare import load_meta, load_split
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from lensflow.components import config, tune
-from lensflow.flows.training import tune_task, validated_data
+from components import config, tune
+from flows.training import tune_task, validated_data
 
 
 @flow(name="lensflow-tuning", log_prints=True)
