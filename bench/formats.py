@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
-from components import config, evaluate, export, models, paths, speed, tensorrt, tracking
+from components import backends, config, models, paths, speed, tensorrt, tracking
+from components.metrics import score
 from components.prepare import load_split
 
 
@@ -24,11 +25,14 @@ def main() -> int:
     cfg = config.load("params.yaml")
     model, spec = models.load_checkpoint(paths.CHECKPOINT)
     images, labels = (t.numpy() for t in load_split("test"))
-    backends = {
-        "pytorch_eager": (evaluate.torch_predictor(model), paths.CHECKPOINT),
-        "onnxruntime_fp32": (evaluate.onnx_predictor(export.ort_session(paths.ONNX)), paths.ONNX),
+    formats = {
+        "pytorch_eager": (backends.torch_predictor(model), paths.CHECKPOINT),
+        "onnxruntime_fp32": (
+            backends.onnx_predictor(backends.ort_session(paths.ONNX)),
+            paths.ONNX,
+        ),
         "onnxruntime_int8": (
-            evaluate.onnx_predictor(export.ort_session(paths.ONNX_INT8)),
+            backends.onnx_predictor(backends.ort_session(paths.ONNX_INT8)),
             paths.ONNX_INT8,
         ),
     }
@@ -42,11 +46,11 @@ def main() -> int:
             skipped[f"tensorrt_{precision}"] = reason
             continue
         tensorrt.build_engine(source, plan, precision, images.shape[1:])
-        backends[f"tensorrt_{precision}"] = (tensorrt.predictor(plan), plan)
+        formats[f"tensorrt_{precision}"] = (backends.tensorrt_predictor(plan), plan)
 
     results = {}
-    for name, (predict, file) in backends.items():
-        metrics, _ = evaluate.score(predict, images, labels, spec["classes"])
+    for name, (predict, file) in formats.items():
+        metrics, _ = score(predict, images, labels, spec["classes"])
         results[name] = {
             "accuracy": round(metrics["accuracy"], 4),
             "size_bytes": file.stat().st_size,

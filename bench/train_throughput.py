@@ -22,7 +22,7 @@ import mlflow
 import torch
 from torch import nn
 
-from components import config, datasets, models, prepare, train
+from components import config, datasets, loop, models, prepare
 from components.augment import BatchAugment
 
 EPOCHS = 10
@@ -83,14 +83,15 @@ def images_per_second(cfg, spec, images, labels) -> dict:
     }
     epochs = {}
     for name in ("bare", *augmenters):
-        train.seed_everything(cfg.seed)
+        loop.seed_everything(cfg.seed)
         model = models.build(spec)
         if name == "bare":
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
             epoch = partial(bare_epoch, model, optimizer, images, labels, cfg.train.batch_size)
         else:
-            loop = train.Loop(model, cfg, labels, steps, augmenters[name])
-            epoch = partial(train._train_epoch, model, (images, labels), cfg.train.batch_size, loop)
+            recipe = loop.Loop(model, cfg, labels, steps, augmenters[name])
+            data = (images, labels)
+            epoch = partial(loop._train_epoch, model, data, cfg.train.batch_size, recipe)
         epoch()  # warm-up
         epochs[name] = (epoch, [])
     for _ in range(EPOCHS):
@@ -115,7 +116,7 @@ class TargetReached(Exception):
 def lensflow_time_to_target(cfg, spec, train_data, val):
     recipe = cfg.train.model_copy(update={"epochs": MAX_EPOCHS, "progress_bar": False})
     cfg = cfg.model_copy(update={"train": recipe})
-    train.seed_everything(cfg.seed)
+    loop.seed_everything(cfg.seed)
     model = models.build(spec)
     start = time.perf_counter()
 
@@ -125,14 +126,14 @@ def lensflow_time_to_target(cfg, spec, train_data, val):
 
     try:
         last = Path("last.pt")  # in the temporary project, like a real run
-        train.fit(model, cfg, train_data, val, on_epoch=stop_at_target, last_path=last)
+        loop.fit(model, cfg, train_data, val, on_epoch=stop_at_target, last_path=last)
     except TargetReached as reached:
         return round(time.perf_counter() - start, 2), reached.args[0]
     return None, None
 
 
 def bare_time_to_target(cfg, spec, train_data, val):
-    train.seed_everything(cfg.seed)
+    loop.seed_everything(cfg.seed)
     model = models.build(spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     start = time.perf_counter()

@@ -68,7 +68,7 @@ def main() -> None:
 
 
 def study(cfg: config.Config, tmp: str, trials: int, pruner: str) -> dict:
-    cfg = tune.with_params(
+    cfg = config.with_values(
         cfg,
         {
             "tune.enabled": True,

@@ -136,3 +136,9 @@ class BatchAugment:
         mask = (box & chosen.view(-1, 1, 1)).unsqueeze(1)
         noise = torch.rand(x.shape, generator=self.generator) * 255
         return torch.where(mask, noise, x)
+
+
+def batch_augmenter(cfg, num_classes: int, seed: int) -> BatchAugment:
+    """The training augmentation of a config (params.augment), seeded."""
+    allow_flips = flips_allowed(cfg.augment, cfg.data.source)
+    return BatchAugment(cfg.augment, num_classes, allow_flips, seed)

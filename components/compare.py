@@ -2,7 +2,7 @@
 
 Two arms: `scratch` (params.yaml with random initial weights, plus `compare.scratch`) and
 `transfer` (params.yaml plus `compare.transfer`, e.g. ImageNet EfficientNet-Lite0). Each trains
-with the pipeline's own recipe (`train.fit`) on every fraction of the training split in
+with the pipeline's own loop (`loop.fit`) on every fraction of the training split in
 `compare.fractions`: a seeded, stratified subset that keeps every class (a smaller fraction's
 images are inside a larger one's). Validation and test splits are the same for every arm, and
 the pipeline's one evaluator scores each arm on the test split.
@@ -11,6 +11,7 @@ MLflow: a parent run `compare` with one child run per arm and fraction (`scratch
 `transfer@10%`, ...), tagged `compare.arm`, `compare.fraction`, `compare.regime`,
 `compare.arch`, `compare.pretrained`, so the UI's compare view lines them up. Outputs:
 reports/compare.json, plots/compare.png and each arm's best weights in models/compare/.
+`flows/compare.py` wires it: the data steps, each arm as a task (`run`), then `write_report`.
 """
 
 from __future__ import annotations
@@ -23,19 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from components import (
-    config,
-    datasets,
-    evaluate,
-    models,
-    paths,
-    plots,
-    prepare,
-    tracking,
-    train,
-    validate,
-)
+from components import augment, backends, config, loop, models, paths, plots, prepare, tracking
 from components.config import Config, GateFailed, UserError
+from components.metrics import score
 
 ARMS = ("scratch", "transfer")
 ARM_SECTIONS = ("augment", "model", "train")  # arms differ in these; the data stays the same
@@ -54,28 +45,8 @@ class CompareResult:
 @dataclass(frozen=True)
 class ArmRun:
     row: dict  # one entry of the report's "arms"
-    history: list[dict]  # train.fit's per-epoch rows
+    history: list[dict]  # loop.fit's per-epoch rows
     correct: np.ndarray  # per test image: predicted right
-
-
-def run(cfg: Config) -> CompareResult:
-    arms = arm_configs(cfg)
-    with tracking.pipeline_run(cfg, "compare") as parent:
-        _prepare_data(cfg)
-        meta = prepare.load_meta()
-        data = {split: prepare.load_split(split) for split in ("train", "val", "test")}
-        runs = []
-        for fraction in cfg.compare.fractions:
-            index = stratified_subset(data["train"][1], fraction, cfg.seed)
-            for arm, arm_cfg in arms.items():
-                runs.append(_run_arm(arm, arm_cfg, fraction, index, data, meta))
-        report = _report(cfg, runs, meta, parent.info.run_id)
-        table = markdown_table(report)
-        _write_outputs(report, table, runs)
-    regimes = report["regimes"]
-    return CompareResult(
-        str(paths.COMPARE_REPORT), str(paths.COMPARE_PLOT), table, regimes, parent.info.run_id
-    )
 
 
 def arm_configs(cfg: Config) -> dict[str, Config]:
@@ -84,9 +55,7 @@ def arm_configs(cfg: Config) -> dict[str, Config]:
 
 
 def arm_config(cfg: Config, arm: str) -> Config:
-    raw = cfg.as_dict()
-    if arm == "scratch":
-        raw["model"]["pretrained"] = None
+    values = {"model.pretrained": None} if arm == "scratch" else {}
     for key, value in _flatten(getattr(cfg.compare, arm)).items():
         section, _, leaf = key.partition(".")
         if section not in ARM_SECTIONS or not leaf or "." in leaf:
@@ -94,8 +63,8 @@ def arm_config(cfg: Config, arm: str) -> Config:
                 f"compare.{arm}: {key!r} is not an augment, model or train key "
                 "(every arm trains on the same prepared data)"
             )
-        raw[section][leaf] = value
-    arm_cfg = config.from_dict(raw, source=f"compare.{arm}")
+        values[key] = value
+    arm_cfg = config.with_values(cfg, values, source=f"compare.{arm}")
     if arm == "scratch" and arm_cfg.model.pretrained:
         raise UserError("compare.scratch: model.pretrained must stay null (random weights)")
     if arm == "transfer" and not arm_cfg.model.pretrained:
@@ -130,39 +99,35 @@ def regime(fraction: float) -> str:
     return f"{fraction * 100:g}%"
 
 
-def _prepare_data(cfg: Config) -> None:
-    """As the training flow does: the dataset, its shards, and the validation gate."""
-    datasets.run(cfg)
-    prepare.run(cfg)
-    result = validate.run(cfg)
-    if not result.success:
-        raise GateFailed(f"the data failed validation; see {result.report}")
-
-
-def _run_arm(arm: str, cfg: Config, fraction: float, index, data: dict, meta: dict) -> ArmRun:
+def run(arm: str, cfg: Config, fraction: float) -> ArmRun:
+    """One arm on one fraction of the training split: train it with the pipeline's loop,
+    score it on the whole test split, in an MLflow child run of its own."""
     import mlflow
 
     name = f"{arm}@{regime(fraction)}"
-    train_x, train_y = (t[index] for t in data["train"])
-    test_x, test_y = (t.numpy() for t in data["test"])
-    train.seed_everything(cfg.seed)
+    meta = prepare.load_meta()
+    train_x, train_y = prepare.load_split("train")
+    index = stratified_subset(train_y, fraction, cfg.seed)
+    train_x, train_y = train_x[index], train_y[index]
+    test_x, test_y = (t.numpy() for t in prepare.load_split("test"))
+    loop.seed_everything(cfg.seed)
     spec = models.model_spec(cfg.model, meta)
     model = models.build(spec, cfg.model.pretrained)
-    augmenter = train.batch_augmenter(cfg, len(spec["classes"]), cfg.seed)
+    augmenter = augment.batch_augmenter(cfg, len(spec["classes"]), cfg.seed)
     with tracking.step_run(cfg, name) as child:
         mlflow.set_tags(_tags(arm, cfg, fraction, len(index)))
         mlflow.log_params(_params(cfg))
         start = time.perf_counter()
-        best, history, seconds, diverged = train.fit(
-            model, cfg, (train_x, train_y), data["val"], augmenter, last_path=None
+        best, history, seconds, diverged = loop.fit(
+            model, cfg, (train_x, train_y), prepare.load_split("val"), augmenter, last_path=None
         )
         wall = time.perf_counter() - start
         if best["state_dict"] is None:
             raise GateFailed(f"{name}: {diverged}; no epoch finished")
         model.load_state_dict(best["state_dict"])
         model.cpu()
-        metrics, probabilities = evaluate.score(
-            evaluate.torch_predictor(model), test_x, test_y, spec["classes"]
+        metrics, probabilities = score(
+            backends.torch_predictor(model), test_x, test_y, spec["classes"]
         )
         checkpoint = paths.COMPARE_MODELS / f"{name}.pt"
         models.save_checkpoint(model, spec, checkpoint)
@@ -217,6 +182,17 @@ def _tags(arm: str, cfg: Config, fraction: float, n_images: int) -> dict[str, st
         "compare.pretrained": cfg.model.pretrained or "none",
         "compare.train_images": str(n_images),
     }
+
+
+def write_report(cfg: Config, runs: list[ArmRun], run_id: str) -> CompareResult:
+    """reports/compare.json, plots/compare.png and the verdicts, from every arm's run; logged
+    to the active MLflow run (the compare flow's parent run `run_id`)."""
+    report = _report(cfg, runs, prepare.load_meta(), run_id)
+    table = markdown_table(report)
+    _write_outputs(report, table, runs)
+    return CompareResult(
+        str(paths.COMPARE_REPORT), str(paths.COMPARE_PLOT), table, report["regimes"], run_id
+    )
 
 
 def _report(cfg: Config, runs: list[ArmRun], meta: dict, run_id: str) -> dict:

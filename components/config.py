@@ -397,17 +397,31 @@ def from_dict(raw: dict, source: str = "params") -> Config:
         raise UserError(f"{source}: {_describe(exc)}") from None
 
 
-def _apply_override(raw: dict, item: str) -> None:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise UserError(f"--set {item!r}: expected section.key=value")
+def with_values(cfg: Config, values: dict, source: str = "params") -> Config:
+    """A validated copy of `cfg` with dotted keys set: {"train.lr": 0.001, ...}."""
+    raw = cfg.as_dict()
+    for key, value in values.items():
+        set_key(raw, key, value, source=f"{source}: {key!r}")
+    return from_dict(raw, source=source)
+
+
+def set_key(raw: dict, key: str, value, source: str) -> None:
+    """raw["a"]["b"] = value for key "a.b". A missing section is created (validation then names
+    an unknown one); a key that runs through a value is an error naming `source`."""
     *sections, leaf = key.split(".")
     node = raw
     for name in sections:
         node = node.setdefault(name, {})
         if not isinstance(node, dict):
-            raise UserError(f"--set {item!r}: {name} is not a section")
-    node[leaf] = yaml.safe_load(value) if value else value
+            raise UserError(f"{source}: {name} is not a section")
+    node[leaf] = value
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    set_key(raw, key, yaml.safe_load(value) if value else value, source=f"--set {item!r}")
 
 
 def _describe(exc: ValidationError) -> str:

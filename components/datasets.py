@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from components import paths
+
 BUILTIN = ("digits", "shapes")
 SHAPE_CLASSES = (
     "spiral_0",
@@ -86,6 +88,13 @@ def shape_image(name: str, rng: np.random.Generator, size: int = 32) -> np.ndarr
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def source_dir(cfg) -> Path:
+    """The raw ImageFolder: data/raw/<name> for a built-in dataset, else data.source itself."""
+    if cfg.data.source in BUILTIN:
+        return paths.RAW / cfg.data.source
+    return Path(cfg.data.source).expanduser()
+
+
 def run(cfg) -> Path:
     """Make sure the configured dataset exists; write a built-in one once, and version it.
 
@@ -94,7 +103,6 @@ def run(cfg) -> Path:
     names its version.
     """
     from components import versioning
-    from components.prepare import source_dir
 
     root = source_dir(cfg)
     if cfg.data.source not in BUILTIN or root.exists():

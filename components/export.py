@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from components import models, paths, tensorrt, tracking
+from components.backends import onnx_predictor, ort_session, torch_predictor
 from components.config import Config, GateFailed
-from components.evaluate import onnx_predictor, score, torch_predictor
+from components.metrics import score
 from components.prepare import load_split
 
 
@@ -118,13 +119,6 @@ def to_onnx(model: nn.Module, spec: dict, path: Path, opset: int, metadata: dict
     onnx.checker.check_model(proto, full_check=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, path)
-
-
-def ort_session(model: Path | bytes):
-    import onnxruntime as ort
-
-    source = str(model) if isinstance(model, Path) else model
-    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
 
 
 def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, atol: float) -> dict:

@@ -51,13 +51,9 @@ class ReadOptions:
     max_pixels: int
 
 
-def read(path: str, options: ReadOptions) -> tuple[dict, np.ndarray | None]:
-    """(facts, uint8 pixels [channels, image_size, image_size] or None when unusable)."""
-    return read_many([path], options)[0]
-
-
 def read_many(paths: list[str], options: ReadOptions) -> list[tuple[dict, np.ndarray | None]]:
-    """`read` over several files, in order."""
+    """(facts, uint8 pixels [channels, image_size, image_size] or None when unusable) of each
+    file, in order."""
     facts_list, shards, waiting = [], [], {}
     for path in paths:
         facts, array, thumbnail = _read_one(path, options)

@@ -91,7 +91,7 @@ def build(spec: dict, pretrained: str | None = None) -> Classifier:
 
     network = _network(spec)
     if pretrained:
-        sources.load(network, spec, pretrained)
+        sources.load(network, head(network), spec, pretrained)
     return Classifier(Preprocess(input_size(spec), spec["mean"], spec["std"]), network)
 
 

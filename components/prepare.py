@@ -58,7 +58,7 @@ def source_dir(cfg: Config) -> Path:
 
 
 def run(cfg: Config) -> PrepareResult:
-    root = source_dir(cfg)
+    root = datasets.source_dir(cfg)
     entries, class_folders = scan(root, cfg)
     classes = list(cfg.data.classes) if cfg.data.classes else sorted(class_folders)
     manifest, pixels = _read_images(entries, classes, cfg)
@@ -214,7 +214,7 @@ def _not_read(entry: Entry) -> dict:
 
 
 def _read_all(files: list[str], options, workers: int) -> Iterator[tuple[dict, object]]:
-    """imagefacts.read over `files`, in order; `workers` processes (0: one per core) for
+    """imagefacts.read_many over `files`, in order; `workers` processes (0: one per core) for
     large folders."""
     read_chunk = partial(imagefacts.read_many, options=options)
     chunks = [files[i : i + CHUNK] for i in range(0, len(files), CHUNK)]

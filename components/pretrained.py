@@ -19,7 +19,8 @@ from torch import nn
 from components.config import UserError
 
 
-def load(network: nn.Module, spec: dict, source: str) -> None:
+def load(network: nn.Module, head: nn.Module, spec: dict, source: str) -> None:
+    """Copy `source`'s weights into `network`, all but its classifier `head`'s."""
     if source == "efficientnet-lite0":
         weights = _efficientnet_lite0(spec)
     elif source == "torchvision":
@@ -28,13 +29,13 @@ def load(network: nn.Module, spec: dict, source: str) -> None:
         weights = _mlflow_backbone(source)
     else:
         weights = _local_file(Path(source))
-    _load_backbone(network, weights, source)
+    _load_backbone(network, head, weights, source)
 
 
-def _load_backbone(network: nn.Module, weights: dict, source: str) -> None:
+def _load_backbone(network: nn.Module, head: nn.Module, weights: dict, source: str) -> None:
     """Copy every tensor whose name and shape match, except the head's; fail if nothing does."""
     own = network.state_dict()
-    head_names = {n for n, m in network.named_modules() if m is _head(network)}
+    head_names = {n for n, m in network.named_modules() if m is head}
     matched = {}
     for name, tensor in weights.items():
         name = _align(name, own)
@@ -54,12 +55,6 @@ def _align(name: str, own: dict) -> str:
     if name in own:
         return name
     return f"1.{name}" if f"1.{name}" in own else name
-
-
-def _head(network: nn.Module) -> nn.Module:
-    from components.models import head
-
-    return head(network)
 
 
 def _efficientnet_lite0(spec: dict) -> dict:

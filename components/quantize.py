@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from components import paths, speed, tensorrt, tracking
+from components.backends import onnx_predictor, ort_session
 from components.config import Config
-from components.evaluate import onnx_predictor, score
-from components.export import ort_session
+from components.metrics import score
 from components.prepare import load_meta, load_split
 
 

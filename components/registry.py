@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from components import models, paths, quantize, tracking
+from components.backends import onnx_predictor, ort_session
 from components.config import Config, UserError
-from components.evaluate import onnx_predictor, score
-from components.export import ort_session
+from components.metrics import score
 from components.prepare import load_split
 
 CHAMPION = "champion"

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-MAX_BATCH = 256
+from components.backends import TENSORRT_MAX_BATCH, tensorrt_predictor
+from components.metrics import score
 
 
 def unavailable_reason() -> str | None:
@@ -43,10 +44,8 @@ def build_and_score(
     reason = unavailable_reason()
     if reason:
         return {"status": "skipped", "reason": reason}
-    from components.evaluate import score
-
     build_engine(onnx_path, plan_path, precision, images.shape[1:])
-    metrics, _ = score(predictor(plan_path), images, labels, classes)
+    metrics, _ = score(tensorrt_predictor(plan_path), images, labels, classes)
     return {
         "status": "ok",
         "path": str(plan_path),
@@ -71,7 +70,7 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str, image_shape) 
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     shape = tuple(int(d) for d in image_shape)
-    profile.set_shape("images", (1, *shape), (64, *shape), (MAX_BATCH, *shape))
+    profile.set_shape("images", (1, *shape), (64, *shape), (TENSORRT_MAX_BATCH, *shape))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -79,35 +78,3 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str, image_shape) 
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path.write_bytes(bytes(serialized))
     return plan_path
-
-
-def predictor(plan_path: Path):
-    """A Predictor (uint8 images -> probabilities) running the engine on the GPU."""
-    import tensorrt as trt
-    import torch
-
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-    context = engine.create_execution_context()
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), MAX_BATCH):
-            batch = torch.from_numpy(np.ascontiguousarray(images[i : i + MAX_BATCH])).cuda()
-            context.set_input_shape("images", tuple(batch.shape))
-            outputs = {
-                name: torch.empty(
-                    tuple(context.get_tensor_shape(name)), dtype=torch.float32, device="cuda"
-                )
-                for name in ("logits", "probabilities")
-            }
-            context.set_tensor_address("images", batch.data_ptr())
-            for name, tensor in outputs.items():
-                context.set_tensor_address(name, tensor.data_ptr())
-            stream = torch.cuda.current_stream()
-            context.execute_async_v3(stream.cuda_stream)
-            stream.synchronize()
-            out.append(outputs["probabilities"].cpu().numpy())
-        return np.concatenate(out)
-
-    return predict

@@ -10,7 +10,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from components import versioning
+from components import datasets, versioning
 from components.config import Config
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -41,12 +41,10 @@ def setup(cfg: Config) -> str:
 
 
 def lineage(cfg: Config) -> dict[str, str]:
-    from components.prepare import source_dir
-
     return {
         "git.commit": versioning.git_commit(),
         "git.dirty": str(versioning.git_dirty()).lower(),
-        "data.md5": versioning.data_md5(source_dir(cfg)),
+        "data.md5": versioning.data_md5(datasets.source_dir(cfg)),
         "params.hash": cfg.params_hash(),
         "prefect.flow_run_id": _flow_run_id,
     }

@@ -1,19 +1,19 @@
 """tune: an Optuna study over `tune.space`, pruned per epoch, resumable, shared by workers.
 
-TPE (seeded) samples each trial's params from tune.space; the trial trains with `train.fit` and
+TPE (seeded) samples each trial's params from tune.space; the trial trains with `loop.fit` and
 reports the validation metric after every epoch, so the pruner stops bad trials early. A trial
-that raises is recorded as failed and the study goes on. The study lives in a database (sqlite
-by default; a server database such as Postgres lets workers on several machines share it) and
-is named after everything a trial's result depends on: the same params resume the same study,
-other params start another. In MLflow a study is one run with a child run per trial. The best
-params go to reports/tuning.json, never into params.yaml; train uses them when
-`train.use_tuned` is true (`apply_tuned`).
+that raises is recorded as failed and the study goes on. The study lives in a database
+(`tune_storage`: sqlite by default; a server database such as Postgres lets workers on several
+machines share it) and is named after everything a trial's result depends on
+(`tuned.study_name`): the same params resume the same study, other params start another. In
+MLflow a study is one run with a child run per trial. The best params go to
+reports/tuning.json, never into params.yaml; train uses them when `train.use_tuned` is true
+(`tuned.apply_tuned`).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import multiprocessing
 import os
@@ -21,21 +21,15 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from urllib.parse import urlsplit
 
 import optuna
 import torch
 
-from components import config, models, paths, prepare, tracking, train, versioning
-from components.config import Config, Distribution, GateFailed, UserError
+from components import augment, config, loop, models, paths, prepare, tracking, tune_storage, tuned
+from components.config import Config, Distribution, GateFailed
 from components.validate import require_passed
 
-STORAGE_ENV = "LENSFLOW_TUNE_STORAGE"  # wins over tune.storage: URLs with credentials go here
-RUN_ATTR = "mlflow_run_id"  # study and trial attribute: their MLflow run
-HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 30  # a trial silent for GRACE_SECONDS was killed
 STATES = ("complete", "pruned", "fail", "running", "waiting")
-# train keys that change how fast a trial runs, not its result: not part of the study's identity
-NOT_IDENTITY = ("progress_bar", "use_tuned", "device", "compile", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -58,9 +52,12 @@ def run(cfg: Config) -> TuneResult:
     if not cfg.tune.enabled:
         return _not_run()
     require_passed()
-    name, url = study_name(cfg), storage_url(cfg)
+    name, url = tuned.study_name(cfg), tune_storage.storage_url(cfg)
     study = optuna.create_study(
-        study_name=name, storage=_storage(url), direction="maximize", load_if_exists=True
+        study_name=name,
+        storage=tune_storage.open_storage(url),
+        direction="maximize",
+        load_if_exists=True,
     )
     with _study_run(cfg, study) as parent:
         first = len(study.trials)
@@ -96,108 +93,6 @@ def summary(result: TuneResult) -> str:
         f"{result.best_value:.4f} with {best}\n"
         f"tune: {result.report}; MLflow run {result.mlflow_run_id}"
     )
-
-
-def apply_tuned(cfg: Config) -> Config:
-    """`cfg` with the best params of reports/tuning.json (train.use_tuned)."""
-    report_path = paths.TUNING_REPORT
-    if not report_path.exists():
-        raise UserError(
-            f"train.use_tuned is true but {report_path} is missing: run `lensflow tune` first "
-            "(or set tune.enabled: true)"
-        )
-    report = json.loads(report_path.read_text())
-    if not report.get("best_params"):
-        raise UserError(
-            f"train.use_tuned is true but {report_path} has no best params "
-            f"(status {report.get('status')}): run `lensflow tune` first"
-        )
-    if report.get("study") != study_name(cfg):
-        warnings.warn(
-            f"{report_path} comes from study {report.get('study')}, made with other params than "
-            f"these (study {study_name(cfg)}); using its best params anyway",
-            stacklevel=2,
-        )
-    return with_params(cfg, report["best_params"], source=str(report_path))
-
-
-def with_params(cfg: Config, params: dict, source: str = "params") -> Config:
-    """A validated copy of `cfg` with dotted keys set: {"train.lr": 0.001, ...}."""
-    raw = cfg.as_dict()
-    for key, value in params.items():
-        *sections, leaf = key.split(".")
-        node = raw
-        for name in sections:
-            node = node.get(name)
-            if not isinstance(node, dict):
-                raise UserError(f"{source}: {key!r} is not a params key")
-        node[leaf] = value
-    return config.from_dict(raw, source=source)
-
-
-def study_name(cfg: Config) -> str:
-    """`tune.study` + a hash of what a trial's result depends on: the data (its DVC hash), the
-    seed, the params from `data` to `train` except the tuned keys, the space and the metric."""
-    raw = cfg.as_dict()
-    for key in cfg.tune.space.flat():
-        section, leaf = key.split(".")
-        raw[section].pop(leaf, None)
-    for key in NOT_IDENTITY:
-        raw["train"].pop(key, None)
-    identity = {
-        key: raw[key] for key in ("seed", "data", "prepare", "validate", "augment", "model")
-    }
-    identity |= {
-        "train": raw["train"],
-        "space": raw["tune"]["space"],
-        "metric": cfg.tune.metric,
-        "data.md5": versioning.data_md5(prepare.source_dir(cfg)),
-    }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return f"{cfg.tune.study}-{digest[:8]}"
-
-
-def storage_url(cfg: Config) -> str:
-    if os.environ.get(STORAGE_ENV):
-        return os.environ[STORAGE_ENV]
-    if urlsplit(cfg.tune.storage).password:
-        raise UserError(
-            f"tune.storage holds a password: put that URL in {STORAGE_ENV} instead (or the "
-            "password in PGPASSWORD / ~/.pgpass), never in params.yaml"
-        )
-    return cfg.tune.storage
-
-
-def _storage(url: str) -> optuna.storages.RDBStorage:
-    """The study database, with heartbeats: a trial whose worker died is failed (and its MLflow
-    run closed) once it has been silent for GRACE_SECONDS."""
-    import sqlalchemy.exc
-
-    # sqlite: wait for the other workers' writes instead of failing on a locked file
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=_close_stale_run,
-            )
-    except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"tune.storage {_masked(url)}: {reason}") from None
-
-
-def _masked(url: str) -> str:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
 
 
 # --- workers -------------------------------------------------------------------------------
@@ -240,7 +135,7 @@ def _optimize(job: dict) -> None:
     cfg = config.from_dict(job["cfg"])
     study = optuna.load_study(
         study_name=job["study"],
-        storage=_storage(job["storage"]),
+        storage=tune_storage.open_storage(job["storage"]),
         sampler=optuna.samplers.TPESampler(
             seed=job["seed"], n_startup_trials=cfg.tune.startup_trials, constant_liar=True
         ),
@@ -300,7 +195,7 @@ def _trial(trial: optuna.Trial, context: _Context) -> float:
             "optuna.trial": str(trial.number),
         },
     )
-    trial.set_user_attr(RUN_ATTR, child.info.run_id)
+    trial.set_user_attr(tune_storage.RUN_ATTR, child.info.run_id)
     mlflow.start_run(run_id=child.info.run_id, nested=True)
     state = "FAIL"
     try:
@@ -331,14 +226,14 @@ def _suggest(trial: optuna.Trial, key: str, d: Distribution):
 def _train_trial(trial: optuna.Trial, context: _Context, params: dict) -> float:
     import mlflow
 
-    cfg = with_params(
+    cfg = config.with_values(
         context.cfg, {**params, "train.progress_bar": False}, source=f"trial {trial.number}"
     )
-    train.seed_everything(cfg.seed)
+    loop.seed_everything(cfg.seed)
     spec = models.model_spec(cfg.model, context.meta)
     model = models.build(spec, cfg.model.pretrained)
     num_classes = len(spec["classes"])
-    augmenter = train.batch_augmenter(cfg, num_classes, seed=cfg.seed)
+    augmenter = augment.batch_augmenter(cfg, num_classes, seed=cfg.seed)
     metric = cfg.tune.metric
 
     def on_epoch(row: dict) -> None:
@@ -352,7 +247,7 @@ def _train_trial(trial: optuna.Trial, context: _Context, params: dict) -> float:
         if trial.should_prune():
             raise optuna.TrialPruned(f"{metric} {value:.4f} after epoch {row['epoch']}")
 
-    best, _, _, diverged = train.fit(
+    best, _, _, diverged = loop.fit(
         model, cfg, context.train, context.val, augmenter, on_epoch=on_epoch, last_path=None
     )
     if best["state_dict"] is None:
@@ -385,24 +280,6 @@ def macro_f1(model: torch.nn.Module, images, labels, num_classes: int) -> float:
     )
 
 
-def _close_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Optuna failed a trial whose worker died: close its MLflow run the same way."""
-    import mlflow
-
-    run_id = trial.user_attrs.get(RUN_ATTR)
-    if not run_id:
-        return
-    try:
-        client = mlflow.MlflowClient(tracking.tracking_uri())
-        client.set_tag(run_id, "optuna.state", "FAIL")
-        client.set_tag(run_id, "error", "its worker stopped (no heartbeat)")
-        client.set_terminated(run_id, "KILLED")
-    except Exception as exc:  # another MLflow store: the study must go on regardless
-        warnings.warn(
-            f"trial {trial.number}: could not close MLflow run {run_id}: {exc}", stacklevel=2
-        )
-
-
 # --- the study's MLflow run and report -----------------------------------------------------
 
 
@@ -412,14 +289,14 @@ def _study_run(cfg: Config, study: optuna.Study):
     reopened whenever the study resumes, so all its trials are children of one run."""
     import mlflow
 
-    run_id = study.user_attrs.get(RUN_ATTR)
+    run_id = study.user_attrs.get(tune_storage.RUN_ATTR)
     if run_id and _run_exists(run_id, tracking.setup(cfg)):
         with mlflow.start_run(run_id=run_id, nested=True) as run:
             yield run
         return
     with tracking.step_run(cfg, "tune") as run:
         mlflow.set_tags({"optuna.study": study.study_name, "mlflow.runName": study.study_name})
-        study.set_user_attr(RUN_ATTR, run.info.run_id)
+        study.set_user_attr(tune_storage.RUN_ATTR, run.info.run_id)
         yield run
 
 
@@ -443,7 +320,7 @@ def _report(cfg: Config, study: optuna.Study, url: str, run_id: str) -> dict:
     return {
         "status": "ok" if best else "no_complete_trial",
         "study": study.study_name,
-        "storage": _masked(url),
+        "storage": tune_storage.masked_url(url),
         "metric": cfg.tune.metric,
         "direction": "maximize",
         "n_trials": len(trials),

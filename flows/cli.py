@@ -177,74 +177,26 @@ def cmd_data(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from components import config, train
+    from components import config, doctor
 
-    result = train.overfit_one_batch(config.load(args.params, args.overrides))
+    result = doctor.run(config.load(args.params, args.overrides))
     print(json.dumps(result, indent=2))
-    verdict = "can" if result["passed"] else "CANNOT"
-    print(
-        f"doctor: the model {verdict} overfit one batch of {result['batch_size']} images "
-        f"(accuracy {result['accuracy']:.3f} after {result['steps']} steps)"
-    )
+    print(doctor.summary(result))
     return 0 if result["passed"] else 1
 
 
 def cmd_evaluate(args) -> int:
-    from pathlib import Path
+    from components import evaluate_model
 
-    import mlflow
-
-    from components import evaluate, prepare, registry, tracking
-    from components.config import UserError
-
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    session, meta = registry.load_onnx_session(args.model)
-    classes = meta["classes"]
-    if args.data:
-        if "image_size" not in meta:
-            raise UserError(f"{args.model}: no image_size in its metadata; export it again")
-        size, channels = int(meta["image_size"]), int(meta["channels"])
-        images, labels = evaluate.read_image_folder(args.data, classes, channels, size)
-    else:
-        if prepare.load_meta()["classes"] != classes:
-            raise UserError(f"{args.model} predicts other classes than this project's test split")
-        images, labels = (t.numpy() for t in prepare.load_split("test"))
-    metrics, _ = evaluate.score(evaluate.onnx_predictor(session), images, labels, classes)
-    report = Path(args.report)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(
-        json.dumps({"model": args.model, "data": args.data or "test split", **metrics}, indent=2)
-    )
-    print(
-        f"{args.model}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-        f"on {metrics['n_images']} images ({report})"
-    )
+    print(evaluate_model.summary(evaluate_model.run(args.model, args.data, args.report)))
     return 0
 
 
 def cmd_validate(args) -> int:
-    import shutil
-    import tempfile
-    from pathlib import Path
+    from components import validate, validate_folder
 
-    from components import config, paths, prepare, validate
-
-    source = Path(args.path).resolve()
-    report = Path(args.report).resolve()
-    cfg = config.from_dict({"data": {"source": str(source)}})
-    cwd = Path.cwd()
-    with tempfile.TemporaryDirectory(prefix="lensflow-validate-") as work:
-        os.chdir(work)  # prepare's shards are scratch here; the project's data/ stays untouched
-        try:
-            prepare.run(cfg)
-            result = validate.run(cfg, track=False)  # a dry run: nothing logged to MLflow
-            report.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(paths.VALIDATION_REPORT, report)
-            if report.suffix != ".html":
-                shutil.copyfile(validate.HTML_REPORT, report.with_suffix(".html"))
-        finally:
-            os.chdir(cwd)
-    print(validate.summary(result).replace(result.report, str(report)))
+    result = validate_folder.run(args.path, args.report)
+    print(validate.summary(result))
     return 0 if result.success else 1
 
 
@@ -254,9 +206,10 @@ def cmd_compare(args) -> int:
     overrides = list(args.overrides)
     if args.fractions:
         overrides.append(f"compare.fractions=[{', '.join(map(str, args.fractions))}]")
-    cfg = config.load(args.params, overrides)
-    compare.arm_configs(cfg)  # a bad override fails here, before anything runs
-    result = compare.run(cfg)
+    compare.arm_configs(config.load(args.params, overrides))  # a bad override fails here
+    from flows.compare import compare_flow
+
+    result = compare_flow(params_path=args.params, overrides=overrides)
     print(compare.summary(result))
     print(
         f"MLflow: parent run {result.mlflow_run_id}; mlflow ui --backend-store-uri "

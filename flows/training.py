@@ -2,50 +2,28 @@
 
 from __future__ import annotations
 
-from prefect import flow, runtime, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, runtime
 
 from components import (
     config,
-    datasets,
     evaluate,
     export,
-    prepare,
     quantize,
     registry,
     tracking,
     train,
     tune,
-    validate,
     versioning,
 )
+from flows.data import component_task, validated_data
 
-
-def _task(fn, name: str):
-    # Components read and write files; Prefect passes only configs and small results.
-    return task(fn, name=name, cache_policy=NO_CACHE)
-
-
-data_task = _task(datasets.run, "data")
-prepare_task = _task(prepare.run, "prepare")
-validate_task = _task(validate.run, "validate")
-tune_task = _task(tune.run, "tune")  # a study only when tune.enabled
-train_task = _task(train.run, "train")
-evaluate_task = _task(evaluate.run, "evaluate")
-export_task = _task(export.run, "export")
-quantize_task = _task(quantize.run, "quantize")
-register_task = _task(registry.run, "register")
-dvc_commit_task = _task(versioning.dvc_commit, "record-in-dvc-lock")
-
-
-def validated_data(cfg: config.Config) -> None:
-    """data -> prepare -> validate; the flow stops here when the data fails validation."""
-    data_task(cfg)
-    prepare_task(cfg)
-    validation = validate_task(cfg)
-    print(validate.summary(validation))
-    if not validation.success:
-        raise config.GateFailed(f"the data failed validation; see {validation.report}")
+tune_task = component_task(tune.run, "tune")  # a study only when tune.enabled
+train_task = component_task(train.run, "train")
+evaluate_task = component_task(evaluate.run, "evaluate")
+export_task = component_task(export.run, "export")
+quantize_task = component_task(quantize.run, "quantize")
+register_task = component_task(registry.run, "register")
+dvc_commit_task = component_task(versioning.dvc_commit, "record-in-dvc-lock")
 
 
 @flow(name="lensflow-training", log_prints=True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from prefect import flow
 
 from components import config, tune
-from flows.training import tune_task, validated_data
+from flows.data import validated_data
+from flows.training import tune_task
 
 
 @flow(name="lensflow-tuning", log_prints=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from components import config, models, train
+from components import config, loop, models
 from components.config import UserError
 
 CLASSES = [str(i) for i in range(5)]
@@ -52,16 +52,16 @@ def test_strategy_decides_what_is_trainable_and_in_which_group(arch, strategy):
     model = models.build(spec)
     if strategy == "feature_extraction":
         model.set_trainable_stages(0)
-    loop = train.Loop(model, cfg, torch.tensor([0, 1, 2, 3, 4]), 1, augment=None)
+    training_loop = loop.Loop(model, cfg, torch.tensor([0, 1, 2, 3, 4]), 1, augment=None)
     head_ids = {id(p) for p in models.head(model.network).parameters()}
-    in_groups = {id(p): g for g in loop.optimizer.param_groups for p in g["params"]}
+    in_groups = {id(p): g for g in training_loop.optimizer.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         trainable = strategy == "fine_tune" or id(p) in head_ids
         assert p.requires_grad == trainable, name
         assert (id(p) in in_groups) == trainable, name  # frozen ones are not in the optimiser
         if trainable:
             assert in_groups[id(p)]["lr"] == (0.01 if id(p) in head_ids else 0.01 * 0.1), name
-    assert sum(len(g["params"]) for g in loop.optimizer.param_groups) == len(in_groups)
+    assert sum(len(g["params"]) for g in training_loop.optimizer.param_groups) == len(in_groups)
 
 
 def test_feature_extraction_keeps_backbone_batch_norm_statistics_frozen():

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from components import config, models, train
+from components import config, loop, models
 from tests.components.test_models import STRATEGY_ARCHS as ARCHS
 from tests.components.test_models import _spec
 
@@ -17,7 +17,7 @@ def _loop(arch, **train_keys):
     spec, _ = _spec(arch)
     cfg = config.from_dict({"train": {"epochs": 6, "head_epochs": 2, **train_keys}})
     model = models.build(spec)
-    return model, train.Loop(model, cfg, LABELS, 1, augment=None)
+    return model, loop.Loop(model, cfg, LABELS, 1, augment=None)
 
 
 def _ids(modules) -> set[int]:
@@ -43,14 +43,14 @@ def test_stages_cover_every_backbone_parameter_exactly_once(arch):
 def test_staged_strategies_unfreeze_top_down_with_one_optimiser_group_each(
     arch, strategy, learning_stages
 ):
-    model, loop = _loop(arch, strategy=strategy, unfreeze_stages=2, unfreeze_every=1)
+    model, training_loop = _loop(arch, strategy=strategy, unfreeze_stages=2, unfreeze_every=1)
     stages, head = model.stages(), _ids([models.head(model.network)])
-    in_groups = Counter(id(p) for g in loop.optimizer.param_groups for p in g["params"])
+    in_groups = Counter(id(p) for g in training_loop.optimizer.param_groups for p in g["params"])
     ever = min(max(learning_stages), len(stages))
     assert set(in_groups) == head | _ids(stages[len(stages) - ever :])  # none left out
     assert set(in_groups.values()) == {1}  # none twice
     for epoch, count in enumerate(learning_stages, start=1):
-        loop.start_epoch(model, epoch)
+        training_loop.start_epoch(model, epoch)
         count = min(count, len(stages))
         learning = head | _ids(stages[len(stages) - count :])
         for name, p in model.named_parameters():
@@ -58,10 +58,10 @@ def test_staged_strategies_unfreeze_top_down_with_one_optimiser_group_each(
 
 
 def test_layer_lr_decay_gives_each_stage_its_own_lr_falling_towards_the_input():
-    model, loop = _loop(
+    model, training_loop = _loop(
         "resnet18", strategy="fine_tune", lr=0.01, backbone_lr_factor=0.5, layer_lr_decay=0.8
     )
-    lr_of = {id(p): g["lr"] for g in loop.optimizer.param_groups for p in g["params"]}
+    lr_of = {id(p): g["lr"] for g in training_loop.optimizer.param_groups for p in g["params"]}
     stages = model.stages()
     assert len(stages) == 10  # conv1, bn1, 8 basic blocks
     for i, stage in enumerate(stages):
@@ -70,35 +70,35 @@ def test_layer_lr_decay_gives_each_stage_its_own_lr_falling_towards_the_input():
     assert all(lr_of[id(p)] == 0.01 for p in models.head(model.network).parameters())
 
 
-def _learn_one_epoch(model, loop, epoch):
-    loop.start_epoch(model, epoch)
+def _learn_one_epoch(model, training_loop, epoch):
+    training_loop.start_epoch(model, epoch)
     images = torch.randint(0, 255, (16, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 5, (16,))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss, _ = train._train_epoch(model, (images, labels), 8, loop)
+    loss, _ = loop._train_epoch(model, (images, labels), 8, training_loop)
     after = model.state_dict()
     return loss, {k for k in before if not torch.equal(before[k], after[k])}
 
 
 def test_frozen_stages_keep_weights_and_batch_norm_statistics_while_the_top_learns():
-    model, loop = _loop(
+    model, training_loop = _loop(
         "resnet_cnn", strategy="two_stage", unfreeze_stages=1, weight_decay=0.1, lr=0.01
     )
     prefix = {id(m): name for name, m in model.named_modules()}
     top = prefix[id(model.stages()[-1])]
 
-    _, changed = _learn_one_epoch(model, loop, epoch=1)  # head only
+    _, changed = _learn_one_epoch(model, training_loop, epoch=1)  # head only
     assert changed and all(k.startswith("network.head.") for k in changed), changed
 
-    _, changed = _learn_one_epoch(model, loop, epoch=3)  # + the top stage
+    _, changed = _learn_one_epoch(model, training_loop, epoch=3)  # + the top stage
     assert any(k.startswith(f"{top}.") and "running_mean" in k for k in changed)
     assert all(k.startswith(("network.head.", f"{top}.")) for k in changed), changed
 
 
 def test_bf16_autocast_and_channels_last_train_on_cpu():
-    model, loop = _loop("resnet_cnn", amp=True, channels_last=True, device="cpu")
-    loss, changed = _learn_one_epoch(model, loop, epoch=1)
+    model, training_loop = _loop("resnet_cnn", amp=True, channels_last=True, device="cpu")
+    loss, changed = _learn_one_epoch(model, training_loop, epoch=1)
     assert torch.isfinite(torch.tensor(loss)) and changed
-    assert loop.amp_dtype == torch.bfloat16 and not loop.scaler.is_enabled()
+    assert training_loop.amp_dtype == torch.bfloat16 and not training_loop.scaler.is_enabled()
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)

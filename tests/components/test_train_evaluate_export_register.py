@@ -10,10 +10,14 @@ import pytest
 import torch
 
 from components import (
+    backends,
     config,
     datasets,
+    doctor,
     evaluate,
+    evaluate_model,
     export,
+    loop,
     models,
     paths,
     prepare,
@@ -23,6 +27,7 @@ from components import (
     validate,
 )
 from components.config import GateFailed
+from components.metrics import score
 from tests.conftest import tiny_project
 
 
@@ -83,11 +88,11 @@ def test_initial_loss_is_near_ln_classes(trained):
         model.network.head.bias[0] = 20.0  # a head that is sure of class 0 before training
     images, labels = prepare.load_split("val")
     with pytest.warns(UserWarning, match="initial loss"):
-        assert not train.initial_loss_check(model, images, labels, 10)["ok"]
+        assert not doctor.initial_loss_check(model, images, labels, 10)["ok"]
 
 
 def test_doctor_overfits_one_batch(trained):
-    result = train.overfit_one_batch(trained["cfg"], batch_size=16, steps=60)
+    result = doctor.run(trained["cfg"], batch_size=16, steps=60)
     assert result["passed"] and result["accuracy"] == 1.0 and result["batch_size"] == 16
 
 
@@ -113,7 +118,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_epoch(trained):
     model = models.build(spec)
     model.network = NanAfter(model.network, calls=2 * steps_per_epoch + 1)
     with mlflow.start_run():
-        best, history, _, diverged = train.fit(
+        best, history, _, diverged = loop.fit(
             model, cfg, prepare.load_split("train"), prepare.load_split("val")
         )
     assert "epoch 3" in diverged and len(history) == 2 and best["epoch"] in (1, 2)
@@ -154,7 +159,7 @@ def test_onnx_export_has_preprocessing_metadata_and_parity(trained):
     assert trained["export"].top1_agreement == 1.0 and trained["export"].max_abs_diff < 1e-4
     assert trained["export"].accuracy == trained["evaluation"].accuracy
     # any image size and batch size: the graph resizes inside
-    session = export.ort_session(trained["root"] / paths.ONNX)
+    session = backends.ort_session(trained["root"] / paths.ONNX)
     out = session.run(["probabilities"], {"images": np.zeros((3, 3, 40, 24), np.uint8)})[0]
     assert out.shape == (3, 10) and np.allclose(out.sum(1), 1, atol=1e-5)
 
@@ -202,9 +207,7 @@ def test_registry_promotes_only_through_the_gates(trained):
     session, meta = registry.load_onnx_session(registry.champion_uri(name))
     classes = meta["classes"]
     images, labels = prepare.load_split("test")
-    metrics, _ = evaluate.score(
-        evaluate.onnx_predictor(session), images.numpy(), labels.numpy(), classes
-    )
+    metrics, _ = score(backends.onnx_predictor(session), images.numpy(), labels.numpy(), classes)
     assert metrics["accuracy"] == trained["evaluation"].accuracy
 
 
@@ -283,13 +286,13 @@ def test_golden_files_to_predictions_match_the_evaluation(trained, tmp_path):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(raw / path, tmp_path / path)
     classes = sorted(datasets.SHAPE_CLASSES)
-    images, labels = evaluate.read_image_folder(tmp_path, classes, channels=3, size=16)
+    images, labels = evaluate_model.read_image_folder(tmp_path, classes, channels=3, size=16)
     shard_images, shard_labels = prepare.load_split("test")
     assert np.array_equal(images, shard_images.numpy())
     assert np.array_equal(labels, shard_labels.numpy())
 
-    session = export.ort_session(trained["root"] / paths.ONNX)
-    predicted = evaluate.onnx_predictor(session)(images).argmax(1)
+    session = backends.ort_session(trained["root"] / paths.ONNX)
+    predicted = backends.onnx_predictor(session)(images).argmax(1)
     rows = (trained["root"] / paths.PREDICTIONS).read_text().splitlines()[1:]
     assert [classes[p] for p in predicted] == [row.split(",")[1] for row in rows]
 
@@ -306,7 +309,7 @@ def test_resume_after_a_kill_ends_with_the_same_weights(trained, monkeypatch):
     train.run(cfg)
     uninterrupted = torch.load(trained["root"] / paths.CHECKPOINT, weights_only=True)
 
-    real_epoch, calls = train._train_epoch, {"n": 0}
+    real_epoch, calls = loop._train_epoch, {"n": 0}
 
     def killed_in_epoch_4(*args):
         calls["n"] += 1
@@ -314,11 +317,11 @@ def test_resume_after_a_kill_ends_with_the_same_weights(trained, monkeypatch):
             raise KeyboardInterrupt  # what Ctrl-C or a kill does mid-epoch
         return real_epoch(*args)
 
-    monkeypatch.setattr(train, "_train_epoch", killed_in_epoch_4)
+    monkeypatch.setattr(loop, "_train_epoch", killed_in_epoch_4)
     with pytest.raises(KeyboardInterrupt):
         train.run(cfg)
     assert torch.load(trained["root"] / paths.LAST_CHECKPOINT, weights_only=True)["epoch"] == 3
-    monkeypatch.setattr(train, "_train_epoch", real_epoch)
+    monkeypatch.setattr(loop, "_train_epoch", real_epoch)
     train.run(cfg, resume=True)
     resumed = torch.load(trained["root"] / paths.CHECKPOINT, weights_only=True)
     for name, tensor in uninterrupted["state_dict"].items():

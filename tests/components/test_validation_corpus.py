@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from components import checks, config, datasets, imagefacts, paths, prepare, validate
+from components import checks, config, data_report, datasets, imagefacts, paths, prepare, validate
 from components.config import UserError
 
 RNG = np.random.default_rng(7)
@@ -369,9 +369,9 @@ def test_leakage_and_conflicting_labels_name_every_copy(corpus):
 
 def test_reports_html_and_data_statistics(corpus):
     report, _ = prepare_and_validate(corpus_cfg(corpus))
-    page = validate.HTML_REPORT.read_text()
+    page = data_report.HTML_REPORT.read_text()
     assert "Data validation FAILED" in page and "cats/dog in the wrong folder.png" in page
-    stats = json.loads(validate.DATA_STATS.read_text())
+    stats = json.loads(data_report.DATA_STATS.read_text())
     assert stats["classes"]["lonely"] == {"files": 1, "used": 1, "train": 1, "val": 0, "test": 0}
     assert stats["classes"]["empty"]["files"] == 0
     assert sum(stats["size_histogram"].values()) == sum(stats["modes"].values())

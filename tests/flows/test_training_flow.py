@@ -6,8 +6,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from components import evaluate, paths, prepare, registry
+from components import backends, paths, prepare, registry
 from components.config import GateFailed
+from components.metrics import score
 from flows.training import training_flow
 
 
@@ -28,9 +29,7 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
     session, meta = registry.load_onnx_session(registry.champion_uri("lensflow-classifier"))
     classes = meta["classes"]
     images, labels = prepare.load_split("test")
-    metrics, _ = evaluate.score(
-        evaluate.onnx_predictor(session), images.numpy(), labels.numpy(), classes
-    )
+    metrics, _ = score(backends.onnx_predictor(session), images.numpy(), labels.numpy(), classes)
     assert metrics["accuracy"] == evaluation["accuracy"] == summary["test_accuracy"]
 
     # `lensflow evaluate` on the champion reproduces the flow's report

@@ -1,0 +1,30 @@
+"""The compare flow (`lensflow compare`): scratch against transfer learning on the same data.
+The data steps, then every arm on every fraction as a task, then the report, all under one
+MLflow parent run `compare`. Wiring only; the arms' logic is components/compare.py."""
+
+from __future__ import annotations
+
+from prefect import flow, runtime
+
+from components import compare, config, tracking
+from flows.data import component_task, validated_data
+
+arm_task = component_task(compare.run, "compare-arm")
+report_task = component_task(compare.write_report, "compare-report")
+
+
+@flow(name="lensflow-compare", log_prints=True)
+def compare_flow(
+    params_path: str = "params.yaml", overrides: list[str] | None = None
+) -> compare.CompareResult:
+    cfg = config.load(params_path, overrides)
+    arms = compare.arm_configs(cfg)
+    flow_run_id = str(runtime.flow_run.id)
+    with tracking.pipeline_run(cfg, "compare", flow_run_id=flow_run_id) as parent:
+        validated_data(cfg)
+        runs = [
+            arm_task(arm, arm_cfg, fraction)
+            for fraction in cfg.compare.fractions
+            for arm, arm_cfg in arms.items()
+        ]
+        return report_task(cfg, runs, parent.info.run_id)

@@ -1,0 +1,28 @@
+"""The data steps every flow starts with: data -> prepare -> validate. Wiring only."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from components import config, datasets, prepare, validate
+
+
+def component_task(fn, name: str):
+    # Components read and write files; Prefect passes only configs and small results.
+    return task(fn, name=name, cache_policy=NO_CACHE)
+
+
+data_task = component_task(datasets.run, "data")
+prepare_task = component_task(prepare.run, "prepare")
+validate_task = component_task(validate.run, "validate")
+
+
+def validated_data(cfg: config.Config) -> None:
+    """data -> prepare -> validate; the flow stops here when the data fails validation."""
+    data_task(cfg)
+    prepare_task(cfg)
+    validation = validate_task(cfg)
+    print(validate.summary(validation))
+    if not validation.success:
+        raise config.GateFailed(f"the data failed validation; see {validation.report}")
