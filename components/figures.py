@@ -10,10 +10,12 @@ from components import models, paths, plots
 
 
 def saliency(model: models.Classifier, images: np.ndarray) -> np.ndarray:
-    """Vanilla-gradient saliency of the predicted class, [N, 1, H, W] in [0, 1]."""
+    """Vanilla-gradient saliency of the predicted class, [N, 1, H, W] in [0, 1], at the
+    images' own size (the gradient flows back through the model's resize, so a network that
+    sees another input size still maps onto the pixels shown)."""
     model.eval()
-    inputs = model.preprocess(torch.from_numpy(images)).detach().requires_grad_(True)
-    logits = model.network(inputs)
+    inputs = torch.from_numpy(images).float().requires_grad_(True)
+    logits = model(inputs)
     logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
     maps = inputs.grad.abs().amax(dim=1, keepdim=True)
     maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
