@@ -3,7 +3,7 @@
 1. Steady-state images/s: same model (the default SimpleCNN with preprocessing inside), same
    training tensors, batch size and optimiser; lensflow with augmentation off and with the
    `standard` preset. Epochs alternate between the loops; the median epoch counts.
-2. Time to 98.5 % validation accuracy, wall clock: `train.fit` with the default recipe (what
+2. Time to 98.5 % validation accuracy, wall clock: `loop.fit` with the default recipe (what
    `lensflow stage train` runs, MLflow logging and the per-epoch checkpoint included) against
    the bare loop (AdamW at the same lr, validated after every epoch).
 """

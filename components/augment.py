@@ -55,7 +55,7 @@ class BatchAugment:
         self.options = dict(PRESETS[augment_cfg.preset])
         self.options["flip"] = self.options.get("flip", False) and allow_flips
         self.generator = torch.Generator().manual_seed(seed)
-        # TrivialAugmentWide draws from torch's global generator, seeded by train.seed_everything
+        # TrivialAugmentWide draws from torch's global generator, seeded by loop.seed_everything
         self.trivial = v2.TrivialAugmentWide() if self.options.get("trivial_augment") else None
         mixers = []
         if augment_cfg.mixup_alpha > 0:

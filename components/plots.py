@@ -72,7 +72,7 @@ def image_grid(images: np.ndarray, titles: list[str], out: Path, cmap: str | Non
 
 def comparison_curves(panels: dict[str, dict[str, list[dict]]], out: Path) -> Path:
     """Validation accuracy of each arm against epochs and against training seconds (log
-    scale), one row per regime. `panels`: {regime: {arm: history rows of train.fit}}."""
+    scale), one row per regime. `panels`: {regime: {arm: history rows of loop.fit}}."""
     plt = _pyplot()
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
     for (regime, arms), (by_epoch, by_time) in zip(panels.items(), axes, strict=True):
