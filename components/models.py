@@ -12,6 +12,7 @@ from typing import get_args
 import torch
 from torch import nn
 
+from components import pretrained as pretrained_weights
 from components.config import Arch, TorchvisionArch, UserError
 from components.preprocess import Preprocess
 
@@ -87,11 +88,9 @@ ARCHS = get_args(Arch)  # flattened: the nested Literal's names included
 def build(spec: dict, pretrained: str | None = None) -> Classifier:
     """Build from a spec (stored in every checkpoint). `pretrained` loads initial weights:
     "efficientnet-lite0", "torchvision", a local state_dict file or an MLflow model URI."""
-    from components import pretrained as sources
-
     network = _network(spec)
     if pretrained:
-        sources.load(network, head(network), spec, pretrained)
+        pretrained_weights.load(network, head(network), spec, pretrained)
     return Classifier(Preprocess(input_size(spec), spec["mean"], spec["std"]), network)
 
 

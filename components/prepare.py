@@ -50,13 +50,6 @@ class Entry:
     location: str  # class_folder | nested_folder | dataset_root | outside_root (a link)
 
 
-def source_dir(cfg: Config) -> Path:
-    """The raw ImageFolder: data/raw/<name> for a built-in dataset, else data.source itself."""
-    if cfg.data.source in datasets.BUILTIN:
-        return paths.RAW / cfg.data.source
-    return Path(cfg.data.source).expanduser()
-
-
 def run(cfg: Config) -> PrepareResult:
     root = datasets.source_dir(cfg)
     entries, class_folders = scan(root, cfg)
