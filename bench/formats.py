@@ -13,7 +13,7 @@ import sys
 
 from components import backends, config, models, paths, speed, tensorrt, tracking
 from components.metrics import score
-from components.prepare import load_split
+from components.prepared import load_split
 
 
 def main() -> int:
@@ -24,7 +24,7 @@ def main() -> int:
         return 2
     cfg = config.load("params.yaml")
     model, spec = models.load_checkpoint(paths.CHECKPOINT)
-    images, labels = (t.numpy() for t in load_split("test"))
+    images, labels = load_split("test")
     formats = {
         "pytorch_eager": (backends.torch_predictor(model), paths.CHECKPOINT),
         "onnxruntime_fp32": (

@@ -29,7 +29,6 @@ def main() -> None:
         project = Path(tmp)
         shutil.copy(REPO / "params.yaml", project)
         shutil.copy(REPO / "dvc.yaml", project)
-        shutil.copytree(REPO / "lensflow", project / "lensflow")
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
         env["DVC_SITE_CACHE_DIR"] = str(project / ".dvc" / "tmp" / "site-cache")
 

@@ -22,7 +22,7 @@ import mlflow
 import torch
 from torch import nn
 
-from components import config, datasets, loop, models, prepare
+from components import config, datasets, loop, models, prepare, prepared
 from components.augment import BatchAugment
 
 EPOCHS = 10
@@ -40,9 +40,9 @@ def main() -> None:
         os.chdir(tmp)
         try:
             prepare.run(cfg)
-            images, labels = prepare.load_split("train")
-            val = prepare.load_split("val")
-            spec = models.model_spec(cfg.model, prepare.load_meta())
+            images, labels = prepared.load_split("train")
+            val = prepared.load_split("val")
+            spec = models.model_spec(cfg.model, prepared.load_meta())
             throughput = images_per_second(cfg, spec, images, labels)
             mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
             with mlflow.start_run():
@@ -87,7 +87,8 @@ def images_per_second(cfg, spec, images, labels) -> dict:
         model = models.build(spec)
         if name == "bare":
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-            epoch = partial(bare_epoch, model, optimizer, images, labels, cfg.train.batch_size)
+            in_memory = prepared.batch(images), prepared.batch(labels)  # the bare loop's tensors
+            epoch = partial(bare_epoch, model, optimizer, *in_memory, cfg.train.batch_size)
         else:
             recipe = loop.Loop(model, cfg, labels, steps, augmenters[name])
             data = (images, labels)
@@ -136,6 +137,7 @@ def bare_time_to_target(cfg, spec, train_data, val):
     loop.seed_everything(cfg.seed)
     model = models.build(spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    train_data, val = [tuple(prepared.batch(a) for a in pair) for pair in (train_data, val)]
     start = time.perf_counter()
     for epoch in range(1, MAX_EPOCHS + 1):
         bare_epoch(model, optimizer, *train_data, cfg.train.batch_size)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from components import prepared
+
 Predictor = Callable[[np.ndarray], np.ndarray]
 TENSORRT_MAX_BATCH = 256
 
@@ -20,10 +22,8 @@ def torch_predictor(model: torch.nn.Module, batch_size: int = 256) -> Predictor:
 
     @torch.no_grad()
     def predict(images: np.ndarray) -> np.ndarray:
-        batches = range(0, len(images), batch_size)
-        out = [
-            torch.softmax(model(torch.from_numpy(images[i : i + batch_size])), 1) for i in batches
-        ]
+        batches = prepared.chunks(len(images), batch_size)
+        out = [torch.softmax(model(prepared.batch(images, part)), 1) for part in batches]
         return torch.cat(out).numpy()
 
     return predict
@@ -61,9 +61,7 @@ def tensorrt_predictor(plan_path: Path) -> Predictor:
     def predict(images: np.ndarray) -> np.ndarray:
         out = []
         for i in range(0, len(images), TENSORRT_MAX_BATCH):
-            batch = torch.from_numpy(
-                np.ascontiguousarray(images[i : i + TENSORRT_MAX_BATCH])
-            ).cuda()
+            batch = prepared.batch(images, slice(i, i + TENSORRT_MAX_BATCH)).cuda()
             context.set_input_shape("images", tuple(batch.shape))
             outputs = {
                 name: torch.empty(

@@ -16,7 +16,6 @@ reports/compare.json, plots/compare.png and each arm's best weights in models/co
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from components import augment, backends, config, loop, models, paths, plots, prepare, tracking
+from components import augment, backends, config, loop, models, paths, plots, prepared, tracking
 from components.config import Config, GateFailed, UserError
 from components.metrics import score
 
@@ -83,9 +82,10 @@ def _flatten(overrides: dict, prefix: str = "") -> dict:
     return flat
 
 
-def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+def stratified_subset(labels, fraction: float, seed: int) -> torch.Tensor:
     """Sorted indices of a seeded `fraction` of each class (at least one image per class).
     One permutation per class, the same for every fraction: smaller subsets are nested."""
+    labels = torch.as_tensor(labels)
     generator = torch.Generator().manual_seed(seed)
     chosen = []
     for label in labels.unique(sorted=True):
@@ -105,11 +105,12 @@ def run(arm: str, cfg: Config, fraction: float) -> ArmRun:
     import mlflow
 
     name = f"{arm}@{regime(fraction)}"
-    meta = prepare.load_meta()
-    train_x, train_y = prepare.load_split("train")
-    index = stratified_subset(train_y, fraction, cfg.seed)
-    train_x, train_y = train_x[index], train_y[index]
-    test_x, test_y = (t.numpy() for t in prepare.load_split("test"))
+    meta = prepared.load_meta()
+    train_x, train_y = prepared.load_split("train")
+    index = stratified_subset(train_y, fraction, cfg.seed).numpy()
+    if len(index) < len(train_y):  # a fraction: read its images once, into memory
+        train_x, train_y = train_x[index], train_y[index]
+    test_x, test_y = prepared.load_split("test")
     loop.seed_everything(cfg.seed)
     spec = models.model_spec(cfg.model, meta)
     model = models.build(spec, cfg.model.pretrained)
@@ -119,7 +120,7 @@ def run(arm: str, cfg: Config, fraction: float) -> ArmRun:
         mlflow.log_params(_params(cfg))
         start = time.perf_counter()
         best, history, seconds, diverged = loop.fit(
-            model, cfg, (train_x, train_y), prepare.load_split("val"), augmenter, last_path=None
+            model, cfg, (train_x, train_y), prepared.load_split("val"), augmenter, last_path=None
         )
         wall = time.perf_counter() - start
         if best["state_dict"] is None:
@@ -187,7 +188,7 @@ def _tags(arm: str, cfg: Config, fraction: float, n_images: int) -> dict[str, st
 def write_report(cfg: Config, runs: list[ArmRun], run_id: str) -> CompareResult:
     """reports/compare.json, plots/compare.png and the verdicts, from every arm's run; logged
     to the active MLflow run (the compare flow's parent run `run_id`)."""
-    report = _report(cfg, runs, prepare.load_meta(), run_id)
+    report = _report(cfg, runs, prepared.load_meta(), run_id)
     table = markdown_table(report)
     _write_outputs(report, table, runs)
     return CompareResult(
@@ -286,8 +287,7 @@ def summary(result: CompareResult) -> str:
 def _write_outputs(report: dict, table: str, runs: list[ArmRun]) -> None:
     import mlflow
 
-    paths.REPORTS.mkdir(parents=True, exist_ok=True)
-    paths.COMPARE_REPORT.write_text(json.dumps(report, indent=2))
+    paths.write_json(paths.COMPARE_REPORT, report)
     panels: dict[str, dict[str, list[dict]]] = {}
     for r in runs:
         panels.setdefault(regime(r.row["fraction"]), {})[r.row["arm"]] = r.history

@@ -168,6 +168,12 @@ class Train(Section):
     progress_bar: bool = True
 
 
+class Evaluate(Section):
+    robustness_images: int = Field(
+        2000, ge=1, description="seeded sample of the test split scored under corruptions"
+    )
+
+
 class Export(Section):
     opset: int = Field(18, ge=17)
     parity_atol: float = Field(1e-4, gt=0)
@@ -358,6 +364,7 @@ class Config(Section):
     augment: Augment = Augment()
     model: Model = Model()
     train: Train = Train()
+    evaluate: Evaluate = Evaluate()
     export: Export = Export()
     quantize: Quantize = Quantize()
     registry: Registry = Registry()

@@ -12,9 +12,9 @@ import warnings
 import torch
 from torch import nn
 
-from components import loop, models
+from components import loop, models, prepared
 from components.config import Config
-from components.prepare import load_meta, load_split
+from components.prepared import load_meta, load_split
 
 
 def initial_loss_check(model: nn.Module, images, labels, num_classes: int) -> dict:
@@ -38,7 +38,7 @@ def run(cfg: Config, batch_size: int = 32, steps: int = 200) -> dict:
     loop.seed_everything(cfg.seed)
     spec = models.model_spec(cfg.model, load_meta())
     model = models.build(spec)
-    images, labels = (t[:batch_size] for t in load_split("train"))
+    images, labels = (prepared.batch(a, slice(batch_size)) for a in load_split("train"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
     model.train()
     for _ in range(steps):

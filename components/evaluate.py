@@ -8,16 +8,15 @@ logs them to MLflow.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
-from components import backends, models, paths, robustness, tracking
+from components import backends, models, paths, prepared, robustness, tracking
 from components.config import Config
 from components.figures import evaluation_figures
 from components.metrics import score
-from components.prepare import load_split
+from components.prepared import load_split
 
 
 @dataclass(frozen=True)
@@ -29,14 +28,17 @@ class EvaluationResult:
 
 def run(cfg: Config) -> EvaluationResult:
     model, spec = models.load_checkpoint(paths.CHECKPOINT)
-    images, labels = (t.numpy() for t in load_split("test"))
+    images, labels = load_split("test")
     classes = spec["classes"]
     predict = backends.torch_predictor(model)
     metrics, probabilities = score(predict, images, labels, classes)
-    metrics["corruptions"] = robustness.corruption_accuracy(predict, images, labels, cfg.seed)
+    sample = prepared.sample(len(images), cfg.evaluate.robustness_images, cfg.seed)
+    metrics["corruptions"] = robustness.corruption_accuracy(
+        predict, images, labels, sample, cfg.seed
+    )
+    metrics["corruption_images"] = len(sample)
     metrics["most_confident_wrong"] = most_confident_wrong(probabilities, labels, classes)
-    paths.REPORTS.mkdir(parents=True, exist_ok=True)
-    paths.EVALUATION_REPORT.write_text(json.dumps(metrics, indent=2))
+    paths.write_json(paths.EVALUATION_REPORT, metrics)
     _write_predictions(labels, probabilities.argmax(1), classes)
     figures = evaluation_figures(model, metrics, probabilities, images, labels, classes)
 
@@ -91,7 +93,7 @@ def _test_paths(n: int) -> list[str]:
 
 
 def _write_predictions(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> None:
-    with paths.PREDICTIONS.open("w", newline="") as f:
+    with paths.atomic(paths.PREDICTIONS) as partial, partial.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
         writer.writerows((classes[a], classes[p]) for a, p in zip(labels, predicted, strict=True))

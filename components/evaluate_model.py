@@ -3,13 +3,12 @@ file) on any ImageFolder, or on this project's test split, with the pipeline's e
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from components import backends, imagefacts, prepare, registry, tracking
+from components import backends, imagefacts, paths, prepared, registry, tracking
 from components.config import Prepare, UserError
 from components.metrics import score
 
@@ -35,15 +34,12 @@ def run(model_uri: str, data: str | None, report: str | Path) -> ModelEvaluation
         size, channels = int(meta["image_size"]), int(meta["channels"])
         images, labels = read_image_folder(data, classes, channels, size)
     else:
-        if prepare.load_meta()["classes"] != classes:
+        if prepared.load_meta()["classes"] != classes:
             raise UserError(f"{model_uri} predicts other classes than this project's test split")
-        images, labels = (t.numpy() for t in prepare.load_split("test"))
+        images, labels = prepared.load_split("test")
     metrics, _ = score(backends.onnx_predictor(session), images, labels, classes)
     report = Path(report)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(
-        json.dumps({"model": model_uri, "data": data or "test split", **metrics}, indent=2)
-    )
+    paths.write_json(report, {"model": model_uri, "data": data or "test split", **metrics})
     return ModelEvaluation(
         model_uri, metrics["accuracy"], metrics["macro_f1"], metrics["n_images"], str(report)
     )

@@ -20,7 +20,7 @@ from components import models, paths, tensorrt, tracking
 from components.backends import onnx_predictor, ort_session, torch_predictor
 from components.config import Config, GateFailed
 from components.metrics import score
-from components.prepare import load_split
+from components.prepared import load_split
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,9 @@ def run(cfg: Config) -> ExportResult:
     }
     to_onnx(model, spec, paths.ONNX, cfg.export.opset, metadata)
     images, labels = load_split("test")
-    parity = check_parity(model, paths.ONNX, images.numpy(), cfg.export.parity_atol)
+    parity = check_parity(model, paths.ONNX, images, cfg.export.parity_atol)
     session = ort_session(paths.ONNX)
-    metrics, _ = score(onnx_predictor(session), images.numpy(), labels.numpy(), spec["classes"])
+    metrics, _ = score(onnx_predictor(session), images, labels, spec["classes"])
     report = {
         "onnx": {
             "status": "ok" if parity["passed"] else "failed",
@@ -67,11 +67,10 @@ def run(cfg: Config) -> ExportResult:
             "parity": parity,
         },
         "tensorrt_fp16": tensorrt.build_and_score(
-            paths.ONNX, paths.PLAN_FP16, "fp16", images.numpy(), labels.numpy(), spec["classes"]
+            paths.ONNX, paths.PLAN_FP16, "fp16", images, labels, spec["classes"]
         ),
     }
-    paths.REPORTS.mkdir(parents=True, exist_ok=True)
-    paths.EXPORT_REPORT.write_text(json.dumps(report, indent=2))
+    paths.write_json(paths.EXPORT_REPORT, report)
 
     with tracking.step_run(cfg, "export"):
         import mlflow

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
 import stat
 import warnings
 from dataclasses import dataclass
@@ -74,6 +75,9 @@ def read_many(paths: list[str], options: ReadOptions) -> list[tuple[dict, np.nda
 def init_worker() -> None:
     # Worker processes run side by side on the cores: one torch thread each.
     torch.set_num_threads(1)
+    # A forked worker inherits the parent's SIGTERM handler (Prefect's flow engine installs
+    # one); the pool stops its workers with SIGTERM, so they must die of it as by default.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def empty_facts() -> dict:

@@ -1,4 +1,4 @@
-"""The training loop: epochs over the prepared tensors in a seeded order, mixed precision,
+"""The training loop: epochs over the prepared shards in a seeded order, mixed precision,
 EMA, gradient clipping, early stopping on validation loss, and `models/last.pt` after every
 epoch so `--resume` continues a killed run. Under `torchrun` each process takes its share of
 every batch (DistributedDataParallel). The recipe it applies lives in `recipe.py`."""
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from components import distributed, paths, recipe
+from components import distributed, paths, prepared, recipe
 from components.config import Config, UserError
 
 
@@ -148,7 +148,7 @@ class Loop:
         self.optimizer = recipe.optimizer(groups, t)
         self.schedule = t.schedule
         self.scheduler = recipe.scheduler(self.optimizer, t, steps_per_epoch)
-        self.criterion = recipe.criterion(t, labels, model)
+        self.criterion = recipe.criterion(t, torch.as_tensor(labels), model)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.augment = augment
         self.grad_clip_norm = t.grad_clip_norm
@@ -271,12 +271,13 @@ def _load_last(cfg, model, loop: Loop, path: Path | None) -> dict:
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, images, labels, batch_size: int = 256):
+    """(mean loss, accuracy) over a split (`prepared.load_split`'s arrays, or tensors)."""
     model.eval()
     device = next(model.parameters()).device
     total_loss, correct = 0.0, 0
-    for i in range(0, len(images), batch_size):
-        logits = model(images[i : i + batch_size].to(device))
-        target = labels[i : i + batch_size].to(device)
+    for part in prepared.chunks(len(images), batch_size):
+        logits = model(prepared.batch(images, part).to(device))
+        target = prepared.batch(labels, part).to(device)
         total_loss += nn.functional.cross_entropy(logits, target, reduction="sum").item()
         hard_target = target.argmax(1) if target.ndim == 2 else target  # MixUp/CutMix: soft
         correct += (logits.argmax(1) == hard_target).sum().item()
@@ -302,7 +303,7 @@ def _train_epoch(model, data, batch_size: int, loop: Loop):
         if len(index) < world:  # a last sliver that cannot give every process an image
             continue
         index = index[rank::world]
-        batch, target = images[index], labels[index]
+        batch, target = prepared.batch(images, index), prepared.batch(labels, index)
         if loop.augment is not None and loop.augment.active:
             batch, target = loop.augment(batch, target)
         batch, target = loop.batch(batch), target.to(loop.device, non_blocking=True)

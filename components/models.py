@@ -12,6 +12,7 @@ from typing import get_args
 import torch
 from torch import nn
 
+from components import paths
 from components import pretrained as pretrained_weights
 from components.config import Arch, TorchvisionArch, UserError
 from components.preprocess import Preprocess
@@ -282,7 +283,8 @@ def input_size(spec: dict) -> int:
 
 def save_checkpoint(model: Classifier, spec: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"spec": spec, "state_dict": model.state_dict()}, path)
+    with paths.atomic(path) as partial:
+        torch.save({"spec": spec, "state_dict": model.state_dict()}, partial)
 
 
 def load_checkpoint(path: Path) -> tuple[Classifier, dict]:

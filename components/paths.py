@@ -3,6 +3,10 @@
 dvc.yaml names the same paths; keep the two in step.
 """
 
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 RAW = Path("data/raw")
@@ -33,5 +37,33 @@ MODEL_CARD = REPORTS / "model_card.md"
 REGISTRY_REPORT = REPORTS / "registry.json"
 
 
-def shard(split: str) -> Path:
-    return PREPARED / f"{split}.pt"
+def shard_images(split: str) -> Path:
+    """uint8 images [N, C, S, S] of one split, a .npy file read memory-mapped."""
+    return PREPARED / f"{split}-images.npy"
+
+
+def shard_labels(split: str) -> Path:
+    return PREPARED / f"{split}-labels.npy"
+
+
+@contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to, renamed to `path` when the block succeeds:
+    a reader (or the next stage after a kill) sees the old file or the whole new one."""
+    partial = path.with_name(f"{path.stem}.partial{path.suffix}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """`path.write_text(text)`, atomically (see `atomic`), making the folder when needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic(path) as partial:
+        partial.write_text(text)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2))

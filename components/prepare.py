@@ -1,16 +1,19 @@
-"""prepare: ImageFolder -> manifest (one row per file, with its facts) + uint8 tensor shards.
+"""prepare: ImageFolder -> manifest (one row per file, with its facts) + uint8 shards per split.
 
 Every file under the dataset root gets a manifest row, usable or not, so `validate` can report
 it: its facts come from `imagefacts` (read by one process per core, streamed, in path order).
 Files whose checks have a `quarantine` or `error` policy are left out of the splits (split
-"excluded", the codes in `excluded_by`). Identical files (same sha256) always land in the same
-split, so a duplicated image can never leak from train into test. The raw folder is only read:
-hidden files are ignored, and symbolic links that lead outside the root are not followed.
+"excluded", the codes in `excluded_by`). An image's split follows from its content (sha256) and
+the seed, so identical files always land in the same split (a duplicated image can never leak
+from train into test) and adding images never moves one a model was tested on. The raw
+folder is only read: hidden files are ignored, and symbolic links that lead outside the root
+are not followed.
+Pixels go to disk as they are decoded (`prepared` says how the shards are stored and read).
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -20,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from components import checks, datasets, imagefacts, paths
+from components import checks, datasets, imagefacts, paths, prepared
 from components.config import Config, UserError
 
 SPLITS = checks.SPLITS
@@ -54,24 +56,25 @@ def run(cfg: Config) -> PrepareResult:
     root = datasets.source_dir(cfg)
     entries, class_folders = scan(root, cfg)
     classes = list(cfg.data.classes) if cfg.data.classes else sorted(class_folders)
-    manifest, pixels = _read_images(entries, classes, cfg)
-    active = checks.active(cfg, classes)
-    file_checks = [c for c in active if not c.needs_splits]
-    manifest["excluded_by"] = checks.excluded_by(checks.derive(manifest), file_checks)
-    manifest["split"] = _assign_splits(manifest, cfg)
-    _mark_near_duplicates(manifest, active, cfg)
     paths.PREPARED.mkdir(parents=True, exist_ok=True)
-    manifest.to_parquet(paths.MANIFEST, index=False)
-
-    n_per_split = {}
-    for split in SPLITS:
-        index = manifest.index[manifest["split"] == split].to_numpy()
-        images = torch.from_numpy(pixels[index])
-        labels = torch.tensor(manifest.loc[index, "label_index"].to_numpy(), dtype=torch.int64)
-        torch.save({"images": images, "labels": labels}, paths.shard(split))
-        n_per_split[split] = len(index)
-        if split == "train":
-            mean, std = _channel_stats(images.numpy())
+    rows_path = paths.PREPARED / "rows.partial.npy"  # every file's pixels, in manifest order
+    try:
+        manifest, rows = _read_images(entries, classes, cfg, rows_path)
+        active = checks.active(cfg, classes)
+        file_checks = [c for c in active if not c.needs_splits]
+        manifest["excluded_by"] = checks.excluded_by(checks.derive(manifest), file_checks)
+        manifest["split"] = _assign_splits(manifest, cfg)
+        _mark_near_duplicates(manifest, active, cfg)
+        with paths.atomic(paths.MANIFEST) as partial:
+            manifest.to_parquet(partial, index=False)
+        n_per_split = {}
+        for split in SPLITS:
+            index = manifest.index[manifest["split"] == split].to_numpy()
+            prepared.write_split(split, rows, index, manifest["label_index"].to_numpy()[index])
+            n_per_split[split] = len(index)
+    finally:
+        rows_path.unlink(missing_ok=True)
+    mean, std = prepared.channel_stats(prepared.load_split("train")[0])
     meta = {
         "source": str(root),
         "classes": classes,
@@ -81,22 +84,21 @@ def run(cfg: Config) -> PrepareResult:
         "mean": mean,
         "std": std,
         "n_per_split": n_per_split,
+        "fingerprint": fingerprint(manifest),
         "validate_params": cfg.validate_.model_dump(mode="json"),
     }
-    paths.META.write_text(json.dumps(meta, indent=2))
+    paths.write_json(paths.META, meta)
     return PrepareResult(len(manifest), n_per_split, classes, str(paths.MANIFEST))
 
 
-def load_meta() -> dict:
-    if not paths.META.exists():
-        raise UserError(f"{paths.META} is missing: run the prepare stage first")
-    return json.loads(paths.META.read_text())
-
-
-def load_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images [N, C, S, S], int64 labels [N]) of one split."""
-    shard = torch.load(paths.shard(split), weights_only=True)
-    return shard["images"], shard["labels"]
+def fingerprint(manifest: pd.DataFrame) -> str:
+    """sha256 of every row's (relative path, sha256, label, split), in manifest order: the
+    data's identity where DVC does not track the folder, the same on every machine."""
+    columns = manifest[["path", "sha256", "label", "split"]].fillna("").astype(str)
+    digest = hashlib.sha256()
+    for row in columns.itertuples(index=False):
+        digest.update(("\t".join(row) + "\n").encode())
+    return digest.hexdigest()
 
 
 def scan(root: Path, cfg: Config) -> tuple[list[Entry], dict[str, int]]:
@@ -164,14 +166,17 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _read_images(entries: list[Entry], classes: list[str], cfg: Config):
-    """(manifest, uint8 pixels [rows, C, S, S]); rows that were not decoded stay zero.
+def _read_images(entries: list[Entry], classes: list[str], cfg: Config, rows_path: Path):
+    """(manifest, uint8 pixels [rows, C, S, S] memory-mapped at `rows_path`); rows that were
+    not decoded stay zero.
 
-    The facts arrive one file at a time and go straight into column lists, so what is held
-    grows by one manifest row (and one shard image) per file.
+    The facts arrive one file at a time and go straight into column lists and the pixels to
+    the file, so what is held in memory grows by one manifest row per file.
     """
     size, channels = cfg.prepare.image_size, cfg.prepare.channels
-    pixels = np.zeros((len(entries), channels, size, size), dtype=np.uint8)
+    pixels = np.lib.format.open_memmap(
+        rows_path, mode="w+", dtype=np.uint8, shape=(len(entries), channels, size, size)
+    )
     readable = [e.location in ("class_folder", "nested_folder") for e in entries]
     options = imagefacts.ReadOptions(channels, size, cfg.prepare.max_pixels)
     to_read = [entry.path for entry, read in zip(entries, readable, strict=True) if read]
@@ -226,22 +231,26 @@ def _read_all(files: list[str], options, workers: int) -> Iterator[tuple[dict, o
 
 
 def _assign_splits(manifest: pd.DataFrame, cfg: Config) -> pd.Series:
-    """Stratified, seeded split over groups of identical files; unusable rows are 'excluded'."""
+    """Each usable image's split from its content alone: a seeded hash of its sha256, read as a
+    number in [0, 1), against the fractions. Adding or removing files never moves another
+    image, identical files share a split, and only the seed or the fractions change them.
+    Each class gets its fractions on average (exactly, only as the class grows); unusable
+    rows are 'excluded'."""
     split = pd.Series("excluded", index=manifest.index, dtype=object)
-    usable = manifest[
+    usable = (
         manifest["decodable"] & (manifest["label_index"] >= 0) & (manifest["excluded_by"] == "")
-    ]
-    groups = usable.groupby("sha256", sort=True)["label"].first()
-    rng = np.random.default_rng(cfg.seed)
-    assignment: dict[str, str] = {}
-    for _, shas in groups.groupby(groups, sort=True):
-        order = rng.permutation(shas.index.to_numpy())
-        n_test = int(round(len(order) * cfg.prepare.test_fraction))
-        n_val = int(round(len(order) * cfg.prepare.val_fraction))
-        for i, sha in enumerate(order):
-            assignment[sha] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    split[usable.index] = usable["sha256"].map(assignment)
+    )
+    position = manifest.loc[usable, "sha256"].map(partial(_split_position, cfg.seed))
+    test, val = cfg.prepare.test_fraction, cfg.prepare.val_fraction
+    split[usable] = np.where(
+        position < test, "test", np.where(position < test + val, "val", "train")
+    )
     return split
+
+
+def _split_position(seed: int, sha256: str) -> float:
+    digest = hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def _mark_near_duplicates(manifest: pd.DataFrame, active: list, cfg: Config) -> None:
@@ -257,17 +266,3 @@ def _mark_near_duplicates(manifest: pd.DataFrame, active: list, cfg: Config) -> 
         found = near_of.notna()
         manifest.loc[found, "excluded_by"] = check.code
         manifest.loc[found, "split"] = "excluded"
-
-
-def _channel_stats(images: np.ndarray) -> tuple[list[float] | None, list[float] | None]:
-    """Per-channel mean/std (sample std, as torch's) in [0, 1] of uint8 [N, C, S, S]; None
-    when there are no images (the gate fails then). Exact integer sums, no float copy."""
-    if images.size == 0:
-        return None, None
-    n = images.size // images.shape[1]
-    sums = np.einsum("ncij->c", images, dtype=np.int64)
-    squares = np.einsum("ncij,ncij->c", images, images, dtype=np.int64)
-    mean = sums / n / 255
-    variance = (squares - sums.astype(np.float64) ** 2 / n) / (n - 1) / 255**2
-    std = np.maximum(np.sqrt(np.maximum(variance, 0)), 1e-3)
-    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]

@@ -19,7 +19,7 @@ from components import paths, speed, tensorrt, tracking
 from components.backends import onnx_predictor, ort_session
 from components.config import Config
 from components.metrics import score
-from components.prepare import load_meta, load_split
+from components.prepared import load_meta, load_split
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def run(cfg: Config) -> QuantizeResult:
     classes = load_meta()["classes"]
     calibration = _calibration_images(cfg)
     excluded = quantize_onnx(paths.ONNX, paths.ONNX_INT8, calibration, cfg.quantize.exclude_head)
-    test_images, test_labels = (t.numpy() for t in load_split("test"))
+    test_images, test_labels = load_split("test")
 
     formats = {}
     for name, model_path in (("fp32", paths.ONNX), ("int8", paths.ONNX_INT8)):
@@ -67,8 +67,7 @@ def run(cfg: Config) -> QuantizeResult:
             paths.ONNX_INT8, paths.PLAN_INT8, "int8", test_images, test_labels, classes
         ),
     }
-    paths.REPORTS.mkdir(parents=True, exist_ok=True)
-    paths.QUANTIZE_REPORT.write_text(json.dumps(report, indent=2))
+    paths.write_json(paths.QUANTIZE_REPORT, report)
 
     with tracking.step_run(cfg, "quantize"):
         import mlflow
@@ -131,7 +130,7 @@ def quantize_onnx(source: Path, target: Path, calibration: np.ndarray, exclude_h
 def _calibration_images(cfg: Config) -> np.ndarray:
     images, _ = load_split("train")
     order = np.random.default_rng(cfg.seed).permutation(len(images))
-    return images.numpy()[order[: cfg.quantize.calibration_images]]
+    return images[order[: cfg.quantize.calibration_images]]
 
 
 def _head_nodes(model_path: Path) -> list[str]:

@@ -18,7 +18,7 @@ from components import models, paths, quantize, tracking
 from components.backends import onnx_predictor, ort_session
 from components.config import Config, UserError
 from components.metrics import score
-from components.prepare import load_split
+from components.prepared import load_split
 
 CHAMPION = "champion"
 
@@ -44,9 +44,9 @@ def run(cfg: Config) -> RegistryResult:
     with tracking.step_run(cfg, "register") as run:
         import mlflow
 
-        version = _log_and_register(cfg, spec, name, run.info.run_id, images.numpy())
+        version = _log_and_register(cfg, spec, name, run.info.run_id, images)
         champion = _current_champion(name)
-        champion_eval = _rescore(champion, spec["classes"], images.numpy(), labels.numpy())
+        champion_eval = _rescore(champion, spec["classes"], images, labels)
         gates = _gates(cfg, candidate_accuracy, champion, champion_eval)
         promoted = all(g["passed"] for g in gates.values())
         if promoted:
@@ -74,11 +74,10 @@ def run(cfg: Config) -> RegistryResult:
         client.set_model_version_tag(name, version, "lensflow.gates", json.dumps(gates))
         client.set_model_version_tag(name, version, "lensflow.decision", decision)
         card = model_card(cfg, spec, version, export_report)
-        paths.MODEL_CARD.write_text(card)
+        paths.write_text(paths.MODEL_CARD, card)
         mlflow.log_artifact(str(paths.MODEL_CARD))
         client.update_model_version(name, version, description=card)
-        paths.REPORTS.mkdir(parents=True, exist_ok=True)
-        paths.REGISTRY_REPORT.write_text(json.dumps(report, indent=2))
+        paths.write_json(paths.REGISTRY_REPORT, report)
         mlflow.log_artifact(str(paths.REGISTRY_REPORT))
         mlflow.log_metric("registry/promoted", float(promoted))
     return RegistryResult(
@@ -116,7 +115,7 @@ def _log_and_register(cfg: Config, spec: dict, name: str, run_id: str, images: n
     import onnx
     from mlflow.models import infer_signature
 
-    example = images[:2]
+    example = np.array(images[:2])  # the shard is memory-mapped
     probabilities = onnx_predictor(ort_session(paths.ONNX))(example)
     signature = infer_signature(
         example, {"logits": np.log(probabilities + 1e-12), "probabilities": probabilities}

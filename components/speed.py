@@ -17,7 +17,7 @@ def measure(predict, images: np.ndarray, batch_size: int = 64, seconds: float = 
         predict(image[None])
         latencies.append((time.perf_counter() - start) * 1000)
 
-    batch = np.resize(images, (batch_size, *images.shape[1:]))  # repeats images if too few
+    batch = np.resize(images[:batch_size], (batch_size, *images.shape[1:]))  # repeats if too few
     predict(batch)
     runs, start = 0, time.perf_counter()
     while runs < 3 or time.perf_counter() - start < seconds:

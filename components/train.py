@@ -10,15 +10,25 @@ same code trains with DistributedDataParallel; only rank 0 logs and writes files
 from __future__ import annotations
 
 import csv
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from components import augment, distributed, doctor, loop, models, paths, plots, tracking, tuned
+from components import (
+    augment,
+    distributed,
+    doctor,
+    loop,
+    models,
+    paths,
+    plots,
+    prepared,
+    tracking,
+    tuned,
+)
 from components.config import Config, GateFailed
-from components.prepare import load_meta, load_split
+from components.prepared import load_meta, load_split
 from components.validate import require_passed
 
 
@@ -107,17 +117,18 @@ def _log_end(best: dict, seconds: float) -> None:
 def _augmentation_preview(cfg: Config, images, labels, spec: dict):
     """16 training images as the model sees them (titled with their original labels), from a
     generator of their own, so training stays seeded."""
+    images, labels = prepared.batch(images, slice(16)), prepared.batch(labels, slice(16))
     augmented, _ = augment.batch_augmenter(cfg, len(spec["classes"]), seed=cfg.seed + 1)(
-        images[:16], labels[:16]
+        images, labels
     )
-    titles = [spec["classes"][i] for i in labels[:16]]
+    titles = [spec["classes"][i] for i in labels]
     pixels = augmented.clamp(0, 255).to(torch.uint8).numpy()
     return plots.image_grid(pixels, titles, paths.PLOTS / "augmentation_preview.png")
 
 
 def _write_reports(cfg, history, best: dict, seconds: float, n_train: int, sanity: dict):
     paths.REPORTS.mkdir(parents=True, exist_ok=True)
-    with paths.TRAINING_CURVE.open("w", newline="") as f:
+    with paths.atomic(paths.TRAINING_CURVE) as partial, partial.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
@@ -136,7 +147,7 @@ def _write_reports(cfg, history, best: dict, seconds: float, n_train: int, sanit
         "amp": cfg.train.amp,
         "world_size": distributed.world_size(),
     }
-    paths.TRAINING_REPORT.write_text(json.dumps(report, indent=2))
+    paths.write_json(paths.TRAINING_REPORT, report)
 
 
 def _curves_plot():

@@ -25,7 +25,7 @@ from functools import partial
 import optuna
 import torch
 
-from components import augment, config, loop, models, paths, prepare, tracking, tune_storage, tuned
+from components import augment, config, loop, models, paths, prepared, tracking, tune_storage, tuned
 from components.config import Config, Distribution, GateFailed
 from components.validate import require_passed
 
@@ -66,8 +66,7 @@ def run(cfg: Config) -> TuneResult:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # killed earlier, silent for GRACE_SECONDS
         report = _report(cfg, study, url, parent.info.run_id)
-        paths.REPORTS.mkdir(parents=True, exist_ok=True)
-        paths.TUNING_REPORT.write_text(json.dumps(report, indent=2))
+        paths.write_json(paths.TUNING_REPORT, report)
         _log_study(study, report)
     if crashed:
         raise GateFailed(
@@ -169,9 +168,9 @@ class _Context:
     def __init__(self, cfg: Config, parent_run_id: str):
         self.cfg = cfg
         self.space = cfg.tune.space.flat()
-        self.meta = prepare.load_meta()
-        self.train = prepare.load_split("train")
-        self.val = prepare.load_split("val")
+        self.meta = prepared.load_meta()
+        self.train = prepared.load_split("train")
+        self.val = prepared.load_split("val")
         self.experiment_id = tracking.setup(cfg)
         self.tags = {
             **tracking.lineage(cfg),
@@ -401,7 +400,7 @@ def _not_run() -> TuneResult:
             "epochs_trained": 0,
             "mlflow_run_id": None,
         }
-        paths.TUNING_REPORT.write_text(json.dumps(report, indent=2))
+        paths.write_json(paths.TUNING_REPORT, report)
     return _result(json.loads(paths.TUNING_REPORT.read_text()), new_trials=0, status="not_run")
 
 

@@ -19,8 +19,8 @@ import pandas as pd
 
 from components import checks, data_report, paths
 from components.checks import SPLITS
-from components.config import Config, UserError
-from components.prepare import load_meta
+from components.config import Config, GateFailed, UserError
+from components.prepared import load_meta, manifest_sha256
 
 SEVERITIES = ("error", "quarantine", "warn")
 KEY_COLUMN = {"images": "path", "classes": "name"}
@@ -90,6 +90,7 @@ def run(cfg: Config, track: bool = True) -> ValidationResult:
         "success": all(_gate_passed(result) for result in results.values()),
         "n_images": len(manifest),
         "n_used": int(manifest["split"].isin(SPLITS).sum()),
+        "manifest_sha256": manifest_sha256(),
         "counts": counts,
         "checks": [
             {
@@ -122,11 +123,17 @@ def run(cfg: Config, track: bool = True) -> ValidationResult:
 
 
 def require_passed() -> None:
-    """Refuse to go on when the last validation failed (or never ran)."""
+    """Refuse to go on unless the last validation passed, on the data prepared now."""
+    rerun = "run `lensflow stage validate` (or `lensflow run`)"
     if not paths.VALIDATION_REPORT.exists():
-        raise UserError(f"{paths.VALIDATION_REPORT} is missing: run the validate stage first")
-    if not json.loads(paths.VALIDATION_REPORT.read_text())["success"]:
-        raise UserError(f"the data failed validation; see {paths.VALIDATION_REPORT}")
+        raise GateFailed(f"the prepared data has not been validated: {rerun}")
+    report = json.loads(paths.VALIDATION_REPORT.read_text())
+    if not paths.MANIFEST.exists() or report.get("manifest_sha256") != manifest_sha256():
+        raise GateFailed(
+            f"{paths.VALIDATION_REPORT} is about other data than {paths.MANIFEST}: {rerun}"
+        )
+    if not report["success"]:
+        raise GateFailed(f"the data failed validation; see {paths.VALIDATION_REPORT}")
 
 
 def summary(result: ValidationResult) -> str:
@@ -251,12 +258,9 @@ def _copies(code: str, rows: pd.DataFrame, table: pd.DataFrame) -> pd.Series:
 
 
 def _write_reports(report: dict, stats: dict, source: str) -> None:
-    paths.REPORTS.mkdir(parents=True, exist_ok=True)
-    paths.VALIDATION_REPORT.write_text(json.dumps(report, indent=2))
-    data_report.DATA_STATS.write_text(json.dumps(stats, indent=2))
-    data_report.HTML_REPORT.write_text(
-        data_report.html_report(report, stats, source), encoding="utf-8"
-    )
+    paths.write_json(paths.VALIDATION_REPORT, report)
+    paths.write_json(data_report.DATA_STATS, stats)
+    paths.write_text(data_report.HTML_REPORT, data_report.html_report(report, stats, source))
 
 
 def _log_to_mlflow(cfg: Config, report: dict, stats: dict, gx_results: dict) -> None:

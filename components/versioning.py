@@ -5,12 +5,14 @@ DVC is driven through its own command line (`python -m dvc`), the interface it d
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from components import paths
 from components.config import UserError
 
 
@@ -23,12 +25,18 @@ def git_dirty() -> bool:
 
 
 def data_md5(source: Path) -> str:
-    """The DVC hash of a tracked data folder (from its .dvc file), or 'untracked'."""
+    """The data's identity: the DVC hash of a tracked data folder (from its .dvc file); for a
+    folder DVC does not track, `manifest:` + the fingerprint prepare computed of its files
+    (the same files give the same value on every machine); 'untracked' before prepare ran."""
     dvc_file = source.parent / f"{source.name}.dvc"
-    if not dvc_file.exists():
-        return "untracked"
-    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-    return str(outs[0].get("md5", "untracked"))
+    if dvc_file.exists():
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+        if "md5" in outs[0]:
+            return str(outs[0]["md5"])
+    meta = json.loads(paths.META.read_text()) if paths.META.exists() else {}
+    if meta.get("source") == str(source) and "fingerprint" in meta:
+        return f"manifest:{meta['fingerprint'][:32]}"
+    return "untracked"
 
 
 def in_dvc_repo() -> bool:

@@ -1,12 +1,12 @@
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from components import config, datasets, paths, prepare, validate
-from components.config import UserError
+from components import config, datasets, paths, prepare, prepared, validate, versioning
+from components.config import GateFailed, UserError
 
 
 def _folder_cfg(root, **prepare_kw):
@@ -22,19 +22,61 @@ def shapes_folder(project):
     return root
 
 
-def test_prepare_writes_manifest_shards_and_stratified_splits(shapes_folder):
+def test_prepare_writes_manifest_shards_and_splits(shapes_folder):
     cfg = _folder_cfg(shapes_folder, image_size=16)
     result = prepare.run(cfg)
     manifest = pd.read_parquet(paths.MANIFEST)
     assert len(manifest) == result.n_images == 100
     assert {"path", "label", "split", "sha256", "width", "height", "mode"} <= set(manifest.columns)
-    per_class = manifest.groupby(["label", "split"]).size().unstack()
-    assert (per_class["test"] == 2).all() and (per_class["val"] == 2).all()
-    images, labels = prepare.load_split("train")
-    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 16, 16)
-    assert len(images) == len(labels) == result.n_per_split["train"] == 60
-    meta = prepare.load_meta()
+    share = manifest["split"].value_counts(normalize=True)
+    assert abs(share["test"] - 0.2) < 0.1 and abs(share["val"] - 0.15) < 0.1
+    images, labels = prepared.load_split("train")
+    assert images.dtype == np.uint8 and images.shape[1:] == (3, 16, 16)
+    assert isinstance(images, np.memmap)  # read from disk a batch at a time, never whole
+    assert not list(paths.PREPARED.glob("*partial*"))  # the scratch rows file is gone
+    assert len(images) == len(labels) == result.n_per_split["train"] == share["train"] * 100
+    meta = prepared.load_meta()
     assert meta["classes"] == sorted(datasets.SHAPE_CLASSES) and len(meta["mean"]) == 3
+
+
+def test_adding_images_never_moves_an_existing_one(shapes_folder, tmp_path):
+    prepare.run(_folder_cfg(shapes_folder))
+    before = pd.read_parquet(paths.MANIFEST).set_index("path")["split"]
+    datasets.write("shapes", tmp_path / "more", per_class=10, seed=2)  # 100 new images
+    for image in (tmp_path / "more").glob("*/*.png"):
+        shutil.copy(image, shapes_folder / image.parent.name / f"new-{image.name}")
+    prepare.run(_folder_cfg(shapes_folder))
+    after = pd.read_parquet(paths.MANIFEST).set_index("path")["split"]
+    assert len(after) == 200 and after[before.index].equals(before)
+    assert after.drop(before.index).nunique() == 3  # the new images spread over the splits
+    reseeded = _folder_cfg(shapes_folder).model_copy(update={"seed": 7})
+    prepare.run(reseeded)
+    assert not pd.read_parquet(paths.MANIFEST).set_index("path")["split"].equals(after)
+
+
+def test_untracked_data_is_identified_by_its_files(shapes_folder, project):
+    assert versioning.data_md5(shapes_folder) == "untracked"  # nothing prepared yet
+    prepare.run(_folder_cfg(shapes_folder))
+    identity = versioning.data_md5(shapes_folder)
+    assert identity.startswith("manifest:")
+    copy = project / "elsewhere" / "copy"
+    shutil.copytree(shapes_folder, copy)
+    prepare.run(_folder_cfg(copy))
+    assert versioning.data_md5(copy) == identity  # the same files, another place
+    (copy / "checker_2" / "0000.png").write_bytes((copy / "checker_4" / "0001.png").read_bytes())
+    prepare.run(_folder_cfg(copy))
+    assert versioning.data_md5(copy) not in (identity, "untracked")
+
+
+def test_validation_vouches_only_for_the_data_it_saw(shapes_folder, project):
+    prepare.run(_folder_cfg(shapes_folder))
+    assert validate.run(_folder_cfg(shapes_folder), track=False).success
+    validate.require_passed()
+    other = project / "other"
+    datasets.write("shapes", other, per_class=10, seed=5)
+    prepare.run(_folder_cfg(other))
+    with pytest.raises(GateFailed, match="other data.*lensflow stage validate"):
+        validate.require_passed()
 
 
 def test_prepare_is_seeded(shapes_folder):
@@ -82,7 +124,7 @@ def test_broken_file_fails_the_gate_and_is_named(shapes_folder):
     assert (
         sorted(p.name for p in (shapes_folder / "checker_2").iterdir()) == before
     )  # nothing deleted
-    with pytest.raises(UserError, match="failed validation"):
+    with pytest.raises(GateFailed, match="failed validation"):
         validate.require_passed()
 
 

@@ -21,8 +21,10 @@ from components import (
     models,
     paths,
     prepare,
+    prepared,
     quantize,
     registry,
+    robustness,
     train,
     validate,
 )
@@ -82,11 +84,11 @@ def test_initial_loss_is_near_ln_classes(trained):
     assert report["expected_initial_loss"] == pytest.approx(math.log(10))
     assert report["initial_loss_ok"] and abs(report["initial_loss"] - math.log(10)) < 0.5
 
-    spec = models.model_spec(trained["cfg"].model, prepare.load_meta())
+    spec = models.model_spec(trained["cfg"].model, prepared.load_meta())
     model = models.build(spec)
     with torch.no_grad():
         model.network.head.bias[0] = 20.0  # a head that is sure of class 0 before training
-    images, labels = prepare.load_split("val")
+    images, labels = prepared.load_split("val")
     with pytest.warns(UserWarning, match="initial loss"):
         assert not doctor.initial_loss_check(model, images, labels, 10)["ok"]
 
@@ -113,13 +115,13 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_epoch(trained):
             return logits
 
     cfg = trained["cfg"]
-    spec = models.model_spec(cfg.model, prepare.load_meta())
-    steps_per_epoch = math.ceil(len(prepare.load_split("train")[0]) / cfg.train.batch_size)
+    spec = models.model_spec(cfg.model, prepared.load_meta())
+    steps_per_epoch = math.ceil(len(prepared.load_split("train")[0]) / cfg.train.batch_size)
     model = models.build(spec)
     model.network = NanAfter(model.network, calls=2 * steps_per_epoch + 1)
     with mlflow.start_run():
         best, history, _, diverged = loop.fit(
-            model, cfg, prepare.load_split("train"), prepare.load_split("val")
+            model, cfg, prepared.load_split("train"), prepared.load_split("val")
         )
     assert "epoch 3" in diverged and len(history) == 2 and best["epoch"] in (1, 2)
     assert all(
@@ -146,7 +148,28 @@ def test_evaluation_report_has_the_documented_keys(trained):
         "confusion_matrix",
     } <= set(report)
     assert np.array(report["confusion_matrix"]).sum() == report["n_images"]
+    assert report["corruption_images"] == report["n_images"]  # fewer than robustness_images
     assert (trained["root"] / "plots" / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_robustness_scores_a_seeded_sample_a_batch_at_a_time(trained):
+    images, labels = prepared.load_split("test")
+    sample = prepared.sample(len(images), 20, seed=1)
+    assert len(sample) == 20 and list(sample) == sorted(set(sample))
+    assert np.array_equal(sample, prepared.sample(len(images), 20, seed=1))
+    model, _ = models.load_checkpoint(trained["root"] / paths.CHECKPOINT)
+    predict, batches = backends.torch_predictor(model), []
+
+    def counting(batch):
+        batches.append(len(batch))
+        return predict(batch)
+
+    sampled = robustness.corruption_accuracy(counting, images, labels, sample, 0, batch_size=8)
+    assert sum(batches) == 20 * 12 and max(batches) == 8  # 4 corruptions x 3 severities
+    alone = robustness.corruption_accuracy(
+        predict, images[sample], labels[sample], np.arange(20), 0, batch_size=8
+    )
+    assert sampled == alone  # the sample's accuracy, as if it were the whole test split
 
 
 def test_onnx_export_has_preprocessing_metadata_and_parity(trained):
@@ -172,8 +195,8 @@ def test_parity_gate_catches_a_broken_export(trained, tmp_path):
     broken = tmp_path / "broken.onnx"
     onnx.save(proto, broken)
     model, _ = models.load_checkpoint(trained["root"] / paths.CHECKPOINT)
-    images, _ = prepare.load_split("test")
-    parity = export.check_parity(model, broken, images.numpy(), atol=1e-4)
+    images, _ = prepared.load_split("test")
+    parity = export.check_parity(model, broken, images, atol=1e-4)
     assert not parity["passed"] and parity["max_abs_diff"] > 1e-4
 
 
@@ -206,8 +229,8 @@ def test_registry_promotes_only_through_the_gates(trained):
     assert version.tags["data.md5"] != "" and "lensflow.gates" in version.tags
     session, meta = registry.load_onnx_session(registry.champion_uri(name))
     classes = meta["classes"]
-    images, labels = prepare.load_split("test")
-    metrics, _ = score(backends.onnx_predictor(session), images.numpy(), labels.numpy(), classes)
+    images, labels = prepared.load_split("test")
+    metrics, _ = score(backends.onnx_predictor(session), images, labels, classes)
     assert metrics["accuracy"] == trained["evaluation"].accuracy
 
 
@@ -242,7 +265,7 @@ def test_quantization_gate_ships_and_refuses_by_its_thresholds(trained):
     assert shipped.shipped and report["status"] == "shipped" and report["reasons"] == []
     assert report["formats"]["int8"]["size_bytes"] < report["formats"]["fp32"]["size_bytes"]
     assert report["formats"]["fp32"]["accuracy"] == trained["export"].accuracy
-    assert report["calibration_images"] == min(300, len(prepare.load_split("train")[0]))
+    assert report["calibration_images"] == min(300, len(prepared.load_split("train")[0]))
     assert len(report["excluded_nodes"]) == 1  # the classifier head stays in float
     assert report["tensorrt_int8"]["status"] in {"ok", "skipped"}
 
@@ -287,9 +310,9 @@ def test_golden_files_to_predictions_match_the_evaluation(trained, tmp_path):
         shutil.copy(raw / path, tmp_path / path)
     classes = sorted(datasets.SHAPE_CLASSES)
     images, labels = evaluate_model.read_image_folder(tmp_path, classes, channels=3, size=16)
-    shard_images, shard_labels = prepare.load_split("test")
-    assert np.array_equal(images, shard_images.numpy())
-    assert np.array_equal(labels, shard_labels.numpy())
+    shard_images, shard_labels = prepared.load_split("test")
+    assert np.array_equal(images, shard_images)
+    assert np.array_equal(labels, shard_labels)
 
     session = backends.ort_session(trained["root"] / paths.ONNX)
     predicted = backends.onnx_predictor(session)(images).argmax(1)

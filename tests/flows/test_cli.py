@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from components import datasets
+from tests.conftest import write_tiny_params
 
 
 def lensflow(*args, cwd):
@@ -75,3 +76,16 @@ def test_validate_unusable_input_is_exit_2(project, target):
     done = lensflow("validate", target, cwd=project)
     assert done.returncode == 2 and target in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_training_on_data_prepared_after_its_validation_is_exit_1(project):
+    write_tiny_params(project)
+    datasets.write("shapes", project / "first", per_class=4, seed=0)
+    datasets.write("shapes", project / "second", per_class=4, seed=1)
+    for stage in ("prepare", "validate"):
+        done = lensflow("stage", stage, "--set", "data.source=first", cwd=project)
+        assert done.returncode == 0, done.stderr
+    lensflow("stage", "prepare", "--set", "data.source=second", cwd=project)
+    done = lensflow("stage", "train", "--set", "data.source=second", cwd=project)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "lensflow stage validate" in done.stderr.strip().splitlines()[-1]

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 import torch
 
-from components import backends, compare, config, models, paths, prepare
+from components import backends, compare, config, models, paths, prepared
 from components.metrics import score
 from flows import cli
 from flows.compare import compare_flow
@@ -86,12 +86,12 @@ def test_report_structure_and_regime_verdicts(compared):
         assert regime["transfer_beats_scratch"] == (gain > 0 and regime["mcnemar_p"] < 0.05)
         assert regime["verdict"].startswith(f"{regime['regime']} ({scratch['train_images']}")
         assert 0 <= regime["mcnemar_p"] <= 1
-    assert report["test_images"] == len(prepare.load_split("test")[1])
+    assert report["test_images"] == len(prepared.load_split("test")[1])
     assert "transfer@30%" in compared["result"].table
 
 
 def test_accuracy_is_the_evaluators_on_the_arms_model(compared):
-    images, labels = (t.numpy() for t in prepare.load_split("test"))
+    images, labels = prepared.load_split("test")
     for arm in compared["report"]["arms"]:
         model, spec = models.load_checkpoint(arm["checkpoint"])
         metrics, _ = score(backends.torch_predictor(model), images, labels, spec["classes"])
@@ -102,7 +102,7 @@ def test_accuracy_is_the_evaluators_on_the_arms_model(compared):
 
 
 def test_small_regime_is_a_stratified_subset_with_every_class(compared):
-    labels = prepare.load_split("train")[1]
+    labels = torch.from_numpy(prepared.load_split("train")[1])
     index = compare.stratified_subset(labels, 0.3, compared["cfg"].seed)
     counts = torch.bincount(labels, minlength=10)
     assert torch.equal(torch.bincount(labels[index], minlength=10), (counts * 0.3).round().long())

@@ -6,7 +6,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from components import backends, paths, prepare, registry
+from components import backends, paths, prepared, registry
 from components.config import GateFailed
 from components.metrics import score
 from flows.training import training_flow
@@ -28,8 +28,8 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
     # the champion resolves to an ONNX model scoring exactly what the flow reported
     session, meta = registry.load_onnx_session(registry.champion_uri("lensflow-classifier"))
     classes = meta["classes"]
-    images, labels = prepare.load_split("test")
-    metrics, _ = score(backends.onnx_predictor(session), images.numpy(), labels.numpy(), classes)
+    images, labels = prepared.load_split("test")
+    metrics, _ = score(backends.onnx_predictor(session), images, labels, classes)
     assert metrics["accuracy"] == evaluation["accuracy"] == summary["test_accuracy"]
 
     # `lensflow evaluate` on the champion reproduces the flow's report
