@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from components import credentials
+
 
 class UserError(Exception):
     """Bad usage or bad input: the CLI prints the message on one line and exits with 2."""
@@ -316,7 +318,9 @@ def _default_space() -> Space:
 class Tune(Section):
     enabled: bool = Field(False, description="lensflow run / dvc repro: a study before train")
     study: str = Field("lensflow", min_length=1, description="study name prefix (+ params hash)")
-    storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL (no passwords)")
+    storage: str = Field(
+        "sqlite:///optuna.db", description="Optuna storage URL; no passwords (refused at load)"
+    )
     trials: int = Field(20, ge=1, description="trials per invocation")
     timeout: float | None = Field(None, gt=0, description="seconds per invocation; None: no limit")
     workers: int = Field(1, ge=1, description="processes sharing the study")
@@ -399,9 +403,33 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -
 
 def from_dict(raw: dict, source: str = "params") -> Config:
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{source}: {_describe(exc)}") from None
+        raise UserError(credentials.redact(f"{source}: {_describe(exc)}")) from None
+    _refuse_credentials(cfg.as_dict(), source)
+    return cfg
+
+
+def _refuse_credentials(tree, source: str, key: str = "") -> None:
+    """Every value is logged to MLflow and recorded by DVC: a password must never be one."""
+    if isinstance(tree, dict):
+        for name, value in tree.items():
+            _refuse_credentials(value, source, f"{key}.{name}" if key else str(name))
+    elif isinstance(tree, list):
+        for value in tree:
+            _refuse_credentials(value, source, key)
+    elif isinstance(tree, str) and credentials.has_credentials(tree):
+        if key == "tune.storage":
+            where = (
+                f"put the whole URL in the environment variable {credentials.TUNE_STORAGE_ENV} "
+                "instead (or the password in PGPASSWORD / ~/.pgpass)"
+            )
+        else:
+            where = "keep credentials in environment variables, never in params"
+        raise UserError(
+            f"{source}: '{key}' holds a password or token: {where}; params are written to MLflow "
+            "and dvc.lock"
+        )
 
 
 def with_values(cfg: Config, values: dict, source: str = "params") -> Config:

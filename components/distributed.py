@@ -61,10 +61,10 @@ def wrap(model: nn.Module) -> nn.Module:
 
 
 def sum_over_processes(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int):
-    """Epoch totals over all processes, as Python numbers."""
-    totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen))])
+    """Epoch totals over all processes, as Python numbers (one device-to-host copy)."""
+    seen_tensor = torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device)
+    totals = torch.stack([loss_sum.double(), correct.double(), seen_tensor])
     if active():
-        totals = totals.to(loss_sum.device)
         dist.all_reduce(totals)
     loss_sum, correct, seen = totals.tolist()
     return loss_sum, correct, int(seen)

@@ -148,7 +148,7 @@ class Loop:
         self.optimizer = recipe.optimizer(groups, t)
         self.schedule = t.schedule
         self.scheduler = recipe.scheduler(self.optimizer, t, steps_per_epoch)
-        self.criterion = recipe.criterion(t, torch.as_tensor(labels), model)
+        self.criterion = recipe.criterion(t, torch.as_tensor(labels), model).to(self.device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.augment = augment
         self.grad_clip_norm = t.grad_clip_norm
@@ -261,7 +261,9 @@ def _save_last(cfg, epoch: int, model, loop: Loop, loop_state: dict, path: Path)
 def _load_last(cfg, model, loop: Loop, path: Path | None) -> dict:
     if path is None or not path.exists():
         raise UserError(f"{path} not found: nothing to resume")
-    state = torch.load(path, weights_only=True)
+    # on the CPU first, whatever device wrote it: load_state_dict copies to the model's and
+    # optimiser's device, and the random generators' states must be CPU tensors
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if state["params_hash"] != cfg.params_hash():
         raise UserError(f"{path} was written with other params: train without --resume")
     model.load_state_dict(state["model"])

@@ -1,16 +1,20 @@
 """MLflow run context: one parent run per pipeline run, one child run per step.
 
 Local by default (`sqlite:///mlflow.db`, artifacts in ./mlartifacts); `MLFLOW_TRACKING_URI`
-points everything at a team server instead. Every run carries the same lineage tags.
+points everything at a team server instead. Every run carries the same lineage tags, and the
+host and process that run it: a run whose process died without ending it (SIGKILL, power cut)
+is ended KILLED by the next lensflow process that uses the experiment on that host.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import socket
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from components import datasets, versioning
+from components import credentials, datasets, versioning
 from components.config import Config
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -20,24 +24,91 @@ LOCAL_ARTIFACTS = Path("mlartifacts")
 # Prefect may run tasks on worker threads.
 _parent_run_id: str | None = None
 _flow_run_id: str = "none"
+_swept: set[tuple[str, str]] = set()  # (tracking URI, experiment id) close_orphans has seen
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    """MLFLOW_TRACKING_URI (or the local default) as MLflow gets it. A user and password in an
+    http(s) URI move to MLflow's own MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, so
+    that no URL MLflow prints or puts in an error message holds them."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.password is None:
+        return uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def shown_uri() -> str:
+    """The tracking URI as lensflow prints it: without a password (a database URL keeps one)."""
+    return credentials.redact(tracking_uri())
 
 
 def setup(cfg: Config) -> str:
-    """Point MLflow at the tracking server and experiment; returns the experiment id."""
+    """Point MLflow at the tracking server and experiment; returns the experiment id. The
+    first time in a process, ends the experiment's runs that a dead process left RUNNING."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if tracking_uri().startswith("sqlite:"):
-        location = LOCAL_ARTIFACTS.resolve().as_uri()
-    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    if experiment is None:
+        location = None
+        if tracking_uri().startswith("sqlite:"):
+            location = LOCAL_ARTIFACTS.resolve().as_uri()
+        return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    if (tracking_uri(), experiment.experiment_id) not in _swept:
+        _swept.add((tracking_uri(), experiment.experiment_id))
+        close_orphans(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def process_tags() -> dict[str, str]:
+    """Who runs a run: a later process can tell whether it is still alive."""
+    import psutil
+
+    return {
+        "lensflow.host": socket.gethostname(),
+        "lensflow.pid": str(os.getpid()),
+        "lensflow.pid_started": f"{psutil.Process().create_time():.2f}",
+    }
+
+
+def close_orphans(experiment_id: str) -> list[str]:
+    """End KILLED the RUNNING runs whose process, on this host, no longer exists (killed with
+    SIGKILL, out of memory, a power cut): nothing else would ever end them. Runs of other
+    hosts are left alone: whether their process lives cannot be told from here."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    running = client.search_runs(
+        [experiment_id],
+        f"attributes.status = 'RUNNING' and tags.`lensflow.host` = '{host}'",
+        max_results=1000,
+    )
+    closed = []
+    for run in running:
+        pid, started = run.data.tags["lensflow.pid"], run.data.tags.get("lensflow.pid_started")
+        if _alive(int(pid), started):
+            continue
+        client.set_tag(run.info.run_id, "error", f"its process (pid {pid} on {host}) was killed")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        same = started is None or f"{process.create_time():.2f}" == started  # pid not reused
+        return same and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # another user's process: alive
+        return True
 
 
 def lineage(cfg: Config) -> dict[str, str]:
@@ -58,12 +129,14 @@ def pipeline_run(cfg: Config, name: str, flow_run_id: str | None = None):
     global _parent_run_id, _flow_run_id
     experiment_id = setup(cfg)
     _flow_run_id = flow_run_id or "none"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=lineage(cfg)) as run:
+    tags = {**lineage(cfg), **process_tags()}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         mlflow.log_params(_flatten(cfg.as_dict()))
         mlflow.log_dict(cfg.as_dict(), "config/params.resolved.yaml")
         _parent_run_id = run.info.run_id
         try:
-            yield run
+            with _killed_when_interrupted():
+                yield run
         finally:
             _parent_run_id, _flow_run_id = None, "none"
 
@@ -75,11 +148,12 @@ def step_run(cfg: Config, step: str):
     import mlflow
 
     experiment_id = setup(cfg)
-    tags = {**lineage(cfg), "lensflow.step": step}
+    tags = {**lineage(cfg), **process_tags(), "lensflow.step": step}
     if _parent_run_id is None:
         with mlflow.start_run(experiment_id=experiment_id, run_name=step, tags=tags) as run:
             mlflow.log_params(_flatten(cfg.as_dict()))
-            yield run
+            with _killed_when_interrupted():
+                yield run
         return
     client = mlflow.MlflowClient()
     run = client.create_run(
@@ -89,7 +163,24 @@ def step_run(cfg: Config, step: str):
     with mlflow.start_run(run_id=run.info.run_id, nested=True) as active:
         # the step's own params: those of the parent, unless the step changed them (use_tuned)
         mlflow.log_params(_flatten(cfg.as_dict()))
-        yield active
+        with _killed_when_interrupted():
+            yield active
+
+
+@contextmanager
+def _killed_when_interrupted():
+    """The active run ends KILLED when the process is stopped from outside (Ctrl-C, SIGTERM,
+    Prefect's termination signal), not FAILED as on an error."""
+    import mlflow
+
+    try:
+        yield
+    except (Exception, GeneratorExit):
+        raise
+    except BaseException:
+        with suppress(Exception):  # the interruption must go on, whatever MLflow answers
+            mlflow.end_run("KILLED")
+        raise
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:

@@ -27,6 +27,7 @@ import torch
 
 from components import augment, config, loop, models, paths, prepared, tracking, tune_storage, tuned
 from components.config import Config, Distribution, GateFailed
+from components.credentials import redact
 from components.validate import require_passed
 
 STATES = ("complete", "pruned", "fail", "running", "waiting")
@@ -174,6 +175,7 @@ class _Context:
         self.experiment_id = tracking.setup(cfg)
         self.tags = {
             **tracking.lineage(cfg),
+            **tracking.process_tags(),
             "lensflow.step": "tune-trial",
             "mlflow.parentRunId": parent_run_id,
         }
@@ -291,6 +293,7 @@ def _study_run(cfg: Config, study: optuna.Study):
     run_id = study.user_attrs.get(tune_storage.RUN_ATTR)
     if run_id and _run_exists(run_id, tracking.setup(cfg)):
         with mlflow.start_run(run_id=run_id, nested=True) as run:
+            mlflow.set_tags(tracking.process_tags())  # running again, in this process
             yield run
         return
     with tracking.step_run(cfg, "tune") as run:
@@ -319,7 +322,7 @@ def _report(cfg: Config, study: optuna.Study, url: str, run_id: str) -> dict:
     return {
         "status": "ok" if best else "no_complete_trial",
         "study": study.study_name,
-        "storage": tune_storage.masked_url(url),
+        "storage": redact(url),
         "metric": cfg.tune.metric,
         "direction": "maximize",
         "n_trials": len(trials),

@@ -1,32 +1,26 @@
 """Where Optuna studies live: a database URL (tune.storage, or LENSFLOW_TUNE_STORAGE for URLs
-with credentials), opened with heartbeats so a trial whose worker died is failed, and its MLflow
-run closed, instead of staying "running" for ever."""
+with credentials, which params refuse), opened with heartbeats so a trial whose worker died is
+failed, and its MLflow run closed, instead of staying "running" for ever."""
 
 from __future__ import annotations
 
 import os
 import warnings
-from urllib.parse import urlsplit
 
 import optuna
 
-from components import tracking
+from components import credentials, tracking
 from components.config import Config, UserError
 
-STORAGE_ENV = "LENSFLOW_TUNE_STORAGE"  # wins over tune.storage: URLs with credentials go here
+STORAGE_ENV = credentials.TUNE_STORAGE_ENV  # wins over tune.storage: URLs with credentials
 RUN_ATTR = "mlflow_run_id"  # study and trial attribute: their MLflow run
 HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 30  # a trial silent for GRACE_SECONDS was killed
 
 
 def storage_url(cfg: Config) -> str:
-    if os.environ.get(STORAGE_ENV):
-        return os.environ[STORAGE_ENV]
-    if urlsplit(cfg.tune.storage).password:
-        raise UserError(
-            f"tune.storage holds a password: put that URL in {STORAGE_ENV} instead (or the "
-            "password in PGPASSWORD / ~/.pgpass), never in params.yaml"
-        )
-    return cfg.tune.storage
+    """LENSFLOW_TUNE_STORAGE, else tune.storage (which never holds a password: config.load
+    refuses one)."""
+    return os.environ.get(STORAGE_ENV) or cfg.tune.storage
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -48,17 +42,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             )
     except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"tune.storage {masked_url(url)}: {reason}") from None
-
-
-def masked_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
+        source = STORAGE_ENV if os.environ.get(STORAGE_ENV) else "tune.storage"
+        raise UserError(credentials.redact(f"{source} {url}: {reason}")) from None
 
 
 def close_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

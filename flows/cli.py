@@ -18,16 +18,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     from components.config import GateFailed, UserError
+    from components.credentials import redact
+    from flows import interrupt
 
+    interrupt.install()  # SIGTERM, SIGHUP: a clean exit (see flows/interrupt.py)
     try:
         return args.command(args)
     except UserError as exc:
-        print(f"lensflow: error: {exc}", file=sys.stderr)
+        print(f"lensflow: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except GateFailed as exc:
-        print(f"lensflow: gate failed: {exc}", file=sys.stderr)
+        print(f"lensflow: gate failed: {redact(str(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        interrupt.stop_children(stop)
+        if isinstance(stop, interrupt.Terminated):
+            print(f"lensflow: stopped by {stop}", file=sys.stderr)
+            return 128 + stop.signum
         return 130
 
 
@@ -213,7 +220,7 @@ def cmd_compare(args) -> int:
     print(compare.summary(result))
     print(
         f"MLflow: parent run {result.mlflow_run_id}; mlflow ui --backend-store-uri "
-        f"{tracking.tracking_uri()} --host 127.0.0.1 --port 5000"
+        f"{tracking.shown_uri()} --host 127.0.0.1 --port 5000"
     )
     return 0
 
@@ -235,7 +242,7 @@ def _where_to_look(summary: dict) -> str:
             f"champion: {champion} (version {summary['champion_version']})",
             f"reports: {paths.VALIDATION_REPORT} {paths.EVALUATION_REPORT} {paths.EXPORT_REPORT} "
             f"{paths.REGISTRY_REPORT}",
-            f"MLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri()} --host 127.0.0.1 "
+            f"MLflow UI: mlflow ui --backend-store-uri {tracking.shown_uri()} --host 127.0.0.1 "
             "--port 5000   then open http://127.0.0.1:5000",
         ]
     )

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from components import config
+from components import config, credentials
 from components.config import UserError
 
 
@@ -59,3 +59,34 @@ def test_bad_overrides_are_user_errors(tmp_path, bad):
 
 def test_params_hash_changes_with_any_value():
     assert config.Config().params_hash() != config.load("absent", ["seed=1"]).params_hash()
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("tune.storage", "postgresql://me:S3cret@db.internal:5432/optuna"),
+        ("tune.storage", "postgresql+psycopg2://me:p@ss:S3cret@db/optuna"),
+        ("model.pretrained", "https://me:S3cret@weights.internal/resnet.pt"),
+        ("data.source", "s3://bucket/images?X-Amz-Signature=1&token=S3cret"),
+        ("compare.scratch", "{train.lr: 'redis://:S3cret@cache:6379/0'}"),
+    ],
+)
+def test_a_password_in_any_value_is_refused_naming_the_key_never_the_password(key, value):
+    with pytest.raises(UserError) as info:
+        config.load("absent.yaml", [f"{key}={value}"])
+    message = str(info.value)
+    assert f"'{key}" in message and "S3cret" not in message and "\n" not in message
+    if key == "tune.storage":
+        assert "LENSFLOW_TUNE_STORAGE" in message
+
+
+def test_urls_without_a_password_are_accepted_and_redact_hides_only_secrets():
+    cfg = config.load(
+        "absent.yaml",
+        ["tune.storage=postgresql://lensflow@db.internal:5432/optuna", "data.source=data/raw/a:b"],
+    )
+    assert cfg.tune.storage == "postgresql://lensflow@db.internal:5432/optuna"
+    text = "see http://u:S3cret@host:5000/x?a=1&password=S3cret and models:/m@champion"
+    assert credentials.redact(text) == (
+        "see http://u:***@host:5000/x?a=1&password=*** and models:/m@champion"
+    )

@@ -212,10 +212,11 @@ def test_tuned_params_are_validated_and_a_missing_report_is_a_clear_error(projec
         config.with_values(cfg, {"trainn.lr": 0.1})
 
 
-def test_a_password_in_params_is_refused(project, monkeypatch):
-    cfg = config.from_dict({"tune": {"storage": "postgresql://me:secret@db/optuna"}})
+def test_the_storage_url_comes_from_the_environment_first(project, monkeypatch):
+    cfg = config.from_dict({"tune": {"storage": "sqlite:///other.db"}})
+    assert tune_storage.storage_url(cfg) == "sqlite:///other.db"
+    monkeypatch.setenv("LENSFLOW_TUNE_STORAGE", "postgresql://me:S3cret@127.0.0.1:9/optuna")
+    assert tune_storage.storage_url(cfg) == "postgresql://me:S3cret@127.0.0.1:9/optuna"
     with pytest.raises(UserError, match="LENSFLOW_TUNE_STORAGE") as error:
-        tune_storage.storage_url(cfg)
-    assert "secret" not in str(error.value)
-    monkeypatch.setenv("LENSFLOW_TUNE_STORAGE", "postgresql://me:secret@db/optuna")
-    assert tune_storage.storage_url(cfg) == "postgresql://me:secret@db/optuna"
+        tune_storage.open_storage(tune_storage.storage_url(cfg))  # no driver, or no server
+    assert "S3cret" not in str(error.value) and "me:***@127.0.0.1" in str(error.value)
