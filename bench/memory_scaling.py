@@ -77,6 +77,7 @@ def measure_size(n_images: int, epochs: int) -> dict:
             [*lensflow, "data", *sets], cwd=project, env=env, check=True, stdout=subprocess.DEVNULL
         )
         prepare = measured([*lensflow, "stage", "prepare", *sets], project, env)
+        del prepare["log"]
         prepare["images_per_s"] = round(n_images / prepare["wall_s"])
         shutil.rmtree(project / "data" / "prepared")
         run_sets = [*sets, "--set", f"train.epochs={epochs}", "--set", "train.progress_bar=false"]

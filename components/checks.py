@@ -192,8 +192,9 @@ def _bands(max_distance: int) -> list[tuple[int, int, int]]:
     return bands
 
 
-def _candidate_pairs(starts: np.ndarray, ends: np.ndarray, order: np.ndarray, limit=2_000_000):
-    """(query rows, pool rows) sharing a band value, in chunks of at most ~limit pairs."""
+def _candidate_pairs(starts: np.ndarray, ends: np.ndarray, order: np.ndarray, limit=100_000):
+    """(query rows, pool rows) sharing a band value, in chunks of at most ~limit pairs (each
+    pair costs ~100 bytes of scratch while it is compared: ~10 MB a chunk)."""
     counts = ends - starts
     first = 0
     while first < len(counts):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +32,7 @@ SPLITS = checks.SPLITS
 # Below this many files per worker, starting worker processes costs more than it saves.
 MIN_FILES_PER_WORKER = 1000
 CHUNK = 64  # files per task sent to a worker
+ROWS_PER_TABLE = 4096  # manifest rows converted to a table (and written) at a time
 MANIFEST_COLUMNS = ("path", "label", "label_index", "location", *imagefacts.empty_facts())
 
 
@@ -65,8 +67,7 @@ def run(cfg: Config) -> PrepareResult:
         manifest["excluded_by"] = checks.excluded_by(checks.derive(manifest), file_checks)
         manifest["split"] = _assign_splits(manifest, cfg)
         _mark_near_duplicates(manifest, active, cfg)
-        with paths.atomic(paths.MANIFEST) as partial:
-            manifest.to_parquet(partial, index=False)
+        _write_manifest(manifest)
         n_per_split = {}
         for split in SPLITS:
             index = manifest.index[manifest["split"] == split].to_numpy()
@@ -170,8 +171,9 @@ def _read_images(entries: list[Entry], classes: list[str], cfg: Config, rows_pat
     """(manifest, uint8 pixels [rows, C, S, S] memory-mapped at `rows_path`); rows that were
     not decoded stay zero.
 
-    The facts arrive one file at a time and go straight into column lists and the pixels to
-    the file, so what is held in memory grows by one manifest row per file.
+    The pixels go straight to the file; the facts go into column lists that become a table
+    every ROWS_PER_TABLE files, so the Python objects in flight stay bounded and what is held
+    grows by one compact (Arrow-backed) manifest row per file.
     """
     size, channels = cfg.prepare.image_size, cfg.prepare.channels
     pixels = np.lib.format.open_memmap(
@@ -183,6 +185,7 @@ def _read_images(entries: list[Entry], classes: list[str], cfg: Config, rows_pat
     stream = _read_all(to_read, options, cfg.prepare.workers)
     label_index = {name: i for i, name in enumerate(classes)}
     columns: dict[str, list] = {name: [] for name in MANIFEST_COLUMNS}
+    tables = []
     for i, entry in enumerate(entries):
         if readable[i]:
             facts, array = next(stream)
@@ -198,7 +201,24 @@ def _read_images(entries: list[Entry], classes: list[str], cfg: Config, rows_pat
         }
         for name, value in {**row, **facts}.items():
             columns[name].append(value)
-    return pd.DataFrame(columns), pixels
+        if len(columns["path"]) == ROWS_PER_TABLE or i == len(entries) - 1:
+            tables.append(pd.DataFrame(columns))
+            columns = {name: [] for name in MANIFEST_COLUMNS}
+    manifest = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns)
+    return manifest.infer_objects(), pixels
+
+
+def _write_manifest(manifest: pd.DataFrame) -> None:
+    """manifest.parquet, converted to Arrow a row group at a time (a whole-table conversion
+    would hold a second copy of the manifest)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.Schema.from_pandas(manifest, preserve_index=False)
+    with paths.atomic(paths.MANIFEST) as partial, pq.ParquetWriter(partial, schema) as writer:
+        for rows in prepared.chunks(len(manifest), ROWS_PER_TABLE):
+            writer.write_table(pa.Table.from_pandas(manifest.iloc[rows], schema=schema))
+    pa.default_memory_pool().release_unused()
 
 
 def _not_read(entry: Entry) -> dict:
@@ -226,8 +246,15 @@ def _read_all(files: list[str], options, workers: int) -> Iterator[tuple[dict, o
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
     with context.Pool(workers, initializer=imagefacts.init_worker) as pool:
-        for results in pool.imap(read_chunk, chunks):
-            yield from results
+        # At most a few chunks in flight: Pool.imap would queue every chunk at once, and the
+        # decoded images of those the workers finish early would pile up in memory.
+        in_flight: deque = deque()
+        for chunk in chunks:
+            in_flight.append(pool.apply_async(read_chunk, (chunk,)))
+            if len(in_flight) > 2 * workers:
+                yield from in_flight.popleft().get()
+        while in_flight:
+            yield from in_flight.popleft().get()
 
 
 def _assign_splits(manifest: pd.DataFrame, cfg: Config) -> pd.Series:
