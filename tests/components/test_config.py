@@ -59,3 +59,14 @@ def test_bad_overrides_are_user_errors(tmp_path, bad):
 
 def test_params_hash_changes_with_any_value():
     assert config.Config().params_hash() != config.load("absent", ["seed=1"]).params_hash()
+
+
+def test_naming_the_weights_selects_their_architecture():
+    from tests.conftest import REPO
+
+    params = REPO / "params.yaml"  # it writes model.arch: simple_cnn, the default
+    chosen = config.load(params, ["model.pretrained=efficientnet-lite0"]).model
+    assert chosen.arch == "efficientnet_lite0"
+    kept = config.load(params, ["model.pretrained=efficientnet-lite0", "model.arch=resnet18"])
+    assert kept.model.arch == "resnet18"  # another arch the user set: preflight refuses it
+    assert config.load(params, ["model.pretrained=w.pt"]).model.arch == "simple_cnn"
