@@ -102,7 +102,7 @@ def test_pretrained_from_a_run_uri_is_that_models_backbone(photo_project):
             preflight.check(config.load("params.yaml", [f"model.pretrained={source}"]))
 
 
-def test_a_data_gate_failing_inside_the_flow_prints_no_traceback(photo_project, capfd):
+def test_a_data_gate_failing_inside_the_flow_logs_no_traceback(photo_project, capfd, caplog):
     broken = photo_project["root"] / "data/raw/broken"
     shutil.copytree(photo_project["root"] / "data/raw/photos", broken)
     (broken / "china" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")
@@ -111,6 +111,9 @@ def test_a_data_gate_failing_inside_the_flow_prints_no_traceback(photo_project, 
     err = capfd.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("lensflow: gate failed: the data failed")
+    # Prefect logs the failed flow run, without the exception's traceback
+    failed = [r for r in caplog.records if r.name.startswith("prefect") and r.levelname == "ERROR"]
+    assert failed and not any(r.exc_info for r in failed)
 
 
 def test_a_champion_of_other_classes_is_not_comparable_and_stays(photo_project):
