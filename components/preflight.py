@@ -1,6 +1,7 @@
-"""Preflight: the mistakes that can be found before any work starts, found in well under a
-second (no torch, no Prefect): the data folder, the model against its input size, where the
-pretrained weights come from, and params that contradict each other.
+"""Preflight: the mistakes that can be found before any work starts, found in under a second
+(no torch, no Prefect; only a `models:/` or `runs:/` source asks MLflow, which takes seconds):
+the data folder, the model against its input size, where the pretrained weights come from,
+and params that contradict each other.
 
 The CLI runs it before it starts a flow or a stage; the first problem found is a UserError
 naming the key to change, so a mistake costs one line and exit code 2.
@@ -13,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import get_args
 
-from components import archs, datasets, paths
+from components import archs, datasets, paths, tracking
 from components.config import WEIGHTS_ARCH, Config, Model, TorchvisionArch, UserError
 
 FOLDER_LAYOUT = "expected <root>/<class>/<image>"
@@ -86,8 +87,6 @@ def check_model(model: Model, image_size: int, prefix: str = "") -> None:
 def _check_lensflow_model(uri: str, prefix: str) -> None:
     """The model or run exists and logged the checkpoint the backbone is read from."""
     import mlflow
-
-    from components import tracking
 
     try:
         run_id = tracking.model_run_id(uri)
