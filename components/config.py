@@ -118,6 +118,7 @@ TorchvisionArch = Literal[
     "efficientnet_b0",
 ]  # fmt: skip
 Arch = Literal["simple_cnn", "resnet_cnn", "mini_alexnet", "efficientnet_lite0", TorchvisionArch]
+WEIGHTS_ARCH = {"efficientnet-lite0": "efficientnet_lite0"}  # model.pretrained -> its arch
 
 
 class Model(Section):
@@ -131,6 +132,16 @@ class Model(Section):
     input_size: int | None = Field(
         None, ge=8, le=1024, description="size the network sees (resized inside); None: image_size"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _arch_from_weights(cls, data):
+        """Weights made for one architecture select it, unless model.arch names another."""
+        if isinstance(data, dict) and data.get("arch", "simple_cnn") == "simple_cnn":
+            arch = WEIGHTS_ARCH.get(data.get("pretrained"))
+            if arch:
+                return {**data, "arch": arch}
+        return data
 
 
 class Train(Section):

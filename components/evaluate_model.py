@@ -34,15 +34,25 @@ def run(model_uri: str, data: str | None, report: str | Path) -> ModelEvaluation
         size, channels = int(meta["image_size"]), int(meta["channels"])
         images, labels = read_image_folder(data, classes, channels, size)
     else:
-        if prepared.load_meta()["classes"] != classes:
-            raise UserError(f"{model_uri} predicts other classes than this project's test split")
-        images, labels = prepared.load_split("test")
+        images, labels = _test_split(model_uri, meta)
     metrics, _ = score(backends.onnx_predictor(session), images, labels, classes)
     report = Path(report)
     paths.write_json(report, {"model": model_uri, "data": data or "test split", **metrics})
     return ModelEvaluation(
         model_uri, metrics["accuracy"], metrics["macro_f1"], metrics["n_images"], str(report)
     )
+
+
+def _test_split(model_uri: str, meta: dict):
+    """This project's test split, as the model takes it (its channels and size)."""
+    ours = prepared.load_meta()
+    if sorted(ours["classes"]) != sorted(meta["classes"]):
+        raise UserError(f"{model_uri} predicts other classes than this project's test split")
+    spec = [int(meta.get(key, ours[key])) for key in ("channels", "image_size")]
+    images, labels, unreadable = registry.test_split(meta["classes"], *spec, Prepare().max_pixels)
+    if unreadable:
+        raise UserError(f"{unreadable}: cannot be used as an image any more")
+    return images, labels
 
 
 def summary(result: ModelEvaluation) -> str:

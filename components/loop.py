@@ -302,7 +302,9 @@ def _train_epoch(model, data, batch_size: int, loop: Loop):
     seen = 0
     for i in range(0, len(images), batch_size):
         index = order[i : i + batch_size]
-        if len(index) < world:  # a last sliver that cannot give every process an image
+        # a last sliver that cannot give every process two images: batch norm over a 1x1
+        # feature map (e.g. resnet18 at 32 px) cannot train on one
+        if len(index) < 2 * world:
             continue
         index = index[rank::world]
         batch, target = prepared.batch(images, index), prepared.batch(labels, index)

@@ -12,7 +12,7 @@ from typing import get_args
 import torch
 from torch import nn
 
-from components import paths
+from components import archs, paths
 from components import pretrained as pretrained_weights
 from components.config import Arch, TorchvisionArch, UserError
 from components.preprocess import Preprocess
@@ -255,9 +255,13 @@ class MiniAlexNet(nn.Module):
 
 def model_spec(model_cfg, meta: dict) -> dict:
     """Everything needed to rebuild the model, from params.model and the prepared data.
-    ImageNet weights bring ImageNet's normalisation; otherwise the training data's."""
+    ImageNet weights bring ImageNet's normalisation and at least 64 px (archs); otherwise the
+    training data's statistics and size. An input too small for the arch is a UserError."""
+    problem = archs.input_size_problem(model_cfg, meta["image_size"])
+    if problem:
+        raise UserError(problem)
     mean, std = meta["mean"], meta["std"]
-    if model_cfg.pretrained in ("efficientnet-lite0", "torchvision"):
+    if model_cfg.pretrained in archs.IMAGENET_WEIGHTS:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         if meta["channels"] == 1:
             mean, std = [sum(mean) / 3], [sum(std) / 3]
@@ -270,7 +274,7 @@ def model_spec(model_cfg, meta: dict) -> dict:
         "classes": meta["classes"],
         "channels": meta["channels"],
         "image_size": meta["image_size"],  # what the data was prepared at: what to send
-        "input_size": model_cfg.input_size or meta["image_size"],  # what the network sees
+        "input_size": archs.network_input_size(model_cfg, meta["image_size"]),  # what it sees
         "mean": mean,
         "std": std,
     }

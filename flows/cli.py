@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -17,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    # Prefect waits 20 s for its temporary server; a busy 2-core machine can take longer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from components.config import GateFailed, UserError
     from components.credentials import redact
     from flows import interrupt
@@ -124,11 +127,13 @@ def _add_params(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args) -> int:
-    from components import config
+    from components import config, preflight
 
-    config.load(args.params, args.overrides)  # fail fast, before Prefect starts, on a bad config
+    # fail fast, before Prefect starts: a bad config, a missing folder, a model that cannot run
+    preflight.check(config.load(args.params, args.overrides), resume=args.resume)
     from flows.training import training_flow
 
+    _quiet_user_errors()
     summary = training_flow(params_path=args.params, overrides=args.overrides, resume=args.resume)
     print(_where_to_look(summary))
     return 0
@@ -137,12 +142,15 @@ def cmd_run(args) -> int:
 def cmd_stage(args) -> int:
     import importlib
 
-    from components import config
+    from components import config, preflight
     from components.config import UserError
 
     cfg = config.load(args.params, args.overrides)
     if args.resume and args.name != "train":
         raise UserError("--resume applies to the train stage only")
+    preflight.check(
+        cfg, data=args.name == "prepare", model=args.name in ("tune", "train"), resume=args.resume
+    )
     module = importlib.import_module(
         f"components.{'registry' if args.name == 'register' else args.name}"
     )
@@ -160,16 +168,17 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_tune(args) -> int:
-    from components import config
+    from components import config, preflight
 
     overrides = [*args.overrides, "tune.enabled=true"]
     for key in ("trials", "workers", "timeout"):
         if getattr(args, key) is not None:
             overrides.append(f"tune.{key}={getattr(args, key)}")
-    config.load(args.params, overrides)  # fail fast, before Prefect starts, on a bad config
+    preflight.check(config.load(args.params, overrides))  # fail fast, before Prefect starts
     from components import tune
     from flows.tuning import tuning_flow
 
+    _quiet_user_errors()
     result = tuning_flow(params_path=args.params, overrides=overrides)
     print(tune.summary(result))
     return 0
@@ -184,9 +193,13 @@ def cmd_data(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from components import config, doctor
+    from components import config, preflight
 
-    result = doctor.run(config.load(args.params, args.overrides))
+    cfg = config.load(args.params, args.overrides)
+    preflight.check(cfg, data=False)
+    from components import doctor
+
+    result = doctor.run(cfg)
     print(json.dumps(result, indent=2))
     print(doctor.summary(result))
     return 0 if result["passed"] else 1
@@ -208,14 +221,20 @@ def cmd_validate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from components import compare, config, tracking
+    from components import config, preflight
 
     overrides = list(args.overrides)
     if args.fractions:
         overrides.append(f"compare.fractions=[{', '.join(map(str, args.fractions))}]")
-    compare.arm_configs(config.load(args.params, overrides))  # a bad override fails here
+    cfg = config.load(args.params, overrides)
+    preflight.check(cfg, model=False)
+    from components import compare, tracking
+
+    for arm, arm_cfg in compare.arm_configs(cfg).items():  # a bad override fails here
+        preflight.check_model(arm_cfg.model, cfg.prepare.image_size, prefix=f"compare.{arm}: ")
     from flows.compare import compare_flow
 
+    _quiet_user_errors()
     result = compare_flow(params_path=args.params, overrides=overrides)
     print(compare.summary(result))
     print(
@@ -223,6 +242,25 @@ def cmd_compare(args) -> int:
         f"{tracking.shown_uri()} --host 127.0.0.1 --port 5000"
     )
     return 0
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs a failed task's and flow's exception with its traceback. A UserError or
+    GateFailed is no bug: its message, which main() prints last, says what to change."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from components.config import GateFailed, UserError
+
+        if record.exc_info and isinstance(record.exc_info[1], UserError | GateFailed):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForUserErrors) for f in logger.filters):
+            logger.addFilter(_NoTracebackForUserErrors())
 
 
 def _where_to_look(summary: dict) -> str:

@@ -6,8 +6,10 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from components import config
 
@@ -54,3 +56,35 @@ def tiny_project(root: Path):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         write_tiny_params(root)
         yield mp
+
+
+PHOTO_CLASSES = ("china", "flower")  # scikit-learn's two sample photographs, in that order
+
+
+def write_photographs(
+    root: Path, per_class: int = 20, sizes=(25, 40), modes=("L", "RGB"), seed: int = 0
+) -> Path:
+    """An ImageFolder of real photographs: seeded square crops (100-200 px) of scikit-learn's
+    two sample photos, one class each, shrunk to `sizes`, in `modes`, as PNG and JPEG; every
+    combination of size, mode and format recurs every 8 images. Returns `root`."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    for name, photo in zip(PHOTO_CLASSES, load_sample_images().images, strict=True):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        height, width, _ = photo.shape
+        for i in range(per_class):
+            side = int(rng.integers(100, 200))
+            y, x = rng.integers(0, height - side), rng.integers(0, width - side)
+            size, mode = sizes[i % len(sizes)], modes[i // 2 % len(modes)]
+            crop = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size))
+            crop.convert(mode).save(folder / f"{i:03d}.{'png' if i // 4 % 2 else 'jpg'}")
+    return root
+
+
+@pytest.fixture
+def photographs(tmp_path) -> Path:
+    """tmp_path/photos: two classes of 20 small photographs each, grayscale and RGB, 25 and
+    40 px, PNG and JPEG (see write_photographs)."""
+    return write_photographs(tmp_path / "photos")

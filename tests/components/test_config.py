@@ -90,3 +90,14 @@ def test_urls_without_a_password_are_accepted_and_redact_hides_only_secrets():
     assert credentials.redact(text) == (
         "see http://u:***@host:5000/x?a=1&password=*** and models:/m@champion"
     )
+
+
+def test_naming_the_weights_selects_their_architecture():
+    from tests.conftest import REPO
+
+    params = REPO / "params.yaml"  # it writes model.arch: simple_cnn, the default
+    chosen = config.load(params, ["model.pretrained=efficientnet-lite0"]).model
+    assert chosen.arch == "efficientnet_lite0"
+    kept = config.load(params, ["model.pretrained=efficientnet-lite0", "model.arch=resnet18"])
+    assert kept.model.arch == "resnet18"  # another arch the user set: preflight refuses it
+    assert config.load(params, ["model.pretrained=w.pt"]).model.arch == "simple_cnn"

@@ -9,16 +9,19 @@ from components.config import UserError
 CLASSES = [str(i) for i in range(5)]
 
 
-def _spec(arch, channels=3, **model_keys):
-    cfg = config.from_dict({"model": {"arch": arch, **model_keys}})
-    meta = {
+def _meta(channels=3):
+    return {
         "classes": CLASSES,
         "channels": channels,
         "image_size": 32,
         "mean": [0.5] * channels,
         "std": [0.25] * channels,
     }
-    return models.model_spec(cfg.model, meta), cfg
+
+
+def _spec(arch, channels=3, **model_keys):
+    cfg = config.from_dict({"model": {"arch": arch, **model_keys}})
+    return models.model_spec(cfg.model, _meta(channels)), cfg
 
 
 @pytest.mark.parametrize("arch", models.ARCHS)
@@ -116,3 +119,22 @@ def test_input_size_resizes_inside_the_model_and_keeps_the_data_size_for_clients
     assert seen.shape[-2:] == (64, 64)
     old_checkpoint_spec = {k: v for k, v in spec.items() if k != "input_size"}
     assert models.build(old_checkpoint_spec).preprocess.size == 32
+
+
+def test_imagenet_weights_see_64_px_by_default_and_train_on_small_images():
+    spec, cfg = _spec("efficientnet_lite0", pretrained="efficientnet-lite0")
+    spec = models.model_spec(cfg.model, {**_meta(), "image_size": 16})
+    assert (spec["image_size"], spec["input_size"]) == (16, 64)
+    model = models.build(spec, cfg.model.pretrained).train()
+    model(torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)).sum().backward()
+    own = config.from_dict({"model": {"pretrained": "efficientnet-lite0", "input_size": 40}})
+    assert models.model_spec(own.model, {**_meta(), "image_size": 16})["input_size"] == 40
+
+
+def test_an_input_smaller_than_the_architecture_takes_is_a_user_error():
+    scratch = config.from_dict({"model": {"arch": "efficientnet_lite0"}})
+    with pytest.raises(UserError, match=r"prepare.image_size is 16 px .* at least 32"):
+        models.model_spec(scratch.model, {**_meta(), "image_size": 16})
+    deep = config.from_dict({"model": {"widths": [8, 8, 8, 8, 8]}})
+    with pytest.raises(UserError, match="at least 32"):
+        models.model_spec(deep.model, {**_meta(), "image_size": 16})

@@ -102,3 +102,19 @@ def test_bf16_autocast_and_channels_last_train_on_cpu():
     assert training_loop.amp_dtype == torch.bfloat16 and not training_loop.scaler.is_enabled()
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_last_batch_of_one_image_is_skipped_where_batch_norm_could_not_train_on_it(project):
+    import mlflow
+
+    spec, _ = _spec("resnet_cnn", widths=[8, 8, 8, 8])  # the last block's map is 1x1 at 8 px
+    spec = {**spec, "image_size": 8, "input_size": 8}
+    cfg = config.from_dict({"train": {"epochs": 1, "batch_size": 4, "progress_bar": False}})
+    model = models.build(spec)
+    images = torch.randint(0, 255, (9, 3, 8, 8), dtype=torch.uint8)  # 4 + 4 + 1
+    labels = torch.arange(9) % 5
+    with mlflow.start_run():  # fit logs each epoch to the current run
+        best, history, _, diverged = loop.fit(
+            model, cfg, (images, labels), (images, labels), None, last_path=None
+        )
+    assert diverged is None and len(history) == 1 and best["state_dict"] is not None

