@@ -1,7 +1,8 @@
 """MLflow run context: one parent run per pipeline run, one child run per step.
 
 Local by default (`sqlite:///mlflow.db`, artifacts in ./mlartifacts); `MLFLOW_TRACKING_URI`
-points everything at a team server instead. Every run carries the same lineage tags.
+points everything at a team server instead. Every run carries the same lineage tags and
+logs the data it used as an MLflow dataset input (the runs table's Dataset column).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from components.config import Config
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 LOCAL_ARTIFACTS = Path("mlartifacts")
+# Without this tag the MLflow UI opens an experiment in its GenAI view (traces), not on runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 # Set by `pipeline_run` for the steps it contains; module state (not thread-local) because
 # Prefect may run tasks on worker threads.
@@ -33,11 +37,19 @@ def setup(cfg: Config) -> str:
     mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:  # made before the tag
+            mlflow.MlflowClient().set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING
+            )
         return experiment.experiment_id
     location = None
     if tracking_uri().startswith("sqlite:"):
         location = LOCAL_ARTIFACTS.resolve().as_uri()
-    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    return mlflow.create_experiment(
+        cfg.tracking.experiment,
+        artifact_location=location,
+        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
+    )
 
 
 def lineage(cfg: Config) -> dict[str, str]:
@@ -48,6 +60,22 @@ def lineage(cfg: Config) -> dict[str, str]:
         "params.hash": cfg.params_hash(),
         "prefect.flow_run_id": _flow_run_id,
     }
+
+
+def log_dataset(cfg: Config, context: str) -> None:
+    """The raw data as the active run's dataset input: its folder name, the DVC hash as digest
+    (the run's `data.md5` tag) and its path as source."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    source = datasets.source_dir(cfg)
+    dataset = MetaDataset(
+        LocalArtifactDatasetSource(str(source)),
+        name=source.name,
+        digest=versioning.data_md5(source),
+    )
+    mlflow.log_input(dataset, context=context)
 
 
 @contextmanager
@@ -61,6 +89,7 @@ def pipeline_run(cfg: Config, name: str, flow_run_id: str | None = None):
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=lineage(cfg)) as run:
         mlflow.log_params(_flatten(cfg.as_dict()))
         mlflow.log_dict(cfg.as_dict(), "config/params.resolved.yaml")
+        log_dataset(cfg, name)
         _parent_run_id = run.info.run_id
         try:
             yield run
@@ -79,6 +108,7 @@ def step_run(cfg: Config, step: str):
     if _parent_run_id is None:
         with mlflow.start_run(experiment_id=experiment_id, run_name=step, tags=tags) as run:
             mlflow.log_params(_flatten(cfg.as_dict()))
+            log_dataset(cfg, step)
             yield run
         return
     client = mlflow.MlflowClient()
@@ -89,6 +119,7 @@ def step_run(cfg: Config, step: str):
     with mlflow.start_run(run_id=run.info.run_id, nested=True) as active:
         # the step's own params: those of the parent, unless the step changed them (use_tuned)
         mlflow.log_params(_flatten(cfg.as_dict()))
+        log_dataset(cfg, step)
         yield active
 
 

@@ -71,6 +71,17 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
         version.tags["data.md5"] and version.tags["params.hash"] == parent.data.tags["params.hash"]
     )
 
+    # the UI opens the experiment on its training runs, each showing the data it used
+    kind = client.get_experiment(experiment).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"
+    for run in [parent, *children]:
+        (data,) = run.inputs.dataset_inputs
+        assert data.dataset.digest == run.data.tags["data.md5"]
+        assert (data.dataset.name, json.loads(data.dataset.source)) == (
+            "shapes",
+            {"uri": "data/raw/shapes"},
+        )
+
 
 def test_flow_stops_before_training_on_data_that_fails_validation(tiny_cfg, project):
     from components import datasets
