@@ -13,6 +13,7 @@ import csv
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import zip_longest
 
 import torch
 
@@ -104,13 +105,22 @@ def _log_end(best: dict, seconds: float) -> None:
     mlflow.log_artifact(str(_curves_plot()), "plots")
 
 
+def preview_indices(labels: torch.Tensor, n: int = 16) -> list[int]:
+    """n training images from as many classes as there are: the first image of every class,
+    then the second of every class, and so on (the shards hold one class after another)."""
+    by_class = [(labels == c).nonzero().flatten().tolist() for c in labels.unique().tolist()]
+    ranks = zip_longest(*by_class)
+    return [index for rank in ranks for index in rank if index is not None][:n]
+
+
 def _augmentation_preview(cfg: Config, images, labels, spec: dict):
-    """16 training images as the model sees them (titled with their original labels), from a
-    generator of their own, so training stays seeded."""
+    """16 training images of several classes as the model sees them (titled with their
+    original labels), from a generator of their own, so training stays seeded."""
+    index = torch.tensor(preview_indices(labels))
     augmented, _ = augment.batch_augmenter(cfg, len(spec["classes"]), seed=cfg.seed + 1)(
-        images[:16], labels[:16]
+        images[index], labels[index]
     )
-    titles = [spec["classes"][i] for i in labels[:16]]
+    titles = [spec["classes"][i] for i in labels[index]]
     pixels = augmented.clamp(0, 255).to(torch.uint8).numpy()
     return plots.image_grid(pixels, titles, paths.PLOTS / "augmentation_preview.png")
 
