@@ -37,6 +37,14 @@ def run(cfg: Config) -> EvaluationResult:
     metrics["most_confident_wrong"] = most_confident_wrong(probabilities, labels, classes)
     paths.REPORTS.mkdir(parents=True, exist_ok=True)
     paths.EVALUATION_REPORT.write_text(json.dumps(metrics, indent=2))
+    paths.write_metrics(
+        paths.EVALUATION_METRICS,
+        {
+            "test_accuracy": metrics["accuracy"],
+            "test_macro_f1": metrics["macro_f1"],
+            "test_ece": metrics["ece"],
+        },
+    )
     _write_predictions(labels, probabilities.argmax(1), classes)
     figures = evaluation_figures(model, metrics, probabilities, images, labels, classes)
 

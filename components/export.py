@@ -72,6 +72,7 @@ def run(cfg: Config) -> ExportResult:
     }
     paths.REPORTS.mkdir(parents=True, exist_ok=True)
     paths.EXPORT_REPORT.write_text(json.dumps(report, indent=2))
+    paths.write_metrics(paths.EXPORT_METRICS, {"onnx_accuracy": metrics["accuracy"]})
 
     with tracking.step_run(cfg, "export"):
         import mlflow

@@ -3,6 +3,7 @@
 dvc.yaml names the same paths; keep the two in step.
 """
 
+import json
 from pathlib import Path
 
 RAW = Path("data/raw")
@@ -31,7 +32,18 @@ EXPORT_REPORT = REPORTS / "export.json"
 QUANTIZE_REPORT = REPORTS / "quantize.json"
 MODEL_CARD = REPORTS / "model_card.md"
 REGISTRY_REPORT = REPORTS / "registry.json"
+# The few numbers `dvc exp show` and `dvc metrics diff` compare: small files git keeps
+METRICS = Path("metrics")
+TRAINING_METRICS = METRICS / "training.json"
+EVALUATION_METRICS = METRICS / "evaluation.json"
+EXPORT_METRICS = METRICS / "export.json"
+QUANTIZE_METRICS = METRICS / "quantize.json"
 
 
 def shard(split: str) -> Path:
     return PREPARED / f"{split}.pt"
+
+
+def write_metrics(path: Path, values: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2) + "\n")

@@ -69,6 +69,14 @@ def run(cfg: Config) -> QuantizeResult:
     }
     paths.REPORTS.mkdir(parents=True, exist_ok=True)
     paths.QUANTIZE_REPORT.write_text(json.dumps(report, indent=2))
+    paths.write_metrics(
+        paths.QUANTIZE_METRICS,
+        {
+            "int8_shipped": not reasons,
+            "int8_speedup": report["speedup"],
+            "int8_accuracy_drop_points": report["accuracy_drop_points"],
+        },
+    )
 
     with tracking.step_run(cfg, "quantize"):
         import mlflow

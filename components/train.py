@@ -147,6 +147,10 @@ def _write_reports(cfg, history, best: dict, seconds: float, n_train: int, sanit
         "world_size": distributed.world_size(),
     }
     paths.TRAINING_REPORT.write_text(json.dumps(report, indent=2))
+    paths.write_metrics(
+        paths.TRAINING_METRICS,
+        {k: report[k] for k in ("epochs_run", "best_val_accuracy", "train_loop_seconds")},
+    )
 
 
 def _curves_plot():
