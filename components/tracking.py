@@ -16,7 +16,8 @@ from components.config import Config
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 LOCAL_ARTIFACTS = Path("mlartifacts")
-# Without this tag the MLflow UI opens an experiment in its GenAI view (traces), not on runs.
+# The experiment's kind: model training, not a GenAI app (traces). MLflow 3.17's UI still opens
+# in its GenAI mode unless told otherwise: runs_page() is the address that opens on the runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 
@@ -50,6 +51,11 @@ def setup(cfg: Config) -> str:
         artifact_location=location,
         tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
     )
+
+
+def runs_page(experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page of an experiment's runs, in its model-training mode."""
+    return f"{ui}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def lineage(cfg: Config) -> dict[str, str]:
