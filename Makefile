@@ -1,23 +1,38 @@
 # Two commands on a fresh machine (Python 3.11, git, package registries):
 #   make demo   set up .venv, then train, validate, export and register on the built-in digits
 #   make test   set up .venv, then run the test suite
+# .venv holds exactly the versions of requirements.lock; `make lock` re-resolves pyproject.toml.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
+LOCK := requirements.lock
+PIP_VERSION := 26.3
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION)
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[dev]'
 	touch $@
+
+# Resolve pyproject.toml anew in a scratch venv and pin every package it installed.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet pip==$(PIP_VERSION)
+	.lock-venv/bin/python -m pip install --quiet -e '.[dev]'
+	{ echo "# Every package of .venv for Python 3.11 on Linux x86-64, as make setup installs it:"; \
+	  echo "#   pip install -c $(LOCK) -e '.[dev]'"; \
+	  echo "# Made by make lock (pip freeze of a fresh venv): change pyproject.toml, then run it."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable; } > $(LOCK)
+	rm -rf .lock-venv
 
 demo: setup
 	lensflow data

@@ -39,6 +39,14 @@ def run(cfg: Config) -> EvaluationResult:
     metrics["corruption_images"] = len(sample)
     metrics["most_confident_wrong"] = most_confident_wrong(probabilities, labels, classes)
     paths.write_json(paths.EVALUATION_REPORT, metrics)
+    paths.write_metrics(
+        paths.EVALUATION_METRICS,
+        {
+            "test_accuracy": metrics["accuracy"],
+            "test_macro_f1": metrics["macro_f1"],
+            "test_ece": metrics["ece"],
+        },
+    )
     _write_predictions(labels, probabilities.argmax(1), classes)
     figures = evaluation_figures(model, metrics, probabilities, images, labels, classes)
 

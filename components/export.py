@@ -71,6 +71,7 @@ def run(cfg: Config) -> ExportResult:
         ),
     }
     paths.write_json(paths.EXPORT_REPORT, report)
+    paths.write_metrics(paths.EXPORT_METRICS, {"onnx_accuracy": metrics["accuracy"]})
 
     with tracking.step_run(cfg, "export"):
         import mlflow

@@ -35,6 +35,12 @@ EXPORT_REPORT = REPORTS / "export.json"
 QUANTIZE_REPORT = REPORTS / "quantize.json"
 MODEL_CARD = REPORTS / "model_card.md"
 REGISTRY_REPORT = REPORTS / "registry.json"
+# The few numbers `dvc exp show` and `dvc metrics diff` compare: small files git keeps
+METRICS = Path("metrics")
+TRAINING_METRICS = METRICS / "training.json"
+EVALUATION_METRICS = METRICS / "evaluation.json"
+EXPORT_METRICS = METRICS / "export.json"
+QUANTIZE_METRICS = METRICS / "quantize.json"
 
 
 def shard_images(split: str) -> Path:
@@ -67,3 +73,8 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2))
+
+
+def write_metrics(path: Path, values: dict) -> None:
+    """A small metrics file for `dvc exp show` / `dvc metrics diff` (git keeps it)."""
+    write_text(path, json.dumps(values, indent=2) + "\n")

@@ -68,6 +68,14 @@ def run(cfg: Config) -> QuantizeResult:
         ),
     }
     paths.write_json(paths.QUANTIZE_REPORT, report)
+    paths.write_metrics(
+        paths.QUANTIZE_METRICS,
+        {
+            "int8_shipped": not reasons,
+            "int8_speedup": report["speedup"],
+            "int8_accuracy_drop_points": report["accuracy_drop_points"],
+        },
+    )
 
     with tracking.step_run(cfg, "quantize"):
         import mlflow

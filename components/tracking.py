@@ -1,7 +1,8 @@
 """MLflow run context: one parent run per pipeline run, one child run per step.
 
 Local by default (`sqlite:///mlflow.db`, artifacts in ./mlartifacts); `MLFLOW_TRACKING_URI`
-points everything at a team server instead. Every run carries the same lineage tags, and the
+points everything at a team server instead. Every run carries the same lineage tags, logs
+the data it used as an MLflow dataset input (the runs table's Dataset column), and records the
 host and process that run it: a run whose process died without ending it (SIGKILL, power cut)
 is ended KILLED by the next lensflow process that uses the experiment on that host.
 """
@@ -20,6 +21,10 @@ from components.config import Config, UserError
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"  # a registered model's weights (register logs it)
 LOCAL_ARTIFACTS = Path("mlartifacts")
+# The experiment's kind: model training, not a GenAI app (traces). MLflow 3.17's UI still opens
+# in its GenAI mode unless told otherwise: runs_page() is the address that opens on the runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 # Set by `pipeline_run` for the steps it contains; module state (not thread-local) because
 # Prefect may run tasks on worker threads.
@@ -57,11 +62,24 @@ def setup(cfg: Config) -> str:
         location = None
         if tracking_uri().startswith("sqlite:"):
             location = LOCAL_ARTIFACTS.resolve().as_uri()
-        return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        return mlflow.create_experiment(
+            cfg.tracking.experiment,
+            artifact_location=location,
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
+        )
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:  # made before the tag
+        mlflow.MlflowClient().set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING
+        )
     if (tracking_uri(), experiment.experiment_id) not in _swept:
         _swept.add((tracking_uri(), experiment.experiment_id))
         close_orphans(experiment.experiment_id)
     return experiment.experiment_id
+
+
+def runs_page(experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page of an experiment's runs, in its model-training mode."""
+    return f"{ui}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def process_tags() -> dict[str, str]:
@@ -122,6 +140,22 @@ def lineage(cfg: Config) -> dict[str, str]:
     }
 
 
+def log_dataset(cfg: Config, context: str) -> None:
+    """The raw data as the active run's dataset input: its folder name, the DVC hash as digest
+    (the run's `data.md5` tag) and its path as source."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    source = datasets.source_dir(cfg)
+    dataset = MetaDataset(
+        LocalArtifactDatasetSource(str(source)),
+        name=source.name,
+        digest=versioning.data_md5(source),
+    )
+    mlflow.log_input(dataset, context=context)
+
+
 @contextmanager
 def pipeline_run(cfg: Config, name: str, flow_run_id: str | None = None):
     """The parent run of one pipeline execution; step runs opened inside nest under it."""
@@ -134,6 +168,7 @@ def pipeline_run(cfg: Config, name: str, flow_run_id: str | None = None):
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         mlflow.log_params(_flatten(cfg.as_dict()))
         mlflow.log_dict(cfg.as_dict(), "config/params.resolved.yaml")
+        log_dataset(cfg, name)
         _parent_run_id = run.info.run_id
         try:
             with _killed_when_interrupted():
@@ -154,6 +189,7 @@ def step_run(cfg: Config, step: str):
         with mlflow.start_run(experiment_id=experiment_id, run_name=step, tags=tags) as run:
             mlflow.log_params(_flatten(cfg.as_dict()))
             with _killed_when_interrupted():
+                log_dataset(cfg, step)
                 yield run
         return
     client = mlflow.MlflowClient()
@@ -165,6 +201,7 @@ def step_run(cfg: Config, step: str):
         # the step's own params: those of the parent, unless the step changed them (use_tuned)
         mlflow.log_params(_flatten(cfg.as_dict()))
         with _killed_when_interrupted():
+            log_dataset(cfg, step)
             yield active
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import zip_longest
 
 import torch
 
@@ -114,10 +115,20 @@ def _log_end(best: dict, seconds: float) -> None:
     mlflow.log_artifact(str(_curves_plot()), "plots")
 
 
+def preview_indices(labels, n: int = 16) -> list[int]:
+    """n training images from as many classes as there are: the first image of every class,
+    then the second of every class, and so on (the shards hold one class after another)."""
+    labels = torch.as_tensor(labels)
+    by_class = [(labels == c).nonzero().flatten().tolist() for c in labels.unique().tolist()]
+    ranks = zip_longest(*by_class)
+    return [index for rank in ranks for index in rank if index is not None][:n]
+
+
 def _augmentation_preview(cfg: Config, images, labels, spec: dict):
-    """16 training images as the model sees them (titled with their original labels), from a
-    generator of their own, so training stays seeded."""
-    images, labels = prepared.batch(images, slice(16)), prepared.batch(labels, slice(16))
+    """16 training images of several classes as the model sees them (titled with their
+    original labels), from a generator of their own, so training stays seeded."""
+    index = preview_indices(labels)
+    images, labels = prepared.batch(images, index), prepared.batch(labels, index)
     augmented, _ = augment.batch_augmenter(cfg, len(spec["classes"]), seed=cfg.seed + 1)(
         images, labels
     )
@@ -148,6 +159,10 @@ def _write_reports(cfg, history, best: dict, seconds: float, n_train: int, sanit
         "world_size": distributed.world_size(),
     }
     paths.write_json(paths.TRAINING_REPORT, report)
+    paths.write_metrics(
+        paths.TRAINING_METRICS,
+        {k: report[k] for k in ("epochs_run", "best_val_accuracy", "train_loop_seconds")},
+    )
 
 
 def _curves_plot():

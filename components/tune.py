@@ -200,6 +200,7 @@ def _trial(trial: optuna.Trial, context: _Context) -> float:
     mlflow.start_run(run_id=child.info.run_id, nested=True)
     state = "FAIL"
     try:
+        tracking.log_dataset(context.cfg, "tune-trial")
         mlflow.log_params(params)
         value = _train_trial(trial, context, params)
         mlflow.log_metric("tune/value", value)

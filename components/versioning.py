@@ -35,7 +35,7 @@ def data_md5(source: Path) -> str:
             return str(outs[0]["md5"])
     meta = json.loads(paths.META.read_text()) if paths.META.exists() else {}
     if meta.get("source") == str(source) and "fingerprint" in meta:
-        return f"manifest:{meta['fingerprint'][:32]}"
+        return f"manifest:{meta['fingerprint'][:24]}"  # MLflow dataset digests: <= 36 chars
     return "untracked"
 
 

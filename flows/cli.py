@@ -281,7 +281,7 @@ def _where_to_look(summary: dict) -> str:
             f"reports: {paths.VALIDATION_REPORT} {paths.EVALUATION_REPORT} {paths.EXPORT_REPORT} "
             f"{paths.REGISTRY_REPORT}",
             f"MLflow UI: mlflow ui --backend-store-uri {tracking.shown_uri()} --host 127.0.0.1 "
-            "--port 5000   then open http://127.0.0.1:5000",
+            f"--port 5000   then open {tracking.runs_page(summary['experiment_id'])}",
         ]
     )
 

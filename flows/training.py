@@ -45,6 +45,7 @@ def training_flow(
     return {
         "mlflow_run_id": run.info.run_id,
         "experiment": cfg.tracking.experiment,
+        "experiment_id": run.info.experiment_id,
         "test_accuracy": evaluation.accuracy,
         "test_macro_f1": evaluation.macro_f1,
         "onnx_accuracy": exported.accuracy,

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import yaml
 
+from components import config
 from tests.conftest import REPO
 
 PACKAGES = ("components", "flows")
@@ -118,11 +120,47 @@ def test_modules_stay_short():
     assert too_long == {}
 
 
+def _stage_module(stage: str) -> str:
+    return f"components.{'registry' if stage == 'register' else stage}"
+
+
+def _dvc_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
 def test_every_dvc_stage_depends_on_the_code_it_runs():
     """`dvc repro` reruns a stage when any module its component imports changes."""
     graph = _graph()
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for stage, spec in stages.items():
-        module = f"components.{'registry' if stage == 'register' else stage}"
-        code = {name.replace(".", "/") + ".py" for name in _imported_by(module, graph)}
+    for stage, spec in _dvc_stages().items():
+        imported = _imported_by(_stage_module(stage), graph)
+        code = {name.replace(".", "/") + ".py" for name in imported}
         assert code - set(spec["deps"]) == set(), f"dvc.yaml: stage {stage} misses these deps"
+
+
+def _params_read(path: Path) -> set[str]:
+    """`section.key` for every `cfg.section.key` in a module; `section` where it reads a
+    section whole (`cfg.seed`, `cfg.train` passed on)."""
+    fields = {name: info.alias or name for name, info in config.Config.model_fields.items()}
+    read = set()
+    for section, key in re.findall(r"\bcfg\.(\w+)(?:\.(\w+))?", path.read_text()):
+        if section in fields:
+            read.add(f"{fields[section]}.{key}" if key else fields[section])
+    return read
+
+
+def test_every_dvc_stage_depends_on_the_params_its_component_reads():
+    """`dvc repro` reruns a stage when a param its own module reads changes. `tracking` only
+    says where MLflow logs go."""
+    missing = {}
+    for stage, spec in _dvc_stages().items():
+        declared = set(spec.get("params", []))
+        path = REPO / (_stage_module(stage).replace(".", "/") + ".py")
+        if names := {
+            name
+            for name in _params_read(path)
+            if name.split(".")[0] != "tracking"
+            and name not in declared
+            and name.split(".")[0] not in declared
+        }:
+            missing[stage] = names
+    assert missing == {}, "dvc.yaml: these stages miss these params"

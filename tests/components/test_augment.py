@@ -28,6 +28,10 @@ def test_flips_are_never_automatic_for_the_builtin_datasets(flip, source, allowe
 def test_preset_none_leaves_the_batch_alone():
     aug = BatchAugment(_cfg(preset="none"), 10, allow_flips=True, seed=0)
     assert not aug.active
+    images, labels = _images(32)
+    out, targets = aug(images, labels)
+    assert torch.equal(out, images.float())
+    assert torch.equal(targets, labels)
 
 
 def test_flip_only_gives_the_image_or_its_mirror():

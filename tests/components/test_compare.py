@@ -1,6 +1,7 @@
 """compare's arms: each arm's config is validated before anything runs."""
 
 import pytest
+from scipy.stats import binomtest
 
 from components import compare, config
 from components.config import UserError
@@ -25,3 +26,15 @@ def test_arm_overrides_are_validated(overrides, message):
 def test_fractions_are_validated():
     with pytest.raises(UserError, match="compare.fractions"):
         config.from_dict({"compare": {"fractions": [0.0]}})
+
+
+@pytest.mark.parametrize(("b", "c"), [(1, 0), (0, 6), (5, 5), (3, 12), (40, 19), (2, 30)])
+def test_mcnemar_p_is_the_exact_binomial_test(b, c):
+    """The exact McNemar test is the two-sided binomial test of b successes in b + c at 1/2."""
+    expected = binomtest(b, b + c, 0.5).pvalue
+    assert compare.mcnemar_p(b, c) == pytest.approx(expected, rel=5e-3)  # 3 significant digits
+
+
+def test_mcnemar_p_of_a_known_case_and_of_no_disagreement():
+    assert compare.mcnemar_p(0, 6) == pytest.approx(2 / 2**6, rel=5e-3)  # 0.03125
+    assert compare.mcnemar_p(0, 0) == 1.0

@@ -53,9 +53,8 @@ def test_strategy_decides_what_is_trainable_and_in_which_group(arch, strategy):
     spec, _ = _spec(arch)
     cfg = config.from_dict({"train": {"strategy": strategy, "backbone_lr_factor": 0.1, "lr": 0.01}})
     model = models.build(spec)
-    if strategy == "feature_extraction":
-        model.set_trainable_stages(0)
     training_loop = loop.Loop(model, cfg, torch.tensor([0, 1, 2, 3, 4]), 1, augment=None)
+    training_loop.start_epoch(model, 1)  # the strategy, not the test, freezes the backbone
     head_ids = {id(p) for p in models.head(model.network).parameters()}
     in_groups = {id(p): g for g in training_loop.optimizer.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
@@ -69,9 +68,10 @@ def test_strategy_decides_what_is_trainable_and_in_which_group(arch, strategy):
 
 def test_feature_extraction_keeps_backbone_batch_norm_statistics_frozen():
     spec, _ = _spec("resnet_cnn", se=True)
+    cfg = config.from_dict({"train": {"strategy": "feature_extraction"}})
     model = models.build(spec)
-    model.set_trainable_stages(0)
-    model.train()
+    loop.Loop(model, cfg, torch.tensor([0, 1, 2, 3, 4]), 1, augment=None).start_epoch(model, 1)
+    model.train()  # as every training epoch does
     norms = [m for m in model.network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and not any(m.training for m in norms)
     before = norms[0].running_mean.clone()

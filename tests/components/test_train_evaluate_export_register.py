@@ -1,5 +1,6 @@
 """The chain train -> evaluate -> export -> register on tiny real data, against real MLflow."""
 
+import hashlib
 import json
 import math
 
@@ -78,6 +79,12 @@ def test_training_learns_and_logs_each_epoch(trained):
     assert {"git.commit", "data.md5", "params.hash"} <= set(run.data.tags)
 
 
+def test_augmentation_preview_shows_every_class(trained):
+    _, labels = prepared.load_split("train")  # one class after another
+    shown = labels[train.preview_indices(labels)].tolist()
+    assert len(shown) == 16 and set(shown) == set(range(10))
+
+
 def test_initial_loss_is_near_ln_classes(trained):
     """The untrained model's loss is ~ln(10): the classic sanity check of a fresh classifier."""
     report = json.loads((trained["root"] / paths.TRAINING_REPORT).read_text())
@@ -132,9 +139,11 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_epoch(trained):
 def test_an_infinite_learning_rate_fails_with_a_clear_message(trained):
     cfg = trained["cfg"]
     broken = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": float("inf")})})
+    checkpoint = trained["root"] / paths.CHECKPOINT
+    before = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     with pytest.raises(GateFailed, match="training loss became nan"):
         train.run(broken)
-    assert (trained["root"] / paths.CHECKPOINT).exists()  # the earlier checkpoint is untouched
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == before  # untouched
 
 
 def test_evaluation_report_has_the_documented_keys(trained):

@@ -1,22 +1,36 @@
-"""`dvc repro` and `lensflow run` are two front ends of the same components.
+"""`dvc repro`, `dvc exp` and `lensflow run` are front ends of the same components.
 
-In a fresh git + DVC project on tiny data: after the Prefect flow, `dvc repro` has nothing to
-do; forcing it reproduces the flow's test accuracy; changing train.epochs reruns train and the
-stages after it, not prepare.
+In a fresh git + DVC project on tiny data: every step of the Prefect flow reads only files its
+dvc.yaml stage depends on (or writes itself); after the flow, `dvc repro` has nothing to do;
+forcing it reproduces the flow's test accuracy; `dvc exp run -S train.epochs=5` reruns tune,
+train and the stages after them, not prepare or validate; and `dvc exp show` compares the
+experiment with its baseline on a dozen numbers at most.
 """
 
+import csv
+import fnmatch
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
 import yaml
+from prefect.context import TaskRunContext
 
 from components import paths
 from flows.training import training_flow
 from tests.conftest import REPO, write_tiny_params
+
+DVC = (sys.executable, "-m", "dvc")
+# Read by every step, yet no stage input: the tracking store, params.yaml (dvc.yaml's `params`)
+# and the raw data's .dvc file, read for the `data.md5` lineage tag (the data itself reaches the
+# stages through prepare's outputs).
+NOT_STAGE_INPUTS = ("mlflow.db", "mlartifacts", "params.yaml", ".dvc-site-cache", "data/raw/*.dvc")
 
 
 def sh(*args, cwd):
@@ -26,34 +40,137 @@ def sh(*args, cwd):
     return done.stdout + done.stderr
 
 
-def test_dvc_repro_matches_the_flow(project):
+_opened: dict[str, list[tuple[str, bool]]] | None = None  # task name -> [(path, for writing)]
+_hooked = False
+
+
+def _audit(event: str, args: tuple) -> None:
+    """Python's audit hook: files opened and folders listed by the Prefect task running."""
+    if _opened is None or event not in ("open", "os.listdir", "os.scandir"):
+        return
+    task = TaskRunContext.get()
+    if task is None or not isinstance(args[0], str | bytes | os.PathLike):
+        return
+    writes = event == "open" and bool(args[2] & (os.O_WRONLY | os.O_RDWR))
+    _opened.setdefault(task.task.name, []).append((os.path.abspath(os.fsdecode(args[0])), writes))
+
+
+@contextmanager
+def files_opened_by_task():
+    """{task name: [(absolute path, opened for writing)]} of what runs inside; the hook stays
+    (Python cannot remove one) but records nothing outside this block."""
+    global _opened, _hooked
+    if not _hooked:
+        sys.addaudithook(_audit)
+        _hooked = True
+    _opened = {}
+    try:
+        yield _opened
+    finally:
+        _opened = None
+
+
+def stage_inputs(opened: list[tuple[str, bool]], root: Path) -> set[str]:
+    """Project files a stage read before writing them (what it wrote itself is no input; a
+    name MLflow only probed, never there, neither)."""
+    written, inputs = set(), set()
+    for path, writes in opened:
+        relative = Path(os.path.relpath(path, root))
+        if relative.parts[0] in ("..", ".") or not os.path.exists(path):
+            continue
+        if writes:
+            written.add(relative.as_posix())
+        elif relative.as_posix() not in written:
+            inputs.add(relative.as_posix())
+    return inputs
+
+
+def undeclared(inputs: set[str], spec: dict) -> set[str]:
+    declared = list(spec.get("deps", []))
+    for kind in ("outs", "metrics", "plots"):  # its own outputs (tune keeps its report)
+        declared += [out if isinstance(out, str) else next(iter(out)) for out in spec.get(kind, [])]
+    return {
+        path
+        for path in inputs
+        if not any(path == d or path.startswith(f"{d}/") for d in declared)
+        and not any(fnmatch.fnmatch(path, pattern) for pattern in NOT_STAGE_INPUTS)
+        and not any(path.startswith(f"{pattern}/") for pattern in NOT_STAGE_INPUTS)
+    }
+
+
+def metric_columns(header: list[str], project: Path, stages: dict) -> list[str]:
+    """The CSV columns of `dvc exp show` that are metrics: not the experiment's own columns,
+    not a params.yaml key, not a dependency path."""
+
+    def flat(tree: dict, prefix: str = "") -> set[str]:
+        keys = set()
+        for key, value in tree.items():
+            keys |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+        return keys
+
+    params = flat(yaml.safe_load((project / "params.yaml").read_text()))
+    deps = {dep for spec in stages.values() for dep in spec.get("deps", [])}
+    own = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}
+    return [column for column in header if column not in own | params | deps]
+
+
+def test_dvc_repro_and_experiments_match_the_flow(project):
     shutil.copy(REPO / "dvc.yaml", project)
+    shutil.copy(REPO / ".gitignore", project)
     for package in ("components", "flows"):  # dvc.yaml's code deps
         shutil.copytree(
             REPO / package, project / package, ignore=shutil.ignore_patterns("__pycache__")
         )
     write_tiny_params(project)
-    sh("git", "init", "-q", cwd=project)
-    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=project)
+    sh("git", "init", "-q", "-b", "main", cwd=project)
+    sh("git", "config", "user.email", "test@lensflow.invalid", cwd=project)
+    sh("git", "config", "user.name", "lensflow test", cwd=project)
+    with (project / ".git/info/exclude").open("a") as exclude:
+        exclude.write(".dvc-site-cache/\n")
+    sh(*DVC, "init", "-q", cwd=project)
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
 
-    summary = training_flow(params_path="params.yaml")
+    with files_opened_by_task() as opened:
+        summary = training_flow(params_path="params.yaml")
+    inputs = {stage: stage_inputs(opened.get(stage, []), project) for stage in stages}
+    assert "models/checkpoint.pt" in inputs["evaluate"]  # the recording sees the reads
+    assert {stage: undeclared(inputs[stage], spec) for stage, spec in stages.items()} == {
+        stage: set() for stage in stages
+    }, "dvc.yaml: these stages read files they do not depend on"
+
     assert (project / "data/raw/shapes.dvc").exists()  # the built-in data is DVC-tracked
-    assert "up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=project)
-    out = sh(sys.executable, "-m", "dvc", "repro", cwd=project)
-    assert "Running stage" not in out
+    assert "up to date" in sh(*DVC, "status", cwd=project)
+    assert "Running stage" not in sh(*DVC, "repro", cwd=project)
 
-    sh(sys.executable, "-m", "dvc", "repro", "--force", cwd=project)
+    sh(*DVC, "repro", "--force", cwd=project)
     reproduced = json.loads(paths.EVALUATION_REPORT.read_text())["accuracy"]
     assert reproduced == summary["test_accuracy"]
 
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["epochs"] = 5
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    out = sh(sys.executable, "-m", "dvc", "repro", cwd=project)
-    ran = {
-        stage
-        for stage in ("prepare", "validate", "train", "evaluate", "export", "register")
-        if f"Running stage '{stage}'" in out
-    }
-    assert ran == {"train", "evaluate", "export", "register"}
+    # an experiment on the committed baseline: what reruns, and what `dvc exp show` compares
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-qm", "baseline", cwd=project)
+    out = sh(*DVC, "exp", "run", "-S", "train.epochs=5", cwd=project)
+    ran = {stage for stage in stages if f"Running stage '{stage}'" in out}
+    assert ran == {"tune", "train", "evaluate", "export", "quantize", "register"}
     assert json.loads(paths.TRAINING_REPORT.read_text())["epochs_run"] == 5
+
+    table = list(csv.DictReader(io.StringIO(sh(*DVC, "exp", "show", "--csv", cwd=project))))
+    metrics = metric_columns(list(table[0]), project, stages)
+    assert "test_accuracy" in metrics and len(metrics) <= 12, metrics
+    rows = {row["Experiment"] or row["rev"]: row for row in table}
+    experiment = next(row for row in table if row["Experiment"])
+    assert float(rows["main"]["test_accuracy"]) == reproduced
+    assert float(experiment["test_accuracy"]) >= 0 and experiment["epochs_run"] == "5"
+    assert "metrics/evaluation.json  test_accuracy" in sh(
+        *DVC, "metrics", "diff", "main", "--all", cwd=project
+    )
+
+    # every MLflow run (flow, dvc repro, dvc exp) shows its data: a dataset input whose digest
+    # is the run's data.md5 tag, the DVC hash of the data from the first step on
+    data_md5 = yaml.safe_load((project / "data/raw/shapes.dvc").read_text())["outs"][0]["md5"]
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("lensflow").experiment_id])
+    for run in runs:
+        digests = [data.dataset.digest for data in run.inputs.dataset_inputs]
+        assert digests == [run.data.tags["data.md5"]], run.info.run_name
+    assert {run.data.tags["data.md5"] for run in runs if run.info.run_name == "train"} == {data_md5}

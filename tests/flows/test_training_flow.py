@@ -6,7 +6,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from components import backends, paths, prepared, registry
+from components import backends, paths, prepared, registry, tracking
 from components.config import GateFailed
 from components.metrics import score
 from flows.training import training_flow
@@ -70,6 +70,20 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
     assert (
         version.tags["data.md5"] and version.tags["params.hash"] == parent.data.tags["params.hash"]
     )
+
+    # the UI opens the experiment on its training runs, each showing the data it used
+    kind = client.get_experiment(experiment).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development" and summary["experiment_id"] == experiment
+    assert tracking.runs_page(experiment).endswith(
+        f"/#/experiments/{experiment}?workflowType=machine_learning"  # opens on runs
+    )
+    for run in [parent, *children]:
+        (data,) = run.inputs.dataset_inputs
+        assert data.dataset.digest == run.data.tags["data.md5"]
+        assert (data.dataset.name, json.loads(data.dataset.source)) == (
+            "shapes",
+            {"uri": "data/raw/shapes"},
+        )
 
 
 def test_flow_stops_before_training_on_data_that_fails_validation(tiny_cfg, project):

@@ -54,3 +54,10 @@ def test_training_flow_tunes_then_trains_with_the_best_params(tiny_cfg):
     assert {"validate", "tune", "train", "evaluate", "export", "register"} <= set(step_runs)
     assert float(step_runs["train"].data.params["train.lr"]) == best_lr  # what it trained with
     assert float(parent.data.params["train.lr"]) == tiny_cfg.train.lr  # params.yaml's value
+
+    # every run of the flow, trials included, shows the data it used
+    runs = client.search_runs([parent.info.experiment_id])
+    assert any(run.data.tags.get("lensflow.step") == "tune-trial" for run in runs)
+    for run in runs:
+        digests = [data.dataset.digest for data in run.inputs.dataset_inputs]
+        assert digests == [run.data.tags["data.md5"]], run.info.run_name
