@@ -14,6 +14,7 @@ Pixels go to disk as they are decoded (`prepared` says how the shards are stored
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
 from collections import deque
@@ -32,6 +33,7 @@ SPLITS = checks.SPLITS
 # Below this many files per worker, starting worker processes costs more than it saves.
 MIN_FILES_PER_WORKER = 1000
 CHUNK = 64  # files per task sent to a worker
+LIST_COLUMNS = ("channel_mean", "channel_std")  # three floats per row, kept as Arrow lists
 ROWS_PER_TABLE = 4096  # manifest rows converted to a table (and written) at a time
 MANIFEST_COLUMNS = ("path", "label", "label_index", "location", *imagefacts.empty_facts())
 
@@ -62,6 +64,7 @@ def run(cfg: Config) -> PrepareResult:
     rows_path = paths.PREPARED / "rows.partial.npy"  # every file's pixels, in manifest order
     try:
         manifest, rows = _read_images(entries, classes, cfg, rows_path)
+        del entries  # the manifest holds what they said; their memory goes to the next steps
         active = checks.active(cfg, classes)
         file_checks = [c for c in active if not c.needs_splits]
         manifest["excluded_by"] = checks.excluded_by(checks.derive(manifest), file_checks)
@@ -202,10 +205,22 @@ def _read_images(entries: list[Entry], classes: list[str], cfg: Config, rows_pat
         for name, value in {**row, **facts}.items():
             columns[name].append(value)
         if len(columns["path"]) == ROWS_PER_TABLE or i == len(entries) - 1:
-            tables.append(pd.DataFrame(columns))
+            tables.append(_table(columns))
             columns = {name: [] for name in MANIFEST_COLUMNS}
     manifest = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns)
     return manifest.infer_objects(), pixels
+
+
+def _table(columns: dict[str, list]) -> pd.DataFrame:
+    """Column lists as a table; the per-channel statistics as Arrow lists, not one Python list
+    (and three floats) per row, which would pin the allocator's memory long after."""
+    import pyarrow as pa
+
+    table = pd.DataFrame(columns)
+    for name in LIST_COLUMNS:
+        values = pa.array(columns[name], type=pa.list_(pa.float64()))
+        table[name] = pd.Series(values, dtype=pd.ArrowDtype(values.type))
+    return table
 
 
 def _write_manifest(manifest: pd.DataFrame) -> None:
@@ -215,6 +230,11 @@ def _write_manifest(manifest: pd.DataFrame) -> None:
     import pyarrow.parquet as pq
 
     schema = pa.Schema.from_pandas(manifest, preserve_index=False)
+    pandas_meta = schema.pandas_metadata
+    for column in pandas_meta["columns"]:
+        if column["name"] in LIST_COLUMNS:  # read back as numpy arrays, as written before
+            column["numpy_type"] = "object"
+    schema = schema.with_metadata({b"pandas": json.dumps(pandas_meta).encode()})
     with paths.atomic(paths.MANIFEST) as partial, pq.ParquetWriter(partial, schema) as writer:
         for rows in prepared.chunks(len(manifest), ROWS_PER_TABLE):
             writer.write_table(pa.Table.from_pandas(manifest.iloc[rows], schema=schema))
