@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import REPO
 
-PACKAGES = ("components", "flows")
+PACKAGES = ("components", "flows", "infra")
 MAX_LINES = 450
 LONGER_ALLOWED = {"components/config.py"}  # the params schema: one class per section
 
