@@ -109,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:
         help="fractions of the training split, e.g. 1.0 0.1 (compare.fractions)",
     )
     compare.set_defaults(command=cmd_compare)
+
+    stack = sub.add_parser(
+        "stack", help="a local MLflow and Prefect server for the UIs: up, down, status"
+    )
+    stack.add_argument("action", choices=("up", "down", "status"))
+    stack.add_argument("--mlflow-port", type=_positive_int, help="default: a free port")
+    stack.add_argument("--prefect-port", type=_positive_int, help="default: a free port")
+    stack.add_argument(
+        "--timeout", type=float, default=180.0, metavar="SECONDS",
+        help="up: how long to wait for both servers to answer (default: %(default)s)",
+    )  # fmt: skip
+    stack.set_defaults(command=cmd_stack)
     return parser
 
 
@@ -242,6 +254,30 @@ def cmd_compare(args) -> int:
         f"{tracking.shown_uri()} --host 127.0.0.1 --port 5000"
     )
     return 0
+
+
+def cmd_stack(args) -> int:
+    from infra import stack
+
+    if args.action == "up":
+        servers, started = stack.up(args.mlflow_port, args.prefect_port, args.timeout)
+        print(f"# {'started' if started else 'already running'}: MLflow UI "
+              f"{servers['mlflow'].url}, Prefect UI {servers['prefect'].url}")  # fmt: skip
+        print("\n".join(stack.exports(servers)))
+        return 0
+    if args.action == "down":
+        stopped = stack.down()
+        print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+        return 0
+    servers = stack.status()
+    if not servers:
+        print("not running (lensflow stack up starts it)")
+        return 1
+    for name, state in servers.items():
+        health = "healthy" if state["healthy"] else "not answering"
+        running = f"pid {state['pid']}" if state["running"] else f"pid {state['pid']} gone"
+        print(f"{name}: {state['url']} {running}, {health} (log {state['log']})")
+    return 0 if all(s["running"] and s["healthy"] for s in servers.values()) else 1
 
 
 class _NoTracebackForUserErrors(logging.Filter):

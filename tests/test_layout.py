@@ -12,7 +12,7 @@ import yaml
 from components import config
 from tests.conftest import REPO
 
-PACKAGES = ("components", "flows")
+PACKAGES = ("components", "flows", "infra")
 MAX_LINES = 450
 LONGER_ALLOWED = {"components/config.py"}  # the params schema: one class per section
 

@@ -1,0 +1,1 @@
+"""Servers and deployment: the local stack (stack.py)."""

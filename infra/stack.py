@@ -1,0 +1,245 @@
+"""The local stack: an MLflow tracking server and a Prefect server on 127.0.0.1, started as
+detached processes of the project (`lensflow stack up|down|status`).
+
+State (PIDs, ports, log files) lives in `.lensflow/stack.json`; logs in `.lensflow/logs/`.
+Nothing here imports MLflow or Prefect: the servers are their own commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from components.config import UserError
+
+HOST = "127.0.0.1"
+STATE_DIR = Path(".lensflow")
+STATE_FILE = STATE_DIR / "stack.json"
+LOG_DIR = STATE_DIR / "logs"
+PREFECT_HOME = STATE_DIR / "prefect"
+HEALTH_PATH = {"mlflow": "/health", "prefect": "/api/health"}
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Server:
+    name: str
+    pid: int
+    started: float  # the process's create_time: a reused PID is not our server
+    port: int
+    log: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def process(self) -> psutil.Process | None:
+        """The running server process, or None when it is gone."""
+        try:
+            process = psutil.Process(self.pid)
+            if abs(process.create_time() - self.started) > 1.0:
+                return None
+            return None if process.status() == psutil.STATUS_ZOMBIE else process
+        except psutil.Error:
+            return None
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + HEALTH_PATH[self.name], timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+
+def exports(servers: dict[str, Server]) -> list[str]:
+    return [
+        f"export MLFLOW_TRACKING_URI={servers['mlflow'].url}",
+        f"export PREFECT_API_URL={servers['prefect'].url}/api",
+    ]
+
+
+def up(
+    mlflow_port: int | None = None, prefect_port: int | None = None, timeout: float = 180.0
+) -> tuple[dict[str, Server], bool]:
+    """Start both servers unless they already run; wait until both answer. Returns the
+    servers and whether they were started now."""
+    running = read_state()
+    if running and all(server.process() for server in running.values()):
+        return running, False
+    if running:  # one of them died: stop what is left, start both afresh
+        down()
+    ports = {"mlflow": _port("mlflow", mlflow_port), "prefect": _port("prefect", prefect_port)}
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    servers = {name: _start(name, port) for name, port in ports.items()}
+    _write_state(servers)
+    try:
+        _wait_healthy(servers, timeout)
+    except BaseException:  # not up in time, or Ctrl-C while waiting: leave nothing running
+        down()
+        raise
+    return servers, True
+
+
+def status() -> dict[str, dict]:
+    """{name: {pid, url, running, healthy, log}} of the recorded servers ({} when none)."""
+    return {
+        name: {
+            "pid": server.pid,
+            "url": server.url,
+            "running": server.process() is not None,
+            "healthy": server.healthy(),
+            "log": server.log,
+        }
+        for name, server in read_state().items()
+    }
+
+
+def down() -> list[str]:
+    """Stop the recorded servers and their child processes (SIGTERM, then SIGKILL after
+    STOP_TIMEOUT_S) and remove the state. Returns the names of the servers stopped."""
+    stopped = []
+    for name, server in read_state().items():
+        process = server.process()
+        if process is not None:
+            _stop_tree(process)
+            stopped.append(name)
+    STATE_FILE.unlink(missing_ok=True)
+    return stopped
+
+
+def read_state() -> dict[str, Server]:
+    if not STATE_FILE.exists():
+        return {}
+    try:
+        recorded = json.loads(STATE_FILE.read_text())
+        return {name: Server(**fields) for name, fields in recorded.items()}
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{STATE_FILE}: not a stack state file ({exc}); delete it") from exc
+
+
+def _write_state(servers: dict[str, Server]) -> None:
+    STATE_DIR.mkdir(exist_ok=True)
+    partial = STATE_FILE.with_suffix(".json.tmp")
+    partial.write_text(json.dumps({name: asdict(s) for name, s in servers.items()}, indent=2))
+    partial.replace(STATE_FILE)
+
+
+def _port(name: str, wanted: int | None) -> int:
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, wanted or 0))
+        except OSError as exc:
+            raise UserError(f"{name} port {wanted} on {HOST} is in use ({exc.strerror})") from exc
+        return sock.getsockname()[1]
+
+
+def _command(name: str, port: int) -> tuple[list[str], dict[str, str]]:
+    project = Path.cwd()
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    if name == "mlflow":
+        # job execution starts a job runner with many workers that stops slowly (STACK.md)
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        return [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
+            "--artifacts-destination", str(project / "mlartifacts"),
+            "--host", HOST, "--port", str(port), "--workers", "1",
+        ], env  # fmt: skip
+    env["PREFECT_HOME"] = str(project / PREFECT_HOME)
+    # the UI calls 4200 unless told where its API is
+    env["PREFECT_UI_API_URL"] = f"http://{HOST}:{port}/api"
+    env.pop("PREFECT_API_URL", None)  # a server of its own, not a client of another
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
+            "--port", str(port)], env  # fmt: skip
+
+
+def _start(name: str, port: int) -> Server:
+    command, env = _command(name, port)
+    log = LOG_DIR / f"{name}.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # outlives this command; Ctrl-C in the shell spares it
+        )
+    started = psutil.Process(process.pid).create_time()
+    return Server(name, process.pid, started, port, str(log))
+
+
+def _wait_healthy(servers: dict[str, Server], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = dict(servers)
+    while waiting:
+        for name, server in list(waiting.items()):
+            if server.healthy():
+                del waiting[name]
+            elif server.process() is None:
+                raise UserError(f"{name} server exited at start; {_log_tail(server)}")
+        if waiting and time.monotonic() > deadline:
+            name, server = next(iter(waiting.items()))
+            raise UserError(
+                f"{name} server did not answer {server.url}{HEALTH_PATH[name]} within "
+                f"{timeout:.0f} s; {_log_tail(server)}"
+            )
+        time.sleep(0.3)
+
+
+def _log_tail(server: Server, lines: int = 5) -> str:
+    try:
+        tail = [line.strip() for line in Path(server.log).read_text().splitlines() if line.strip()]
+    except OSError:
+        tail = []
+    return f"last lines of {server.log}: " + (" | ".join(tail[-lines:]) or "(empty)")
+
+
+def _stop_tree(process: psutil.Process) -> None:
+    try:
+        tree = [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return
+    for member in tree:
+        _signal(member, "terminate")
+    # the server leads its own process group: this also reaches a child it forked just now
+    _signal_group(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while any(_alive(member) for member in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for member in tree:
+        if _alive(member):
+            _signal(member, "kill")
+    _signal_group(process.pid, signal.SIGKILL)
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except OSError:  # the group is empty: everyone has exited
+        pass
+
+
+def _signal(process: psutil.Process, how: str) -> None:
+    try:
+        getattr(process, how)()
+    except psutil.Error:
+        pass
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Running and not a zombie (a detached server's parent may never reap it)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

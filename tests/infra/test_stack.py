@@ -1,0 +1,179 @@
+"""`lensflow stack up|status|down` with real servers: one stack for the module, a tiny
+`lensflow run` against it with the environment `up` printed (no temporary Prefect server),
+its runs in the MLflow server and its flow run in the Prefect server, and no process left
+after `down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import mlflow
+import psutil
+import pytest
+
+from tests.conftest import REPO, write_tiny_params
+
+LENSFLOW = [sys.executable, "-m", "flows.cli"]
+
+
+def _lensflow(project, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [*LENSFLOW, *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _alive(pid: int, started: float) -> bool:
+    try:
+        process = psutil.Process(pid)
+        return (
+            abs(process.create_time() - started) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
+        )
+    except psutil.Error:
+        return False
+
+
+def _post(url: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    project = tmp_path_factory.mktemp("stack-project")
+    write_tiny_params(project)
+    found = {"project": project}
+    try:
+        found["up"] = up = _lensflow(project, "stack", "up")
+        assert up.returncode == 0, up.stderr[-3000:]
+        found["state"] = json.loads((project / ".lensflow/stack.json").read_text())
+        found["processes"] = {
+            (p.pid, p.create_time())
+            for server in found["state"].values()
+            for p in [psutil.Process(server["pid"])]
+            + psutil.Process(server["pid"]).children(recursive=True)
+        }
+        exports = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in up.stdout.splitlines()
+            if line.startswith("export ")
+        )
+        found["exports"] = exports
+        env = {
+            **os.environ,
+            **exports,
+            "PYTHONPATH": str(REPO),
+            "PREFECT_HOME": str(project / ".prefect-client"),
+            "DVC_SITE_CACHE_DIR": str(project / ".dvc-site-cache"),
+        }
+        found["run"] = _lensflow(project, "run", env=env)
+        found["up_again"] = _lensflow(project, "stack", "up")
+        found["status"] = _lensflow(project, "stack", "status")
+        yield found
+    finally:
+        _lensflow(project, "stack", "down", timeout=120)  # always: no server outlives the tests
+
+
+def test_up_prints_both_uis_and_the_environment_to_export(stack):
+    state, exports = stack["state"], stack["exports"]
+    assert exports == {
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{state['mlflow']['port']}",
+        "PREFECT_API_URL": f"http://127.0.0.1:{state['prefect']['port']}/api",
+    }
+    for server in state.values():
+        assert f"http://127.0.0.1:{server['port']}" in stack["up"].stdout.splitlines()[0]
+        assert (stack["project"] / server["log"]).exists()
+    for path in ("/health", "/api/health"):
+        url = exports["MLFLOW_TRACKING_URI" if path == "/health" else "PREFECT_API_URL"]
+        url = url.removesuffix("/api") + path
+        assert urllib.request.urlopen(url, timeout=5).status == 200
+    assert (stack["project"] / ".lensflow/prefect").is_dir()  # its own PREFECT_HOME
+
+
+def test_run_against_the_stack_logs_to_both_servers_without_a_temporary_server(stack):
+    run = stack["run"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "temporary server" not in run.stdout + run.stderr
+    client = mlflow.MlflowClient(stack["exports"]["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("lensflow")
+    runs = client.search_runs([experiment.experiment_id])
+    assert {"training", "train", "evaluate"} <= {r.info.run_name for r in runs}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)  # served
+    assert any((stack["project"] / "mlartifacts").rglob("*.onnx"))
+
+    api = stack["exports"]["PREFECT_API_URL"]
+    flows = {f["id"]: f["name"] for f in _post(f"{api}/flows/filter", {})}
+    flow_runs = _post(f"{api}/flow_runs/filter", {})
+    assert [(flows[r["flow_id"]], r["state_type"]) for r in flow_runs] == [
+        ("lensflow-training", "COMPLETED")
+    ]
+
+
+def test_up_twice_starts_no_second_copy(stack):
+    again = stack["up_again"]
+    assert again.returncode == 0 and again.stdout.startswith("# already running")
+    assert json.loads((stack["project"] / ".lensflow/stack.json").read_text()) == stack["state"]
+
+
+def test_status_names_each_server_by_pid_and_health(stack):
+    status = stack["status"]
+    assert status.returncode == 0, status.stdout
+    lines = status.stdout.splitlines()
+    for line, (name, server) in zip(lines, stack["state"].items(), strict=True):
+        assert line.startswith(f"{name}: ") and f"pid {server['pid']}" in line
+        assert "healthy" in line
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _lensflow(tmp_path, "stack", "up", "--mlflow-port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"lensflow: error: mlflow port {port} on 127.0.0.1 is in use (Address already in use)"
+    )
+    assert not (tmp_path / ".lensflow/stack.json").exists()
+
+
+def test_a_server_that_does_not_come_up_in_time_is_one_line_with_its_log_and_exit_2(tmp_path):
+    result = _lensflow(tmp_path, "stack", "up", "--timeout", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("lensflow: error: mlflow server did not answer http://127.0.0.1:")
+    assert "within 1 s; last lines of .lensflow/logs/mlflow.log: " in line
+    assert not (tmp_path / ".lensflow/stack.json").exists()
+    left = [p.pid for p in psutil.process_iter() if _cwd(p) == str(tmp_path)]
+    assert left == []  # what was started is stopped again
+
+
+def _cwd(process: psutil.Process) -> str | None:
+    try:
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.cwd()
+    except psutil.Error:
+        return None
+
+
+def test_down_stops_every_process_and_removes_the_state(stack):
+    # the last test of the module (the fixture's teardown runs `down` again, a no-op then)
+    processes = stack["processes"] | {
+        (child.pid, child.create_time())
+        for server in stack["state"].values()
+        for child in psutil.Process(server["pid"]).children(recursive=True)
+    }
+    result = _lensflow(stack["project"], "stack", "down", timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "stopped: mlflow, prefect"
+    assert [pid for pid, started in processes if _alive(pid, started)] == []
+    assert not (stack["project"] / ".lensflow/stack.json").exists()
+    status = _lensflow(stack["project"], "stack", "status")
+    assert status.returncode == 1 and status.stdout.startswith("not running")
