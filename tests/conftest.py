@@ -88,3 +88,13 @@ def photographs(tmp_path) -> Path:
     """tmp_path/photos: two classes of 20 small photographs each, grayscale and RGB, 25 and
     40 px, PNG and JPEG (see write_photographs)."""
     return write_photographs(tmp_path / "photos")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL cluster for the test run (tests/servers.py); each test makes its own
+    database with `postgres.create_database(name)`."""
+    from tests.servers import postgres_server
+
+    with postgres_server() as server:
+        yield server

@@ -1,0 +1,99 @@
+"""Real servers for tests, started on 127.0.0.1 and stopped afterwards.
+
+PostgreSQL: a throwaway cluster (`initdb` + `pg_ctl`) on a free loopback port, trust
+authentication for the user `lensflow`. As root the server binaries refuse to run, so they run
+as the `postgres` user, in a data directory that user owns (not pytest's tmp_path: under root
+that is mode 0700 inside root's folder). Where PostgreSQL is not installed the tests that need
+it skip with the reason, unless LENSFLOW_REQUIRE_POSTGRES=1 (set by .ci/run) makes them fail.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REQUIRE_POSTGRES = "LENSFLOW_REQUIRE_POSTGRES"
+PG_USER = "lensflow"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def postgres_bindir() -> Path | None:
+    """The folder of `initdb` and `pg_ctl` (Debian keeps them off PATH), or None."""
+    if shutil.which("pg_config"):
+        bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
+        candidate = Path(bindir.stdout.strip())
+        if (candidate / "initdb").exists():
+            return candidate
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "initdb").exists():
+            return candidate
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@dataclass(frozen=True)
+class Postgres:
+    bindir: Path
+    port: int
+    as_user: tuple[str, ...]  # ("runuser", "-u", "postgres", "--") when run as root
+
+    def url(self, database: str, driver: str = "postgresql") -> str:
+        """A SQLAlchemy URL, e.g. driver "postgresql+asyncpg" for Prefect."""
+        return f"{driver}://{PG_USER}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database; returns its postgresql:// URL."""
+        command = [str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port)]
+        subprocess.run([*command, "-U", PG_USER, name], check=True, capture_output=True)
+        return self.url(name)
+
+
+def _skip_or_fail(reason: str):
+    if os.environ.get(REQUIRE_POSTGRES) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_POSTGRES}=1)")
+    pytest.skip(reason)
+
+
+@contextmanager
+def postgres_server():
+    """A running PostgreSQL cluster, removed on exit (skips or fails when it cannot start)."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        _skip_or_fail("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    as_user: tuple[str, ...] = ()
+    folder = Path(tempfile.mkdtemp(prefix="lensflow-pg-"))
+    if os.geteuid() == 0:
+        postgres = pwd.getpwnam("postgres")
+        os.chown(folder, postgres.pw_uid, postgres.pw_gid)
+        as_user = ("runuser", "-u", "postgres", "--")
+    data, log, port = folder / "data", folder / "server.log", free_port()
+    server = Postgres(bindir, port, as_user)
+    pg_ctl = [*as_user, str(bindir / "pg_ctl"), "-D", str(data)]
+    try:
+        initdb = [*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", PG_USER]
+        subprocess.run(initdb, check=True, capture_output=True)
+        options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        started = subprocess.run(
+            [*pg_ctl, "-o", options, "-l", str(log), "-w", "start"], capture_output=True, text=True
+        )
+        if started.returncode != 0:
+            tail = log.read_text()[-2000:] if log.exists() else started.stderr
+            _skip_or_fail(f"PostgreSQL did not start: {tail}")
+        yield server
+    finally:
+        subprocess.run([*pg_ctl, "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
