@@ -330,3 +330,49 @@ def _require_reason(reason: str) -> None:
 
 def _v(version: str | None) -> str:
     return f"v{version}" if version else "none"
+
+
+def lineage(cfg: Config, ref: str) -> dict:
+    """`lensflow lineage NAME@ALIAS|NAME/VERSION`: where a registered version came from (data,
+    code, params as trained, flow run, train run and its metrics) and the decisions about it."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client()
+    name, at, alias = ref.removeprefix("models:/").partition("@")
+    if not at:
+        name, _, alias = name.rpartition("/")
+    try:
+        if at:
+            version = mlflow_client.get_model_version_by_alias(name, alias)
+        elif alias.isdigit():
+            version = mlflow_client.get_model_version(name, alias)
+        else:
+            raise UserError(f"{ref}: expected NAME@ALIAS or NAME/VERSION")
+        tags = version.tags
+        train_run = tags.get("lensflow.train_run_id")
+        metrics = mlflow_client.get_run(train_run).data.metrics if train_run else {}
+    except MlflowException as exc:
+        raise UserError(f"{ref}: {exc.message.splitlines()[0]}") from None
+    number = str(version.version)
+    by_name = cfg.model_copy(
+        update={"registry": cfg.registry.model_copy(update={"model_name": name})}
+    )
+    decisions = [e for e in history(by_name, 1000) if number in (e["candidate"], e["to_version"])]
+    return {
+        "name": name,
+        "version": number,
+        "aliases": list(getattr(version, "aliases", [])),
+        "data.md5": tags.get("data.md5"),
+        "git.commit": tags.get("git.commit"),
+        "git.dirty": tags.get("git.dirty"),
+        "params.hash": tags.get("params.hash"),
+        "trained_params": json.loads(tags.get("lensflow.trained_params", "null")),
+        "prefect.flow_run_id": tags.get("prefect.flow_run_id"),
+        "train_run_id": train_run,
+        "train_metrics": metrics,
+        "register_run_id": version.run_id,
+        "checkpoint_sha256": tags.get("lensflow.checkpoint_sha256"),
+        "export_parity": json.loads(tags.get("lensflow.export_parity", "null")),
+        "gates": json.loads(tags.get("lensflow.gates", "null")),
+        "decisions": decisions,
+    }

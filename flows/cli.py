@@ -129,6 +129,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_params(rollback)
     rollback.set_defaults(command=cmd_rollback)
 
+    lineage = sub.add_parser("lineage", help="where a registered version came from (JSON)")
+    lineage.add_argument("ref", metavar="NAME@ALIAS|NAME/VERSION")
+    _add_params(lineage)
+    lineage.set_defaults(command=cmd_lineage)
+
     stack = sub.add_parser(
         "stack", help="a local MLflow and Prefect server for the UIs: up, down, status"
     )
@@ -309,6 +314,14 @@ def cmd_rollback(args) -> int:
         raise UserError(f"--to: expected a version number, got {args.to!r}")
     decision = promotion_log.rollback(cfg, args.to, args.reason)
     print(f"rollback: {decision.summary} (logged, reason: {decision.reason})")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    from components import config, promotion_log
+
+    cfg = config.load(args.params, args.overrides)
+    print(json.dumps(promotion_log.lineage(cfg, args.ref), indent=2))
     return 0
 
 

@@ -225,7 +225,7 @@ def test_leakage_refuses_the_comparison(project):
     assert second
 
 
-def test_lineage_is_what_training_used_under_use_tuned(project):
+def test_lineage_is_what_training_used_under_use_tuned(project, capsys):
     cfg = cfg_for("lineage", **{"train.use_tuned": True, "train.epochs": 1})
     best = {"train.lr": 0.0042, "model.dropout": 0.05}
     paths.write_json(
@@ -244,6 +244,16 @@ def test_lineage_is_what_training_used_under_use_tuned(project):
     assert tags["params.hash"] == tuned.apply_tuned(cfg).params_hash() != cfg.params_hash()
     train_run = mlflow.get_run(tags["lensflow.train_run_id"])
     assert train_run.data.params["train.lr"] == "0.0042"
+
+    capsys.readouterr()
+    assert cli.main(["lineage", f"lineage/{version}"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (
+        shown["trained_params"] == trained_with and shown["train_run_id"] == train_run.info.run_id
+    )
+    assert shown["train_metrics"]["best/epoch"] == 1 and shown["data.md5"] == tags["data.md5"]
+    assert cli.main(["lineage", "lineage@champion"]) == 2
+    assert "lineage@champion: " in capsys.readouterr().err
 
 
 def _promote_in_a_process(project, name: str, version: str, pause: str):
