@@ -288,7 +288,8 @@ def cmd_history(args) -> int:
     if not entries:
         print(f"no promotion decisions about {cfg.registry.model_name} yet")
     for e in entries:
-        moved = f"v{e['from_version'] or '-'} -> v{e['to_version'] or '-'}"
+        before, after = (f"v{v}" if v else "none" for v in (e["from_version"], e["to_version"]))
+        moved = f"{before} -> {after}"
         why = f"{e['summary']}" + (f" -- reason: {e['reason']}" if e["reason"] else "")
         print(f"{e['time']}  {e['action']:<8}  @champion {moved:<12}  {e['actor']}  "
               f"[{e['record']}]  {why}")  # fmt: skip
