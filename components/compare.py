@@ -16,7 +16,6 @@ reports/compare.json, plots/compare.png and each arm's best weights in models/co
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ import torch
 
 from components import augment, backends, config, loop, models, paths, plots, prepared, tracking
 from components.config import Config, GateFailed, UserError
-from components.metrics import score
+from components.metrics import mcnemar_p, score
 
 ARMS = ("scratch", "transfer")
 ARM_SECTIONS = ("augment", "model", "train")  # arms differ in these; the data stays the same
@@ -233,15 +232,6 @@ def _regime(scratch: ArmRun, transfer: ArmRun) -> dict:
     )
     result["verdict"] = verdict(result, s["train_seconds"], t["train_seconds"])
     return result
-
-
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar test: b, c = test images only one of the two models gets right."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
-    return float(f"{min(1.0, 2 * tail):.3g}")
 
 
 def verdict(r: dict, scratch_seconds: float, transfer_seconds: float) -> str:

@@ -201,7 +201,32 @@ class Quantize(Section):
 
 class Registry(Section):
     model_name: str = "lensflow-classifier"
-    min_accuracy: float = Field(0.9, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        if isinstance(data, dict) and "min_accuracy" in data:
+            raise ValueError("registry.min_accuracy moved to promote.min_accuracy")
+        return data
+
+
+class Promote(Section):
+    """The gates a registered version passes before `@champion` moves to it (README)."""
+
+    min_accuracy: float = Field(0.9, ge=0, le=1, description="test accuracy, ONNX Runtime")
+    min_macro_f1: float = Field(0.85, ge=0, le=1, description="test macro-F1, ONNX Runtime")
+    min_improvement: float = Field(
+        0.0, ge=0, le=1, description="accuracy over the champion's: strictly more than this"
+    )
+    mcnemar_p: float | None = Field(
+        0.05, gt=0, le=1, description="exact McNemar test on the paired predictions; None: off"
+    )
+    max_latency_ms_p95: float | None = Field(
+        None, ge=0, description="batch-1 p95 latency budget (ONNX Runtime); None: off"
+    )
+    lock_timeout_s: float = Field(
+        600.0, gt=0, description="a promotion lock older than this is stale and broken"
+    )
 
 
 class Distribution(Section):
@@ -383,6 +408,7 @@ class Config(Section):
     export: Export = Export()
     quantize: Quantize = Quantize()
     registry: Registry = Registry()
+    promote: Promote = Promote()
     tune: Tune = Tune()
     compare: Compare = Compare()
 

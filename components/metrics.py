@@ -4,6 +4,8 @@ matrix and calibration (ECE with the bins of a reliability diagram)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from components.backends import Predictor
@@ -79,3 +81,12 @@ def calibration(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = CAL
             }
         )
     return float(ece), bins
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar test: b, c = test images only one of the two models gets right."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
+    return float(f"{min(1.0, 2 * tail):.3g}")

@@ -35,6 +35,7 @@ EXPORT_REPORT = REPORTS / "export.json"
 QUANTIZE_REPORT = REPORTS / "quantize.json"
 MODEL_CARD = REPORTS / "model_card.md"
 REGISTRY_REPORT = REPORTS / "registry.json"
+PROMOTION_REPORT = REPORTS / "promotion.json"  # promote: the gates and the decision
 # The few numbers `dvc exp show` and `dvc metrics diff` compare: small files git keeps
 METRICS = Path("metrics")
 TRAINING_METRICS = METRICS / "training.json"

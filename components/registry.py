@@ -1,14 +1,16 @@
-"""register: log the ONNX model and checkpoint to MLflow, register a version, gate `@champion`.
+"""register: log the ONNX model and checkpoint to MLflow and register them as a model version.
 
-The alias moves only when every gate passes:
-- min_accuracy: candidate test accuracy (ONNX Runtime) >= registry.min_accuracy;
-- not_worse_than_champion: the current champion, re-scored by the same evaluator on the raw
-  files of this test split (decoded for its own input spec), is not more accurate than the
-  candidate; a champion of another class set is not comparable, and then stays.
+Registering decides nothing: `promote` (components/promote.py) gates `@champion`. A version is
+tagged with what promotion and lineage need: the checkpoint's sha256 (a rerun on the same
+checkpoint, `dvc repro --force` included, reuses its version instead of making another), the
+export's parity evidence, the train run and the params the model was trained with, and the
+lineage tags. Its run holds the sha256 of every image it trained on (train and validation
+splits, `lineage/trained_on.txt`), so promotion can refuse a comparison on images it has seen.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,72 +20,81 @@ import numpy as np
 from components import imagefacts, models, paths, quantize, tracking
 from components.backends import onnx_predictor, ort_session
 from components.config import Config, UserError
-from components.metrics import score
 from components.prepared import load_meta, load_split
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"
+CHECKPOINT_SHA_TAG = "lensflow.checkpoint_sha256"
+TRAINED_ON_ARTIFACT = "lineage/trained_on.txt"  # sha256 of each train + val image, one a line
 
 
 @dataclass(frozen=True)
 class RegistryResult:
     name: str
     version: str
-    promoted: bool
-    champion_version: str | None
+    reused: bool
     report: str
 
 
 def run(cfg: Config) -> RegistryResult:
     export_report = _read_json(paths.EXPORT_REPORT)
-    if export_report["onnx"]["status"] != "ok":
-        raise UserError(f"the ONNX export did not pass its gate; see {paths.EXPORT_REPORT}")
+    if not paths.ONNX.exists():
+        raise UserError(f"{paths.ONNX} is missing: run the export stage first")
     _, spec = models.load_checkpoint(paths.CHECKPOINT)
-    images, _ = load_split("test")
+    training = _read_json(paths.TRAINING_REPORT)
     name = cfg.registry.model_name
-    candidate_accuracy = export_report["onnx"]["accuracy"]
+    checkpoint_sha = hashlib.sha256(paths.CHECKPOINT.read_bytes()).hexdigest()
 
     with tracking.step_run(cfg, "register") as run:
         import mlflow
 
-        version = _log_and_register(cfg, spec, name, run.info.run_id, images)
-        champion = _current_champion(name)
-        champion_eval = _rescore(cfg, champion, spec["classes"])
-        gates = _gates(cfg, candidate_accuracy, champion, champion_eval)
-        promoted = all(g["passed"] for g in gates.values())
-        if promoted:
-            mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, version)
-        decision = (
-            f"{CHAMPION} -> version {version}"
-            if promoted
-            else f"{CHAMPION} stays at version {champion.version}"
-            if champion
-            else f"no {CHAMPION}: version {version} failed its gates"
-        )
+        existing = version_of_checkpoint(name, checkpoint_sha)
+        if existing:
+            version = existing
+            mlflow.set_tag("lensflow.reused_version", version)
+        else:
+            tags = {
+                **tracking.lineage(cfg),
+                "params.hash": training.get("params_hash", cfg.params_hash()),
+                "mlflow.run_id": run.info.run_id,
+                CHECKPOINT_SHA_TAG: checkpoint_sha,
+                "lensflow.train_run_id": str(training.get("mlflow_run_id")),
+                "lensflow.trained_params": json.dumps(training.get("params", {})),
+                "lensflow.export_parity": json.dumps(export_report["onnx"]["parity"]),
+            }
+            version = _log_and_register(spec, name, tags)
+        card = model_card(cfg, spec, version, export_report)
+        paths.write_text(paths.MODEL_CARD, card)
         report = {
             "name": name,
             "version": version,
             "model_uri": f"models:/{name}/{version}",
-            "candidate_accuracy": candidate_accuracy,
-            "gates": gates,
-            "promoted": promoted,
-            "decision": decision,
-            "champion_version": version
-            if promoted
-            else (str(champion.version) if champion else None),
+            "reused": bool(existing),
+            "checkpoint_sha256": checkpoint_sha,
+            "train_run_id": training.get("mlflow_run_id"),
+            "export_parity": export_report["onnx"]["parity"],
         }
-        client = mlflow.MlflowClient()
-        client.set_model_version_tag(name, version, "lensflow.gates", json.dumps(gates))
-        client.set_model_version_tag(name, version, "lensflow.decision", decision)
-        card = model_card(cfg, spec, version, export_report)
-        paths.write_text(paths.MODEL_CARD, card)
-        mlflow.log_artifact(str(paths.MODEL_CARD))
-        client.update_model_version(name, version, description=card)
+        if not existing:
+            mlflow.log_artifact(str(paths.MODEL_CARD))
+            mlflow.MlflowClient().update_model_version(name, version, description=card)
         paths.write_json(paths.REGISTRY_REPORT, report)
         mlflow.log_artifact(str(paths.REGISTRY_REPORT))
-        mlflow.log_metric("registry/promoted", float(promoted))
-    return RegistryResult(
-        name, version, promoted, report["champion_version"], str(paths.REGISTRY_REPORT)
+    return RegistryResult(name, version, bool(existing), str(paths.REGISTRY_REPORT))
+
+
+def summary(result: RegistryResult) -> str:
+    how = "the version of this checkpoint, reused" if result.reused else "registered"
+    return f"register: models:/{result.name}/{result.version} ({how}); promote decides @champion"
+
+
+def version_of_checkpoint(name: str, checkpoint_sha: str) -> str | None:
+    """The version already registered for this checkpoint (the oldest), or None."""
+    import mlflow
+
+    found = mlflow.MlflowClient().search_model_versions(
+        f"name = '{name}' and tags.`{CHECKPOINT_SHA_TAG}` = '{checkpoint_sha}'"
     )
+    return str(min(int(v.version) for v in found)) if found else None
 
 
 def champion_uri(name: str) -> str:
@@ -111,11 +122,12 @@ def load_onnx_session(model_uri: str):
     return ort_session(proto.SerializeToString()), meta
 
 
-def _log_and_register(cfg: Config, spec: dict, name: str, run_id: str, images: np.ndarray) -> str:
+def _log_and_register(spec: dict, name: str, tags: dict) -> str:
     import mlflow
     import onnx
     from mlflow.models import infer_signature
 
+    images, _ = load_split("test")
     example = np.array(images[:2])  # the shard is memory-mapped
     probabilities = onnx_predictor(ort_session(paths.ONNX))(example)
     signature = infer_signature(
@@ -133,48 +145,20 @@ def _log_and_register(cfg: Config, spec: dict, name: str, run_id: str, images: n
         },
     )
     mlflow.log_artifact(str(paths.CHECKPOINT), tracking.CHECKPOINT_ARTIFACT.rpartition("/")[0])
+    mlflow.log_text("\n".join(trained_on()) + "\n", TRAINED_ON_ARTIFACT)
     int8 = "shipped" if quantize.int8_shipped() else "not_shipped"
     if int8 == "shipped":
         mlflow.log_artifact(str(paths.ONNX_INT8), "int8")
-    tags = {**tracking.lineage(cfg), "mlflow.run_id": run_id, "lensflow.int8": int8}
-    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    version = mlflow.register_model(info.model_uri, name, tags={**tags, "lensflow.int8": int8})
     return str(version.version)
 
 
-def _current_champion(name: str):
-    import mlflow
-    from mlflow.exceptions import MlflowException
+def trained_on() -> list[str]:
+    """The sha256 of every image the prepared data's train and validation splits hold, sorted."""
+    import pandas as pd
 
-    try:
-        return mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def _rescore(cfg: Config, champion, classes: list[str]) -> dict:
-    """The champion's accuracy on this run's test files, decoded for the champion's own input
-    (its channels and image size), so a champion trained on other settings is scored as its
-    clients use it. A champion of another class set cannot be compared."""
-    if champion is None:
-        return {"status": "none"}
-    session, meta = load_onnx_session(f"models:/{champion.name}/{champion.version}")
-    if sorted(meta["classes"]) != sorted(classes):
-        return {
-            "status": "not_comparable",
-            "reason": f"the champion (version {champion.version}) predicts other classes "
-            f"({', '.join(meta['classes'])}); register this model under another "
-            "registry.model_name",
-        }
-    if "image_size" not in meta or "channels" not in meta:
-        return {"status": "not_comparable", "reason": "the champion's metadata has no input spec"}
-    channels, size = int(meta["channels"]), int(meta["image_size"])
-    images, labels, unreadable = test_split(meta["classes"], channels, size, cfg.prepare.max_pixels)
-    if unreadable or not len(labels):
-        reason = f"{unreadable}: no longer readable" if unreadable else "no test images"
-        return {"status": "not_comparable", "reason": reason}
-    metrics, _ = score(onnx_predictor(session), images, labels, meta["classes"])
-    spec = {"channels": channels, "image_size": size}
-    return {"status": "scored", "accuracy": metrics["accuracy"], "input": spec}
+    manifest = pd.read_parquet(paths.MANIFEST, columns=["sha256", "split"])
+    return sorted(set(manifest.loc[manifest["split"].isin(["train", "val"]), "sha256"]))
 
 
 def test_split(classes: list[str], channels: int, size: int, max_pixels: int):
@@ -200,33 +184,6 @@ def test_split(classes: list[str], channels: int, size: int, max_pixels: int):
     images = [pixels for _, pixels in decoded] or [np.zeros((0, channels, size, size), np.uint8)]
     labels = np.array([classes.index(label) for label in test["label"]], dtype=np.int64)
     return np.stack(images) if files else images[0], labels, None
-
-
-def _gates(cfg: Config, accuracy: float, champion, champion_eval: dict) -> dict:
-    gates = {
-        "min_accuracy": {
-            "value": accuracy,
-            "threshold": cfg.registry.min_accuracy,
-            "passed": accuracy >= cfg.registry.min_accuracy,
-        }
-    }
-    if champion_eval["status"] == "scored":
-        gates["not_worse_than_champion"] = {
-            "value": accuracy,
-            "threshold": champion_eval["accuracy"],
-            "champion_version": str(champion.version),
-            "champion_input": champion_eval["input"],
-            "passed": accuracy >= champion_eval["accuracy"],
-        }
-    elif champion_eval["status"] == "not_comparable":  # no evidence: the champion stays
-        gates["not_worse_than_champion"] = {
-            "champion_version": str(champion.version),
-            "passed": False,
-            "note": f"not comparable: {champion_eval['reason']}",
-        }
-    else:
-        gates["not_worse_than_champion"] = {"passed": True, "note": "there is no champion yet"}
-    return gates
 
 
 def _read_json(path) -> dict:

@@ -117,6 +117,14 @@ def close_orphans(experiment_id: str) -> list[str]:
     return closed
 
 
+def process_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process that `process_tags()` described still runs; None when it ran on
+    another host (which cannot be told from here)."""
+    if tags.get("lensflow.host") != socket.gethostname() or "lensflow.pid" not in tags:
+        return None
+    return _alive(int(tags["lensflow.pid"]), tags.get("lensflow.pid_started"))
+
+
 def _alive(pid: int, started: str | None) -> bool:
     import psutil
 

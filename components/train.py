@@ -157,12 +157,23 @@ def _write_reports(cfg, history, best: dict, seconds: float, n_train: int, sanit
         "device": str(loop.device(cfg.train.device)),
         "amp": cfg.train.amp,
         "world_size": distributed.world_size(),
+        # lineage of the model version register makes of this checkpoint: what it was trained with
+        "mlflow_run_id": _active_run_id(),
+        "params_hash": cfg.params_hash(),
+        "params": {key: cfg.as_dict()[key] for key in ("seed", "augment", "model", "train")},
     }
     paths.write_json(paths.TRAINING_REPORT, report)
     paths.write_metrics(
         paths.TRAINING_METRICS,
         {k: report[k] for k in ("epochs_run", "best_val_accuracy", "train_loop_seconds")},
     )
+
+
+def _active_run_id() -> str | None:
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
 
 
 def _curves_plot():

@@ -11,7 +11,9 @@ import logging
 import os
 import sys
 
-STAGES = ("prepare", "validate", "tune", "train", "evaluate", "export", "quantize", "register")
+STAGES = (
+    "prepare", "validate", "tune", "train", "evaluate", "export", "quantize", "register", "promote",
+)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +112,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.set_defaults(command=cmd_compare)
 
+    history = sub.add_parser("history", help="the promotion log: decisions about @champion")
+    _add_params(history)
+    history.add_argument("--limit", type=_positive_int, default=20, help="default: %(default)s")
+    history.set_defaults(command=cmd_history)
+
+    promote = sub.add_parser("promote", help="move @champion to VERSION by hand (logged)")
+    promote.add_argument("version", metavar="VERSION", help="a version of registry.model_name")
+    promote.add_argument("--reason", required=True, help="why: it goes into the promotion log")
+    _add_params(promote)
+    promote.set_defaults(command=cmd_promote)
+
+    rollback = sub.add_parser("rollback", help="move @champion back to the previous champion")
+    rollback.add_argument("--to", metavar="VERSION", help="default: the champion before this one")
+    rollback.add_argument("--reason", required=True, help="why: it goes into the promotion log")
+    _add_params(rollback)
+    rollback.set_defaults(command=cmd_rollback)
+
+    lineage = sub.add_parser("lineage", help="where a registered version came from (JSON)")
+    lineage.add_argument("ref", metavar="NAME@ALIAS|NAME/VERSION")
+    _add_params(lineage)
+    lineage.set_defaults(command=cmd_lineage)
+
     stack = sub.add_parser(
         "stack", help="a local MLflow and Prefect server for the UIs: up, down, status"
     )
@@ -165,7 +189,7 @@ def cmd_stage(args) -> int:
     )
     module = importlib.import_module(
         f"components.{'registry' if args.name == 'register' else args.name}"
-    )
+    )  # promote: the version reports/registry.json names
     result = module.run(cfg, resume=True) if args.resume else module.run(cfg)
     print(module.summary(result) if hasattr(module, "summary") else f"{args.name}: {result}")
     if args.name == "validate" and not result.success:
@@ -256,6 +280,52 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_history(args) -> int:
+    from components import config, promotion_log
+
+    cfg = config.load(args.params, args.overrides)
+    entries = promotion_log.history(cfg, limit=args.limit)
+    if not entries:
+        print(f"no promotion decisions about {cfg.registry.model_name} yet")
+    for e in entries:
+        before, after = (f"v{v}" if v else "none" for v in (e["from_version"], e["to_version"]))
+        moved = f"{before} -> {after}"
+        why = f"{e['summary']}" + (f" -- reason: {e['reason']}" if e["reason"] else "")
+        print(f"{e['time']}  {e['action']:<8}  @champion {moved:<12}  {e['actor']}  "
+              f"[{e['record']}]  {why}")  # fmt: skip
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from components import config, promotion_log
+
+    cfg = config.load(args.params, args.overrides)
+    decision = promotion_log.override(cfg, args.version, args.reason)
+    print(f"promote: {decision.summary} (logged, reason: {decision.reason})")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from components import config, promotion_log
+
+    cfg = config.load(args.params, args.overrides)
+    if args.to is not None and not args.to.isdigit():
+        from components.config import UserError
+
+        raise UserError(f"--to: expected a version number, got {args.to!r}")
+    decision = promotion_log.rollback(cfg, args.to, args.reason)
+    print(f"rollback: {decision.summary} (logged, reason: {decision.reason})")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    from components import config, promotion_log
+
+    cfg = config.load(args.params, args.overrides)
+    print(json.dumps(promotion_log.lineage(cfg, args.ref), indent=2))
+    return 0
+
+
 def cmd_stack(args) -> int:
     from infra import stack
 
@@ -304,7 +374,7 @@ def _where_to_look(summary: dict) -> str:
 
     champion = registry.champion_uri(summary["model_name"])
     promoted = (
-        "promoted to @champion" if summary["promoted"] else "NOT promoted (see registry.json)"
+        "promoted to @champion" if summary["promoted"] else f"not promoted: {summary['decision']}"
     )
     return "\n".join(
         [
@@ -315,7 +385,7 @@ def _where_to_look(summary: dict) -> str:
             f"model {summary['model_name']} version {summary['version']}: {promoted}",
             f"champion: {champion} (version {summary['champion_version']})",
             f"reports: {paths.VALIDATION_REPORT} {paths.EVALUATION_REPORT} {paths.EXPORT_REPORT} "
-            f"{paths.REGISTRY_REPORT}",
+            f"{paths.REGISTRY_REPORT} {paths.PROMOTION_REPORT} (lensflow history: every decision)",
             f"MLflow UI: mlflow ui --backend-store-uri {tracking.shown_uri()} --host 127.0.0.1 "
             f"--port 5000   then open {tracking.runs_page(summary['experiment_id'])}",
         ]

@@ -8,6 +8,7 @@ from components import (
     config,
     evaluate,
     export,
+    promote,
     quantize,
     registry,
     tracking,
@@ -23,6 +24,7 @@ evaluate_task = component_task(evaluate.run, "evaluate")
 export_task = component_task(export.run, "export")
 quantize_task = component_task(quantize.run, "quantize")
 register_task = component_task(registry.run, "register")
+promote_task = component_task(promote.run, "promote")
 dvc_commit_task = component_task(versioning.dvc_commit, "record-in-dvc-lock")
 
 
@@ -39,6 +41,7 @@ def training_flow(
         exported = export_task(cfg)
         quantized = quantize_task(cfg)
         registered = register_task(cfg)
+        promoted = promote_task(cfg)
     # dvc.lock may only vouch for outputs made from params.yaml as written: no overrides.
     if versioning.in_dvc_repo() and not overrides:
         dvc_commit_task()
@@ -55,6 +58,7 @@ def training_flow(
         "train_loop_seconds": trained.train_loop_seconds,
         "model_name": registered.name,
         "version": registered.version,
-        "promoted": registered.promoted,
-        "champion_version": registered.champion_version,
+        "promoted": promoted.promoted,
+        "champion_version": promoted.champion_version,
+        "decision": promoted.decision,
     }

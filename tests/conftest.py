@@ -23,7 +23,7 @@ TINY = {
     "prepare": {"image_size": 16, "channels": 3},
     "model": {"widths": [16, 32]},
     "train": {"epochs": 8, "batch_size": 32, "progress_bar": False},
-    "registry": {"min_accuracy": 0.0},
+    "promote": {"min_accuracy": 0.0, "min_macro_f1": 0.0},
 }
 
 

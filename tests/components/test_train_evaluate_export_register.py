@@ -15,43 +15,34 @@ from components import (
     config,
     datasets,
     doctor,
-    evaluate,
     evaluate_model,
     export,
     loop,
     models,
     paths,
-    prepare,
     prepared,
     quantize,
     registry,
     robustness,
     train,
-    validate,
 )
 from components.config import GateFailed
 from components.metrics import score
+from tests.components.conftest import trained_copy
 from tests.conftest import tiny_project
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One prepared + trained + exported tiny project, shared by the tests of this module."""
-    root = tmp_path_factory.mktemp("project")
+def trained(trained_template, tmp_path_factory):
+    """A prepared + trained + exported tiny project, shared by the tests of this module."""
+    root = trained_copy(trained_template, tmp_path_factory, "project")
     with tiny_project(root) as mp:
-        cfg = config.load("params.yaml")
-        datasets.run(cfg)
-        prepare.run(cfg)
-        assert validate.run(cfg).success
-        result = train.run(cfg)
-        evaluation = evaluate.run(cfg)
-        exported = export.run(cfg)
         yield {
             "root": root,
-            "cfg": cfg,
-            "train": result,
-            "evaluation": evaluation,
-            "export": exported,
+            "cfg": config.load("params.yaml"),
+            "train": trained_template["train"],
+            "evaluation": trained_template["evaluation"],
+            "export": trained_template["export"],
             "mp": mp,
         }
 
@@ -220,50 +211,30 @@ def test_export_run_fails_the_flow_when_parity_fails(trained):
     export.run(trained["cfg"])  # restore a passing export for the registry tests
 
 
-def test_registry_promotes_only_through_the_gates(trained):
+def test_register_records_lineage_and_reuses_the_version_of_a_checkpoint(trained):
     cfg = trained["cfg"]
     name = cfg.registry.model_name
     first = registry.run(cfg)
-    assert first.promoted and first.champion_version == first.version
-
-    strict = cfg.model_copy(update={"registry": config.Registry(min_accuracy=1.0)})
-    second = registry.run(strict)
-    report = json.loads((trained["root"] / paths.REGISTRY_REPORT).read_text())
-    assert not second.promoted and report["gates"]["min_accuracy"]["passed"] is False
-    assert report["gates"]["not_worse_than_champion"]["threshold"] == trained["export"].accuracy
+    again = registry.run(cfg)  # a rerun on the same checkpoint (dvc repro --force)
+    assert (first.reused, again.reused) == (False, True) and again.version == first.version
     client = mlflow.MlflowClient()
-    assert str(client.get_model_version_by_alias(name, "champion").version) == first.version
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    with pytest.raises(mlflow.exceptions.MlflowException):  # registering decides nothing
+        client.get_model_version_by_alias(name, "champion")
 
-    version = client.get_model_version(name, second.version)
-    assert version.tags["data.md5"] != "" and "lensflow.gates" in version.tags
-    session, meta = registry.load_onnx_session(registry.champion_uri(name))
-    classes = meta["classes"]
-    images, labels = prepared.load_split("test")
-    metrics, _ = score(backends.onnx_predictor(session), images, labels, classes)
-    assert metrics["accuracy"] == trained["evaluation"].accuracy
-
-
-def test_a_worse_candidate_does_not_replace_the_champion(trained):
-    cfg = trained["cfg"]
-    client = mlflow.MlflowClient()
-    champion = registry.run(cfg)
-    assert champion.promoted
-    weak = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
-    train.run(weak)
-    export.run(weak)
-    candidate = registry.run(weak)
-    gate = json.loads((trained["root"] / paths.REGISTRY_REPORT).read_text())["gates"][
-        "not_worse_than_champion"
-    ]
-    assert not candidate.promoted and not gate["passed"]
-    assert gate["value"] < gate["threshold"] == trained["export"].accuracy
-    assert gate["champion_version"] == champion.version
+    version = client.get_model_version(name, first.version)
+    training = json.loads((trained["root"] / paths.TRAINING_REPORT).read_text())
+    assert version.tags["lensflow.train_run_id"] == training["mlflow_run_id"]
+    assert json.loads(version.tags["lensflow.export_parity"])["passed"] is True
     assert (
-        str(client.get_model_version_by_alias(cfg.registry.model_name, "champion").version)
-        == champion.version
+        version.tags["lensflow.checkpoint_sha256"]
+        == hashlib.sha256((trained["root"] / paths.CHECKPOINT).read_bytes()).hexdigest()
     )
-    train.run(cfg)  # restore the module's trained model for the tests after this one
-    export.run(cfg)
+    assert version.tags["data.md5"] != ""
+    session, meta = registry.load_onnx_session(f"models:/{name}/{first.version}")
+    images, labels = prepared.load_split("test")
+    metrics, _ = score(backends.onnx_predictor(session), images, labels, meta["classes"])
+    assert metrics["accuracy"] == trained["evaluation"].accuracy
 
 
 def test_quantization_gate_ships_and_refuses_by_its_thresholds(trained):
@@ -278,9 +249,11 @@ def test_quantization_gate_ships_and_refuses_by_its_thresholds(trained):
     assert len(report["excluded_nodes"]) == 1  # the classifier head stays in float
     assert report["tensorrt_int8"]["status"] in {"ok", "skipped"}
 
-    registered = registry.run(cfg)
+    # another registered model: this checkpoint's version under the default name exists already
+    int8_cfg = config.with_values(cfg, {"registry.model_name": "lensflow-int8"})
+    registered = registry.run(int8_cfg)
     client = mlflow.MlflowClient()
-    version = client.get_model_version(cfg.registry.model_name, registered.version)
+    version = client.get_model_version("lensflow-int8", registered.version)
     assert version.tags["lensflow.int8"] == "shipped"
     artifacts = [a.path for a in client.list_artifacts(version.run_id, "int8")]
     assert artifacts == ["int8/model.int8.onnx"]

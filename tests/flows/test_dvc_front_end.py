@@ -145,20 +145,35 @@ def test_dvc_repro_and_experiments_match_the_flow(project):
     sh(*DVC, "repro", "--force", cwd=project)
     reproduced = json.loads(paths.EVALUATION_REPORT.read_text())["accuracy"]
     assert reproduced == summary["test_accuracy"]
+    # the same checkpoint again: its version is reused, and the champion stays
+    assert json.loads(paths.REGISTRY_REPORT.read_text())["reused"] is True
+    assert len(mlflow.MlflowClient().search_model_versions("name = 'lensflow-classifier'")) == 1
+    assert json.loads(paths.PROMOTION_REPORT.read_text())["decision"] == "v1 is already @champion"
 
     # an experiment on the committed baseline: what reruns, and what `dvc exp show` compares
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "baseline", cwd=project)
     out = sh(*DVC, "exp", "run", "-S", "train.epochs=5", cwd=project)
     ran = {stage for stage in stages if f"Running stage '{stage}'" in out}
-    assert ran == {"tune", "train", "evaluate", "export", "quantize", "register"}
+    assert ran == {"tune", "train", "evaluate", "export", "quantize", "register", "promote"}
     assert json.loads(paths.TRAINING_REPORT.read_text())["epochs_run"] == 5
+
+    # back to the baseline's params: DVC restores train to quantize from its run cache, never
+    # register and promote, whose outputs speak for the registry as it is now
+    out = sh(*DVC, "exp", "run", "-S", "train.epochs=8", cwd=project)
+    assert "Stage 'train' is cached - skipping run" in out
+    assert {stage for stage in stages if f"Running stage '{stage}'" in out} == {
+        "tune",  # a persistent output: never from the run cache either
+        "register",
+        "promote",
+    }
+    assert json.loads(paths.REGISTRY_REPORT.read_text())["version"] == summary["version"]
 
     table = list(csv.DictReader(io.StringIO(sh(*DVC, "exp", "show", "--csv", cwd=project))))
     metrics = metric_columns(list(table[0]), project, stages)
     assert "test_accuracy" in metrics and len(metrics) <= 12, metrics
     rows = {row["Experiment"] or row["rev"]: row for row in table}
-    experiment = next(row for row in table if row["Experiment"])
+    experiment = next(row for row in table if row["Experiment"] and row["epochs_run"] == "5")
     assert float(rows["main"]["test_accuracy"]) == reproduced
     assert float(experiment["test_accuracy"]) >= 0 and experiment["epochs_run"] == "5"
     assert "metrics/evaluation.json  test_accuracy" in sh(

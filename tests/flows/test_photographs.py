@@ -19,6 +19,7 @@ from components import (
     paths,
     preflight,
     prepare,
+    promote,
     registry,
     train,
     validate,
@@ -52,7 +53,7 @@ def photo_project(tmp_path_factory):
     params = {
         "data": {"source": "data/raw/photos"},
         "train": {"epochs": 3, "progress_bar": False},
-        "registry": {"min_accuracy": 0.0},
+        "promote": {"min_accuracy": 0.0, "min_macro_f1": 0.0},
     }
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -72,10 +73,10 @@ def test_readme_transfer_recipe_after_a_grayscale_champion(photo_project, capfd)
     _, spec = models.load_checkpoint(paths.CHECKPOINT)
     assert (spec["channels"], spec["image_size"], spec["input_size"]) == (3, 32, 64)
     assert (paths.PLOTS / "saliency.png").exists()  # saliency at 32 px, the network at 64
-    gate = json.loads(paths.REGISTRY_REPORT.read_text())["gates"]["not_worse_than_champion"]
+    gate = json.loads(paths.PROMOTION_REPORT.read_text())["gates"]["beats_champion"]
     # the champion re-scored on the same test files, decoded as its clients send them
     assert gate["champion_input"] == {"channels": 1, "image_size": 16}
-    assert gate["threshold"] == photo_project["grayscale_accuracy"]
+    assert gate["champion_accuracy"] == photo_project["grayscale_accuracy"]
     # so does `lensflow evaluate` on this project's test split
     assert cli.main(["evaluate", "--model", f"models:/{NAME}/1", "--report", "v1.json"]) == 0
     v1 = json.loads((photo_project["root"] / "v1.json").read_text())
@@ -128,8 +129,10 @@ def test_a_champion_of_other_classes_is_not_comparable_and_stays(photo_project):
     export.run(cfg)
     paths.QUANTIZE_REPORT.unlink()  # the photographs' model's: not this one's
 
-    result = registry.run(cfg)
-    gate = json.loads(paths.REGISTRY_REPORT.read_text())["gates"]["not_worse_than_champion"]
-    assert not result.promoted and gate["passed"] is False
-    assert gate["note"].startswith(f"not comparable: the champion (version {champion}) predicts")
+    registry.run(cfg)
+    result = promote.run(cfg)
+    gates = json.loads(paths.PROMOTION_REPORT.read_text())["gates"]
+    assert not result.promoted and gates["same_classes"]["passed"] is False
+    note = gates["beats_champion"]["note"]
+    assert note == f"not comparable: the champion v{champion} predicts other classes"
     assert client.get_model_version_by_alias(NAME, "champion").version == champion

@@ -6,7 +6,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from components import backends, paths, prepared, registry, tracking
+from components import backends, paths, prepared, promotion_log, registry, tracking
 from components.config import GateFailed
 from components.metrics import score
 from flows.training import training_flow
@@ -21,6 +21,7 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
         paths.EVALUATION_REPORT,
         paths.EXPORT_REPORT,
         paths.REGISTRY_REPORT,
+        paths.PROMOTION_REPORT,
     ):
         assert report.exists(), report
     evaluation = json.loads(paths.EVALUATION_REPORT.read_text())
@@ -57,6 +58,7 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
     assert sorted(r.data.tags["lensflow.step"] for r in children) == [
         "evaluate",
         "export",
+        "promote",
         "quantize",
         "register",
         "train",
@@ -67,6 +69,8 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
     assert flow_run_id != "none"
     version = client.get_model_version("lensflow-classifier", "1")
     assert version.tags["prefect.flow_run_id"] == flow_run_id
+    (decision,) = promotion_log.history(tiny_cfg)  # the promotion log names the flow run
+    assert decision["actor"] == f"flow-run:{flow_run_id}" and decision["to_version"] == "1"
     assert (
         version.tags["data.md5"] and version.tags["params.hash"] == parent.data.tags["params.hash"]
     )
