@@ -75,8 +75,10 @@ def _files(inputs: list[str]) -> list[str]:
         if path.is_dir():
             found = (p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
             files += sorted(str(p) for p in found)
-        elif path.exists():
+        elif path.is_file():
             files.append(str(path))
+        elif path.exists():
+            raise UserError(f"{given}: not a regular file or a folder")
         else:
             raise UserError(f"{given}: no such file or folder")
     if not files:
