@@ -6,11 +6,12 @@ In a temporary project it trains, exports and registers the digits classifier tw
   - lensflow serve        PNG bytes (image/png), the model the registry's @champion names
   - mlflow models serve   the JSON tensor it requires ({"inputs": [[[[...]]]]}), same champion
   - bare                  a dozen lines of Starlette: decode the PNG, run the same ONNX file
-each at concurrency 1, 4 and 16 (one server at a time, one wrk thread). Then the failed
-requests while the alias flips between the two versions every second under load (hot swaps).
-Prints one JSON line; without wrk (Debian's package `wrk`) it prints why it skipped.
+each at concurrency 1, 4 and 16 (one wrk thread), the three servers taking turns for a few
+rounds. Then the failed requests while the alias flips between the two versions every second
+under load (hot swaps). Prints one JSON line; without wrk (Debian's package `wrk`) it prints
+why it skipped.
 
-    python bench/serve_load.py [--seconds 8]
+    python bench/serve_load.py [--seconds 4] [--rounds 3] [--project DIR]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 4, 16)
 N_IMAGES = 100
+SWAP_SECONDS = 12
 TARGETS = {"vs_mlflow": 2.0, "vs_bare": 0.8, "p99_ms": 50.0, "swap_failures": 0}
 LUA = """
 local bodies = {}
@@ -68,7 +70,8 @@ app = Starlette(routes=[Route("/predict", predict, methods=["POST"])])
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=8, help="per wrk run (default 8)")
+    parser.add_argument("--seconds", type=int, default=4, help="per wrk run (default 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument(
         "--project", help="keep the trained project in this folder; reuse it when it has one"
     )
@@ -84,11 +87,8 @@ def main() -> None:
         env = _project(root)
         bodies = _bodies(root, env)
         load_before = os.getloadavg()[0]
-        results = {
-            name: _measure(root, env, name, bodies, args.seconds)
-            for name in ("lensflow", "mlflow", "bare")
-        }
-        swap = _hot_swap(root, env, bodies, args.seconds)
+        results = _measure(root, env, bodies, args.seconds, args.rounds)
+        swap = _hot_swap(root, env, bodies, SWAP_SECONDS)
     print(json.dumps(_summary(results, swap, load_before, args.seconds, wrk)))
 
 
@@ -213,19 +213,40 @@ def _parse(output: str) -> dict:
     }
 
 
-def _measure(root: Path, env: dict, name: str, bodies: dict, seconds: int) -> dict:
-    port = _free_port()
-    process = _start(root, env, name, port)
-    kind = "json" if name == "mlflow" else "png"
+def _measure(root: Path, env: dict, bodies: dict, seconds: int, rounds: int) -> dict:
+    """Each server at each concurrency once per round, the three servers taking turns (all
+    three running, idle but one), so that other work on a shared machine falls on all alike;
+    the round with the median requests/s is kept."""
+    names = ("lensflow", "mlflow", "bare")
+    ports = {name: _free_port() for name in names}
+    processes = {}
+    runs = {name: {str(c): [] for c in CONCURRENCY} for name in names}
     try:
-        _wrk(root, port, bodies[kind], kind, 4, 2).communicate()  # warm-up
-        out = {}
-        for connections in CONCURRENCY:
-            output = _wrk(root, port, bodies[kind], kind, connections, seconds).communicate()[0]
-            out[str(connections)] = _parse(output)
-        return out
+        for name in names:
+            processes[name] = _start(root, env, name, ports[name])
+            kind = "json" if name == "mlflow" else "png"
+            _wrk(root, ports[name], bodies[kind], kind, 4, 2).communicate()  # warm-up
+        for _ in range(rounds):
+            for connections in CONCURRENCY:
+                for name in names:
+                    kind = "json" if name == "mlflow" else "png"
+                    cpu_before = _cpu_seconds(processes[name])
+                    load = _wrk(root, ports[name], bodies[kind], kind, connections, seconds)
+                    result = _parse(load.communicate()[0])
+                    cpu = _cpu_seconds(processes[name]) - cpu_before
+                    result["server_cpu_ms_per_request"] = round(
+                        1000 * cpu / max(result["requests"], 1), 3
+                    )
+                    runs[name][str(connections)].append(result)
     finally:
-        _stop(process)
+        for process in processes.values():
+            _stop(process)
+    return {
+        name: {
+            c: sorted(r, key=lambda x: x["requests_per_s"])[len(r) // 2] for c, r in by_c.items()
+        }
+        for name, by_c in runs.items()
+    }
 
 
 def _hot_swap(root: Path, env: dict, bodies: dict, seconds: int) -> dict:
@@ -270,6 +291,10 @@ def _summary(results: dict, swap: dict, load_before: float, seconds: int, wrk: s
         and worst_p99 <= TARGETS["p99_ms"]
         and swap["failed"] == TARGETS["swap_failures"]
     )
+    cpu = {
+        name: {c: r["server_cpu_ms_per_request"] for c, r in by_c.items()}
+        for name, by_c in results.items()
+    }
     return {
         "bench": "serve_load",
         "load_generator": f"{wrk} -t1 -cN -d{seconds}s (loopback)",
@@ -279,10 +304,28 @@ def _summary(results: dict, swap: dict, load_before: float, seconds: int, wrk: s
         "results": results,
         "ratios": ratios,
         "lensflow_worst_p99_ms": worst_p99,
+        # requests/s move with whatever else runs on a shared machine; CPU per request hardly
+        "server_cpu_ms_per_request": cpu,
         "hot_swap": swap,
         "targets": TARGETS,
         "meets_targets": meets,
     }
+
+
+def _cpu_seconds(process: subprocess.Popen) -> float:
+    """User + system CPU time of the server and its children (mlflow models serve starts
+    uvicorn in a child): per request, a measure that other work on the machine hardly moves."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    total = 0.0
+    for each in [root, *root.children(recursive=True)]:
+        try:
+            times = each.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def _free_port() -> int:
