@@ -107,6 +107,9 @@ def build(service: Service) -> Starlette:
                 body = await _classify(request, model, service)
             except BadRequest as exc:
                 status, body = exc.status, _error(exc.status, exc.message, model.version)
+            except Exception:  # a bug or a model that fails at run time: counted, logged
+                log.exception("POST /predict failed")
+                status, body = 500, _error(500, "internal error (logged by the server)")
             finally:
                 service.in_flight -= 1
         metrics.requests.labels("/predict", status).inc()
