@@ -229,6 +229,29 @@ class Promote(Section):
     )
 
 
+class Serve(Section):
+    """`lensflow serve` and `lensflow predict` (README "Serving")."""
+
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes it to the network")
+    port: int = Field(8000, ge=1, le=65535)
+    poll_seconds: float = Field(10.0, gt=0, description="how often @champion is looked up")
+    int8: bool = Field(False, description="serve the int8 variant when the version shipped one")
+    top_k: int = Field(3, ge=1, description="classes per image in a response (?top_k= overrides)")
+    max_upload_bytes: int = Field(10 * 2**20, ge=1, description="request body limit (413)")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="per image, read from the header (413)")
+    max_images: int = Field(32, ge=1, description="images per request (413)")
+    max_in_flight: int = Field(64, ge=1, description="requests in progress; beyond: 503 at once")
+    retry_after_seconds: int = Field(1, ge=0, description="Retry-After of a 503")
+    threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per inference")
+    batch_max: int = Field(1, ge=1, description="micro-batching: images per run; 1 = off")
+    batch_wait_ms: float = Field(2.0, ge=0, description="micro-batching: longest wait to fill")
+    shutdown_timeout: float = Field(10.0, gt=0, description="SIGTERM: seconds to finish requests")
+    golden_atol: float = Field(1e-4, gt=0, description="fp32: max |p - golden p| to be served")
+    int8_min_agreement: float = Field(
+        0.9, ge=0, le=1, description="int8: top-1 agreement with the golden fp32 classes"
+    )
+
+
 class Distribution(Section):
     """How tune samples one key: a float or int range (log scale optional), or choices."""
 
@@ -411,6 +434,7 @@ class Config(Section):
     promote: Promote = Promote()
     tune: Tune = Tune()
     compare: Compare = Compare()
+    serve: Serve = Serve()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 

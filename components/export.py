@@ -3,6 +3,8 @@
 Input `images`: uint8 [batch, channels, height, width] (any height/width: resized inside).
 Outputs `logits` and `probabilities`. Class names and the input spec are model metadata.
 The parity gate compares ONNX Runtime with PyTorch on the whole test split.
+models/golden.npz holds the golden inputs registered with the model: the first GOLDEN_IMAGES
+test images and the probabilities ONNX Runtime gives them (serving checks a version on them).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from components.backends import onnx_predictor, ort_session, torch_predictor
 from components.config import Config, GateFailed
 from components.metrics import score
 from components.prepared import load_split
+
+GOLDEN_IMAGES = 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ def run(cfg: Config) -> ExportResult:
     parity = check_parity(model, paths.ONNX, images, cfg.export.parity_atol)
     session = ort_session(paths.ONNX)
     metrics, _ = score(onnx_predictor(session), images, labels, spec["classes"])
+    write_golden(paths.GOLDEN, images[:GOLDEN_IMAGES], onnx_predictor(session))
     report = {
         "onnx": {
             "status": "ok" if parity["passed"] else "failed",
@@ -119,6 +124,12 @@ def to_onnx(model: nn.Module, spec: dict, path: Path, opset: int, metadata: dict
     onnx.checker.check_model(proto, full_check=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, path)
+
+
+def write_golden(path: Path, images: np.ndarray, predict) -> None:
+    images = np.ascontiguousarray(images)
+    with paths.atomic(path) as partial, partial.open("wb") as file:
+        np.savez(file, images=images, probabilities=predict(images))
 
 
 def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, atol: float) -> dict:

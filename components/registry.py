@@ -125,14 +125,18 @@ def load_onnx_session(model_uri: str):
 def _log_and_register(spec: dict, name: str, tags: dict) -> str:
     import mlflow
     import onnx
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import Schema, TensorSpec
 
     images, _ = load_split("test")
     example = np.array(images[:2])  # the shard is memory-mapped
     probabilities = onnx_predictor(ort_session(paths.ONNX))(example)
-    signature = infer_signature(
+    outputs = infer_signature(
         example, {"logits": np.log(probabilities + 1e-12), "probabilities": probabilities}
-    )
+    ).outputs
+    # images of any height and width (the model resizes inside), as `mlflow models serve` checks
+    images_spec = TensorSpec(np.dtype(np.uint8), (-1, example.shape[1], -1, -1))
+    signature = ModelSignature(inputs=Schema([images_spec]), outputs=outputs)
     info = mlflow.onnx.log_model(
         onnx.load(paths.ONNX),
         name="model",
@@ -146,6 +150,8 @@ def _log_and_register(spec: dict, name: str, tags: dict) -> str:
     )
     mlflow.log_artifact(str(paths.CHECKPOINT), tracking.CHECKPOINT_ARTIFACT.rpartition("/")[0])
     mlflow.log_text("\n".join(trained_on()) + "\n", TRAINED_ON_ARTIFACT)
+    if paths.GOLDEN.exists():  # what serving checks a version on before it serves it
+        mlflow.log_artifact(str(paths.GOLDEN), paths.GOLDEN_ARTIFACT.rpartition("/")[0])
     int8 = "shipped" if quantize.int8_shipped() else "not_shipped"
     if int8 == "shipped":
         mlflow.log_artifact(str(paths.ONNX_INT8), "int8")

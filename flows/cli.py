@@ -145,6 +145,29 @@ def _parser() -> argparse.ArgumentParser:
         help="up: how long to wait for both servers to answer (default: %(default)s)",
     )  # fmt: skip
     stack.set_defaults(command=cmd_stack)
+
+    model_help = "models:/NAME@ALIAS (followed), models:/NAME/VERSION or a .onnx file "
+    model_help += "(default: models:/<registry.model_name>@champion)"
+    serve = sub.add_parser("serve", help="HTTP service of the registry's @champion (hot swap)")
+    _add_params(serve)
+    serve.add_argument("--model", help=model_help)
+    serve.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
+    serve.add_argument("--port", type=_positive_int, help="(serve.port)")
+    serve.add_argument(
+        "--poll-seconds", type=float, metavar="S", help="alias lookup interval (serve.poll_seconds)"
+    )
+    serve.add_argument(
+        "--int8", action="store_true", help="serve the int8 variant where shipped (serve.int8)"
+    )
+    serve.set_defaults(command=cmd_serve)
+
+    predict = sub.add_parser("predict", help="batch scoring: files and folders -> Parquet + CSV")
+    _add_params(predict)
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    predict.add_argument("--model", help=model_help)
+    predict.add_argument("--out", default="predictions", help="folder (default: %(default)s)")
+    predict.add_argument("--int8", action="store_true", help="the int8 variant where shipped")
+    predict.set_defaults(command=cmd_predict)
     return parser
 
 
@@ -348,6 +371,32 @@ def cmd_stack(args) -> int:
         running = f"pid {state['pid']}" if state["running"] else f"pid {state['pid']} gone"
         print(f"{name}: {state['url']} {running}, {health} (log {state['log']})")
     return 0 if all(s["running"] and s["healthy"] for s in servers.values()) else 1
+
+
+def cmd_serve(args) -> int:
+    from components import config
+
+    overrides = list(args.overrides)
+    for key in ("host", "port", "poll_seconds"):
+        if getattr(args, key) is not None:
+            overrides.append(f"serve.{key}={getattr(args, key)}")
+    if args.int8:
+        overrides.append("serve.int8=true")
+    cfg = config.load(args.params, overrides)
+    from serving import server
+
+    return server.run(cfg, args.model)
+
+
+def cmd_predict(args) -> int:
+    from components import config
+
+    overrides = [*args.overrides, *(["serve.int8=true"] if args.int8 else [])]
+    cfg = config.load(args.params, overrides)
+    from serving import batch
+
+    print(batch.summary(batch.run(cfg, args.paths, args.model, args.out)))
+    return 0
 
 
 class _NoTracebackForUserErrors(logging.Filter):

@@ -12,7 +12,7 @@ import yaml
 from components import config
 from tests.conftest import REPO
 
-PACKAGES = ("components", "flows", "infra")
+PACKAGES = ("components", "flows", "infra", "serving")
 MAX_LINES = 450
 LONGER_ALLOWED = {"components/config.py"}  # the params schema: one class per section
 
@@ -108,6 +108,15 @@ def test_components_never_import_prefect_or_flows():
             assert not roots & {"prefect", "flows"}, (
                 f"{path} imports {roots & {'prefect', 'flows'}}"
             )
+
+
+def test_serving_never_imports_flows_and_components_never_import_serving():
+    for name, path in _modules().items():
+        roots = {imported.split(".")[0] for imported in _imports(path)}
+        if name.startswith("serving."):
+            assert not roots & {"prefect", "flows"}, f"{path} imports {roots}"
+        if name.startswith("components."):
+            assert "serving" not in roots, f"{path} imports serving"
 
 
 def test_modules_stay_short():

@@ -1,0 +1,138 @@
+"""Batch scoring (`lensflow predict`, flows/batch_inference.py): files and folders of images
+through the model the service would serve, written as Parquet and CSV.
+
+It lives beside the service, not in components/, because it is the service's path without
+HTTP: the same model loading (alias resolved, golden check, int8 when asked) and the same
+decoding, so a file gets the same probabilities from `lensflow predict` as from POST /predict.
+Files that cannot be read or decoded are skipped and listed (path, reason), never dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from components import paths as project_paths
+from components.config import Config, UserError
+from serving import images
+from serving.model import Refused, alias_version, load, parse
+
+COLUMNS = ("path", "class", "confidence", "model_version")
+BATCH = 64
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    model_version: str
+    scored: int
+    skipped: list[tuple[str, str]]  # (path, reason)
+    parquet: str
+    csv: str
+    skipped_csv: str
+
+
+def run(cfg: Config, inputs: list[str], model_uri: str | None, out: str | Path) -> BatchResult:
+    files = _files(inputs)
+    model = _model(cfg, model_uri)
+    arrays, skipped = {}, []
+    for file in files:
+        try:
+            data = Path(file).read_bytes()
+            arrays[file] = images.decode(data, model.channels, cfg.serve.max_pixels, file)
+        except OSError as exc:
+            skipped.append((file, f"cannot be read: {exc.strerror or exc}"))
+        except images.BadRequest as exc:
+            skipped.append((file, exc.message.removeprefix(f"{file}: ")))
+    probabilities = _predict(model, arrays)
+    rows = [
+        (file, model.classes[int(p.argmax())], round(float(p.max()), 6), model.version)
+        for file, p in probabilities.items()
+    ]
+    return _write(Path(out), rows, skipped, model.version)
+
+
+def summary(result: BatchResult) -> str:
+    lines = [
+        f"predict: {result.scored} images scored by version {result.model_version} -> "
+        f"{result.parquet}, {result.csv}"
+    ]
+    if result.skipped:
+        lines.append(f"skipped {len(result.skipped)} (see {result.skipped_csv}):")
+        lines += [f"  {path}: {reason}" for path, reason in result.skipped]
+    return "\n".join(lines)
+
+
+def _files(inputs: list[str]) -> list[str]:
+    files = []
+    for given in inputs:
+        path = Path(given)
+        if path.is_dir():
+            found = (p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files += sorted(str(p) for p in found)
+        elif path.is_file():
+            files.append(str(path))
+        elif path.exists():
+            raise UserError(f"{given}: not a regular file or a folder")
+        else:
+            raise UserError(f"{given}: no such file or folder")
+    if not files:
+        raise UserError(f"{' '.join(inputs)}: no files to score")
+    return files
+
+
+def _model(cfg: Config, model_uri: str | None):
+    import mlflow
+
+    from components import tracking
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    source = parse(model_uri or f"models:/{cfg.registry.model_name}@champion")
+    version = alias_version(source) if source.alias else (source.version or "file")
+    if version is None:
+        raise UserError(f"{source.uri}: no such model version or alias in the registry")
+    try:
+        return load(source, version, cfg.serve)
+    except Refused as exc:
+        raise UserError(f"{source.uri}: {exc}") from None
+
+
+def _predict(model, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Images of one size run together, BATCH at a time; returned in the files' order."""
+    by_shape = defaultdict(list)
+    for file, array in arrays.items():
+        by_shape[array.shape].append(file)
+    out = {}
+    for group in by_shape.values():
+        for i in range(0, len(group), BATCH):
+            part = group[i : i + BATCH]
+            batch = model.predict(np.concatenate([arrays[f] for f in part]))
+            out.update(zip(part, batch, strict=True))
+    return {file: out[file] for file in arrays}
+
+
+def _write(out: Path, rows: list, skipped: list, version: str) -> BatchResult:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows, columns=list(COLUMNS)).astype({"model_version": str})
+    parquet, csv_file, skipped_file = (
+        out / "predictions.parquet",
+        out / "predictions.csv",
+        out / "skipped.csv",
+    )
+    with project_paths.atomic(parquet) as partial:
+        table.to_parquet(partial, index=False)
+    with project_paths.atomic(csv_file) as partial:
+        table.to_csv(partial, index=False)
+    with project_paths.atomic(skipped_file) as partial, partial.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("path", "reason"))
+        writer.writerows(skipped)
+    return BatchResult(version, len(rows), skipped, str(parquet), str(csv_file), str(skipped_file))

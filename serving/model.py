@@ -1,0 +1,194 @@
+"""The model the service answers with: an ONNX Runtime session of one registry version, checked
+on the golden inputs registered with it (export writes them, register logs them) before it may
+serve. A version that fails to load or to match its golden probabilities raises Refused."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from components import paths
+from components.config import Serve, UserError
+
+LINEAGE_TAGS = ("git.commit", "git.dirty", "data.md5", "params.hash", "prefect.flow_run_id")
+
+
+class Refused(Exception):
+    """A version that cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """What `--model` points to: a registry alias to follow, one version, or an .onnx file."""
+
+    uri: str
+    name: str = ""
+    alias: str | None = None
+    version: str | None = None
+    file: str | None = None
+
+
+@dataclass
+class ServedModel:
+    version: str
+    session: object  # onnxruntime.InferenceSession
+    classes: list[str]
+    channels: int
+    info: dict = field(default_factory=dict)  # what /model shows
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(["probabilities"], {"images": images})[0]
+
+
+def parse(uri: str) -> Source:
+    if uri.startswith("models:/"):
+        rest = uri.removeprefix("models:/")
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return Source(uri, name=name, alias=alias)
+        name, _, version = rest.partition("/")
+        if name and version.isdigit():
+            return Source(uri, name=name, version=version)
+    elif uri.endswith(".onnx"):
+        if not Path(uri).is_file():
+            raise UserError(f"{uri}: ONNX file not found")
+        return Source(uri, file=uri)
+    raise UserError(f"--model {uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or a .onnx")
+
+
+def alias_version(source: Source) -> str | None:
+    """The version the alias points to now (None: no such alias yet)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow.MlflowClient().get_model_version_by_alias(source.name, source.alias)
+    except MlflowException:
+        return None
+    return str(found.version)
+
+
+def session(model: bytes | str, threads: int):
+    """One intra-op thread by default: on a small CNN the request path then never waits for
+    (or spins up) a thread pool, and the event loop's thread is the only busy one."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def load(source: Source, version: str | None, settings: Serve) -> ServedModel:
+    """Load one version (or the .onnx file), check it on its golden inputs, or raise Refused."""
+    try:
+        if source.file:
+            model, golden, info = Path(source.file).read_bytes(), None, {"model": source.file}
+            label = "file"
+        else:
+            model, golden, info = _download(source.name, version, settings.int8)
+            label = version
+        ort_session = session(model, settings.threads)
+        meta = ort_session.get_modelmeta().custom_metadata_map
+        classes = json.loads(meta.get("classes", "[]"))
+        channels = int(meta.get("channels", ort_session.get_inputs()[0].shape[1]))
+    except Refused:
+        raise
+    except Exception as exc:  # a missing artifact, a file ONNX Runtime rejects, ...
+        raise Refused(f"version {version} cannot be loaded: {type(exc).__name__}: {exc}") from None
+    if not classes:
+        raise Refused(f"version {version}: its ONNX metadata names no classes")
+    info["golden"] = check_golden(ort_session, golden, info.get("variant", "fp32"), settings)
+    info["loaded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return ServedModel(str(label), ort_session, classes, channels, info)
+
+
+def check_golden(ort_session, golden: dict | None, variant: str, settings: Serve) -> dict:
+    """fp32: the golden probabilities within serve.golden_atol and every top-1 class the same;
+    int8: the top-1 classes agree at least serve.int8_min_agreement of the time."""
+    if golden is None:
+        return {"status": "missing", "note": "no golden inputs registered with this version"}
+    images, expected = golden["images"], golden["probabilities"]
+    try:
+        actual = ort_session.run(["probabilities"], {"images": images})[0]
+    except Exception as exc:
+        raise Refused(f"golden check: the model cannot run its golden inputs ({exc})") from None
+    if actual.shape != expected.shape:
+        raise Refused(f"golden check: probabilities {actual.shape}, expected {expected.shape}")
+    max_abs_diff = float(np.abs(actual - expected).max())
+    agreement = float((actual.argmax(1) == expected.argmax(1)).mean())
+    result = {"n_images": len(images), "max_abs_diff": max_abs_diff, "top1_agreement": agreement}
+    if variant == "int8":
+        passed = agreement >= settings.int8_min_agreement
+        limit = f"top-1 agreement {agreement:.3f} < serve.int8_min_agreement"
+    else:
+        passed = max_abs_diff <= settings.golden_atol and agreement == 1.0
+        limit = f"max |p - golden p| {max_abs_diff:.2e} (serve.golden_atol {settings.golden_atol:g}), top-1 agreement {agreement:.3f}"  # noqa: E501
+    if not passed:
+        raise Refused(f"golden check failed: {limit}")
+    return {"status": "passed", **result}
+
+
+def _download(name: str, version: str, want_int8: bool) -> tuple[bytes, dict | None, dict]:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    found = client.get_model_version(name, version)
+    tags = found.tags
+    info = {
+        "model": f"models:/{name}/{version}",
+        "name": name,
+        "version": str(version),
+        "run_id": found.run_id,
+        "lineage": {key: tags[key] for key in LINEAGE_TAGS if key in tags},
+        "metrics": _metrics(client, found),
+        "variant": "fp32",
+        "int8": "not asked (serve.int8 / --int8)",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(
+            mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)
+        )
+        model = _onnx_bytes(next(folder.rglob("*.onnx")))
+        if want_int8:
+            if tags.get("lensflow.int8") == "shipped":
+                int8 = f"runs:/{found.run_id}/int8/{paths.ONNX_INT8.name}"
+                model = _onnx_bytes(mlflow.artifacts.download_artifacts(int8, dst_path=tmp))
+                info.update(variant="int8", int8="served")
+            else:
+                info["int8"] = f"not shipped with version {version}: serving fp32"
+        try:
+            golden_uri = f"runs:/{found.run_id}/{paths.GOLDEN_ARTIFACT}"
+            golden_file = mlflow.artifacts.download_artifacts(golden_uri, dst_path=tmp)
+            with np.load(golden_file) as npz:
+                golden = {key: npz[key] for key in ("images", "probabilities")}
+        except (MlflowException, OSError):
+            golden = None
+    return model, golden, info
+
+
+def _onnx_bytes(path) -> bytes:
+    """The model as one buffer: MLflow stores the weights as external data beside it."""
+    import onnx
+
+    return onnx.load(str(path)).SerializeToString()
+
+
+def _metrics(client, found) -> dict:
+    """The registering run's metrics and the gates it recorded (accuracy among them)."""
+    metrics = {}
+    try:
+        metrics.update(client.get_run(found.run_id).data.metrics)
+    except Exception:  # a deleted run: the version still serves
+        pass
+    if "lensflow.gates" in found.tags:
+        metrics["gates"] = json.loads(found.tags["lensflow.gates"])
+    return metrics
