@@ -380,6 +380,17 @@ class DeploymentSchedule(Section):
     active: bool = Field(True, description="false: the schedule is created paused")
     overrides: list[str] = Field(default_factory=list, description="--set items for each run")
 
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, name: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r}, e.g. Europe/Paris") from None
+        return name
+
     @model_validator(mode="after")
     def _one_schedule(self) -> DeploymentSchedule:
         if self.cron is not None and self.interval is not None:

@@ -8,10 +8,12 @@
 Both load the flows from the project folder (`flow.from_source`), so a flow run works in that
 folder and reads its params file there, as `lensflow run` does.
 
-A deployment is one record on the Prefect server, named `<flow>/<deployment>`, and holds one
-set of schedules; the mode that wrote it last runs it. So that two processes never both act on
-one deployment, each command refuses a deployment the other mode holds while that mode's
-process (the serving process, or a worker of the pool) polls for it and it is not paused.
+A deployment is one record on the Prefect server, named `<flow>/<deployment>`, with one set of
+schedules; the mode that wrote it last runs it. So that its schedule never fires for two
+processes, each command refuses a deployment that the other mode is running now: not paused,
+and polled within the last minute by its serving process or a worker of its pool. Otherwise
+it takes the deployment over: `lensflow deploy` moves a served one to the pool, `lensflow
+schedule` replaces one of a pool (Prefect keeps a deployment's work pool when it is served).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Definition:
     entrypoint: str
     schedule: config.DeploymentSchedule
     parameters: dict = field(default_factory=dict)
+    description: str = ""
 
     @property
     def full_name(self) -> str:
@@ -65,6 +68,8 @@ def definitions(cfg: config.Config, params_path: str, project: Path) -> list[Def
             "flows/training.py:training_flow",
             training,
             {"params_path": params_path, "overrides": training.overrides},
+            "lensflow run: validate, train, evaluate, export, register (params_path, read by "
+            "each run, plus overrides)",
         )
     ]
     if (project / MONITORING_FILE).exists():
@@ -82,6 +87,7 @@ def definitions(cfg: config.Config, params_path: str, project: Path) -> list[Def
                 f"{MONITORING_FILE}:continuous_validation_flow",
                 monitoring,
                 parameters,
+                "lensflow monitor: one continuous-validation pass on the data folder",
             )
         )
     return found
@@ -100,8 +106,11 @@ def load(params_path: str, overrides: list[str], project: Path) -> list[Definiti
     found = definitions(cfg, params_path, project)
     for definition in found:
         key = f"schedule.{definition.name.replace('-', '_')}"
-        config.load(params_path, definition.schedule.overrides)  # a bad item: exit 2 naming it
-        _check_schedule(definition.schedule, f"{params_path}: '{key}'")
+        try:
+            config.load(params_path, definition.schedule.overrides)
+        except UserError as exc:
+            raise UserError(f"{key}.overrides: {exc}") from None
+        _check_schedule(definition.schedule, params_path, key)
         flow_file = project / definition.entrypoint.partition(":")[0]
         if not flow_file.exists():
             raise UserError(
@@ -110,14 +119,16 @@ def load(params_path: str, overrides: list[str], project: Path) -> list[Definiti
     return found
 
 
-def _check_schedule(schedule: config.DeploymentSchedule, where: str) -> None:
+def _check_schedule(schedule: config.DeploymentSchedule, params_path: str, key: str) -> None:
+    """Prefect's own check of the cron expression, as a UserError naming the key."""
     from pydantic import ValidationError
 
     try:
         _schedules(schedule)
-    except (ValidationError, ValueError) as exc:
-        message = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
-        raise UserError(f"{where}: {message}") from None
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        field = "cron" if schedule.cron is not None else "interval"
+        raise UserError(f"{params_path}: '{key}.{field}': {message}") from None
 
 
 def _schedules(schedule: config.DeploymentSchedule) -> list:
@@ -130,26 +141,33 @@ def _schedules(schedule: config.DeploymentSchedule) -> list:
     return []
 
 
-def conflicts(found: list[Definition], work_pool: str | None) -> list[str]:
-    """Why each deployment may not be written now by the mode `work_pool` (None: served by
-    `lensflow schedule`): the other mode holds it, it is not paused, and its process polled
-    for it within LIVE_POLL_SECONDS. One message per deployment held that way."""
+def existing(found: list[Definition]) -> dict[str, object]:
+    """{full name: the deployment on the server} of the definitions that exist there."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    problems = []
+    on_server = {}
     with get_client(sync_client=True) as client:
         for definition in found:
             try:
-                existing = client.read_deployment_by_name(definition.full_name)
+                on_server[definition.full_name] = client.read_deployment_by_name(
+                    definition.full_name
+                )
             except ObjectNotFound:
                 continue
-            if existing.work_pool_name == work_pool or existing.paused:
-                continue
-            if not _polled_recently(existing.last_polled):
-                continue
-            problems.append(_conflict_message(definition.full_name, existing.work_pool_name))
-    return problems
+    return on_server
+
+
+def conflicts(on_server: dict[str, object], work_pool: str | None) -> list[str]:
+    """Why each deployment may not be written now by the mode `work_pool` (None: served by
+    `lensflow schedule`): the other mode runs it now (see the module's docstring)."""
+    return [
+        _conflict_message(name, deployment.work_pool_name)
+        for name, deployment in on_server.items()
+        if deployment.work_pool_name != work_pool
+        and not deployment.paused
+        and _polled_recently(deployment.last_polled)
+    ]
 
 
 def _polled_recently(last_polled: datetime.datetime | None) -> bool:
@@ -190,6 +208,7 @@ def runner_deployments(found: list[Definition], project: Path) -> list:
                 schedules=_schedules(definition.schedule),
                 paused=not definition.schedule.active,
                 parameters=definition.parameters,
+                description=definition.description,
                 tags=["lensflow"],
             )
         )
@@ -199,9 +218,21 @@ def runner_deployments(found: list[Definition], project: Path) -> list:
 def serve(found: list[Definition], project: Path) -> None:
     """Serve the deployments in this process until it is stopped (Ctrl-C, SIGTERM); on the
     way out Prefect pauses them."""
-    from prefect import serve as prefect_serve
+    import warnings
 
-    _refuse(conflicts(found, work_pool=None))
+    from prefect import serve as prefect_serve
+    from prefect.client.orchestration import get_client
+
+    on_server = existing(found)
+    _refuse(conflicts(on_server, work_pool=None))
+    with get_client(sync_client=True) as client:
+        for name, deployment in on_server.items():
+            if deployment.work_pool_name is not None:
+                client.delete_deployment(deployment.id)
+                print(f"  {name}: taken from work pool '{deployment.work_pool_name}'")
+    # Prefect's SIGTERM handler calls an async stop without awaiting it; the runner stops
+    # (and pauses the deployments) all the same
+    warnings.filterwarnings("ignore", message="coroutine 'Runner.astop' was never awaited")
     prefect_serve(*runner_deployments(found, project), print_starting_message=False)
 
 
@@ -209,7 +240,7 @@ def deploy(found: list[Definition], project: Path, pool: str) -> None:
     """Create the process work pool `pool` unless it exists, and deploy to it."""
     from prefect import deploy as prefect_deploy
 
-    _refuse(conflicts(found, work_pool=pool))
+    _refuse(conflicts(existing(found), work_pool=pool))
     ensure_process_pool(pool)
     prefect_deploy(
         *runner_deployments(found, project),

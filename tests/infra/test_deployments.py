@@ -17,7 +17,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import REPO, tiny_project
+from flows import cli
+from tests.conftest import REPO, tiny_project, write_tiny_params
 
 TRAINING = "lensflow-training/training"
 MONITORING = "lensflow-continuous-validation/continuous-validation"
@@ -89,7 +90,67 @@ def _expected_deployments() -> set[str]:
     return {TRAINING, MONITORING} if monitoring else {TRAINING}
 
 
-def test_schedule_serves_the_deployments_that_prefect_lists(prefect_server, deploy_project):
+def test_definitions_take_their_schedules_from_params_and_monitoring_where_it_exists(
+    tmp_path,
+):
+    from components import config
+    from flows import deployments
+
+    cfg = config.from_dict(
+        {"schedule": {"training": {"interval": 3600, "overrides": ["train.epochs=3"]}}}
+    )
+    (training,) = deployments.definitions(cfg, "p.yaml", tmp_path)
+    assert (training.full_name, training.entrypoint) == (
+        TRAINING,
+        "flows/training.py:training_flow",
+    )
+    assert training.parameters == {"params_path": "p.yaml", "overrides": ["train.epochs=3"]}
+    assert training.describe() == f"{TRAINING}: every 3600 s"
+
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "monitoring.py").touch()
+    _, monitoring = deployments.definitions(cfg, "p.yaml", tmp_path)
+    assert (monitoring.full_name, monitoring.entrypoint) == (
+        MONITORING,
+        "flows/monitoring.py:continuous_validation_flow",
+    )
+    assert monitoring.parameters == {
+        "params_path": "p.yaml",
+        "data": "data/incoming",
+        "model": None,
+        "overrides": [],
+    }
+    assert monitoring.describe() == f"{MONITORING}: cron '0 6 * * *' (UTC)"
+
+
+@pytest.mark.parametrize(
+    ("command", "problem"),
+    [
+        (["schedule", "--set", "schedule.training.cron=0 3 * *"], "'schedule.training.cron'"),
+        (
+            ["schedule", "--set", "schedule.training.cron=0 3 * * *"]
+            + ["--set", "schedule.training.interval=60"],
+            "'schedule.training': Value error, set cron or interval, not both",
+        ),
+        (["schedule", "--set", "train.epochs=3"], "only schedule.* keys here"),
+        (
+            ["schedule", "--set", "schedule.training.overrides=[train.epoch=3]"],
+            "schedule.training.overrides: params.yaml: unknown key 'train.epoch'",
+        ),
+        (["deploy"], "lensflow deploy needs the Prefect server its workers poll"),
+    ],
+)
+def test_bad_schedule_input_is_one_line_exit_2(project, capsys, command, problem):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    write_tiny_params(project)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no server: nothing starts
+        assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and problem in err, err
+
+
+def test_schedule_serves_the_deployments_that_prefect_lists(prefect_server, deploy_project, capsys):
     serving = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "schedule"],
         cwd=deploy_project,
@@ -123,13 +184,15 @@ def test_schedule_serves_the_deployments_that_prefect_lists(prefect_server, depl
         assert training.parameters == {"params_path": "params.yaml", "overrides": []}
 
         # never both: deploying what a running `lensflow schedule` serves is refused
-        refused = _lensflow(["deploy"], prefect_server, deploy_project)
-        assert refused.returncode == 2, refused.stdout + refused.stderr
-        assert refused.stderr.count("\n") == 1, refused.stderr
-        assert f"deployment {TRAINING}: a running `lensflow schedule` serves it" in refused.stderr
+        with prefect_server.settings():
+            assert cli.main(["deploy"]) == 2
+        refused = capsys.readouterr().err
+        assert refused.count("\n") == 1, refused
+        assert f"deployment {TRAINING}: a running `lensflow schedule` serves it" in refused
     finally:
         if serving.poll() is None:
             returncode, out = _stop(serving)
+    print(out)
     assert returncode == 0, out
     assert "Traceback" not in out, out
     assert _deployment(prefect_server, TRAINING).paused  # Prefect pauses them as it stops
@@ -144,9 +207,7 @@ def deployed(prefect_server, deploy_project):
     return result
 
 
-def test_deploy_runs_the_training_deployment_on_a_worker(
-    prefect_server, deploy_project, deployed
-):
+def test_deploy_runs_the_training_deployment_on_a_worker(prefect_server, deploy_project, deployed):
     from prefect.deployments import run_deployment
 
     training = _deployment(prefect_server, TRAINING)
@@ -164,15 +225,16 @@ def test_deploy_runs_the_training_deployment_on_a_worker(
         with prefect_server.settings():
             flow_run = run_deployment(
                 TRAINING,
-                parameters={"params_path": "params.yaml", "overrides": ["train.epochs=2"]},
+                parameters={"params_path": "params.yaml", "overrides": ["train.epochs=1"]},
                 timeout=RUN_TIMEOUT_S,
             )
         assert flow_run.state.is_completed(), (flow_run.state, worker.poll())
 
         # never both: serving what a running worker runs is refused
-        refused = _lensflow(["schedule"], prefect_server, deploy_project)
+        refused = _lensflow(["schedule"], prefect_server, deploy_project, timeout=60)
         assert refused.returncode == 2, refused.stdout + refused.stderr
-        assert f"a worker of work pool 'lensflow' runs it" in refused.stderr
+        print(refused.stderr)
+        assert "a worker of work pool 'lensflow' runs it" in refused.stderr
     finally:
         _stop(worker)
 
