@@ -208,10 +208,13 @@ def deployed(prefect_server, deploy_project):
 
 
 def test_deploy_runs_the_training_deployment_on_a_worker(prefect_server, deploy_project, deployed):
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     training = _deployment(prefect_server, TRAINING)
     assert training.work_pool_name == "lensflow" and not training.paused
+    with prefect_server.settings(), get_client(sync_client=True) as client:
+        assert client.read_work_pool("lensflow").type == "process"  # made by lensflow deploy
     env = _env(prefect_server, deploy_project)
     worker = subprocess.Popen(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", "lensflow"],
