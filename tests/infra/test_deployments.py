@@ -80,9 +80,11 @@ def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 
 
 
 def _stop(process: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
-    process.send_signal(signal.SIGTERM)
+    """SIGTERM (unless it has exited); its exit code and output."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=timeout)
-    return process.returncode, out
+    return process.returncode, out or ""
 
 
 def _expected_deployments() -> set[str]:
@@ -190,9 +192,7 @@ def test_schedule_serves_the_deployments_that_prefect_lists(prefect_server, depl
         assert refused.count("\n") == 1, refused
         assert f"deployment {TRAINING}: a running `lensflow schedule` serves it" in refused
     finally:
-        if serving.poll() is None:
-            returncode, out = _stop(serving)
-    print(out)
+        returncode, out = _stop(serving)
     assert returncode == 0, out
     assert "Traceback" not in out, out
     assert _deployment(prefect_server, TRAINING).paused  # Prefect pauses them as it stops
@@ -215,15 +215,15 @@ def test_deploy_runs_the_training_deployment_on_a_worker(prefect_server, deploy_
     assert training.work_pool_name == "lensflow" and not training.paused
     with prefect_server.settings(), get_client(sync_client=True) as client:
         assert client.read_work_pool("lensflow").type == "process"  # made by lensflow deploy
-    env = _env(prefect_server, deploy_project)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "lensflow"],
-        cwd=deploy_project.parent,  # not the project: the deployment says where runs work
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log = deploy_project.parent / "worker.log"  # the flow run's output too: a file, not a pipe
+    with log.open("w") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "lensflow"],
+            cwd=deploy_project.parent,  # not the project: the deployment says where runs work
+            env=_env(prefect_server, deploy_project),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         with prefect_server.settings():
             flow_run = run_deployment(
@@ -231,12 +231,11 @@ def test_deploy_runs_the_training_deployment_on_a_worker(prefect_server, deploy_
                 parameters={"params_path": "params.yaml", "overrides": ["train.epochs=1"]},
                 timeout=RUN_TIMEOUT_S,
             )
-        assert flow_run.state.is_completed(), (flow_run.state, worker.poll())
+        assert flow_run.state.is_completed(), (flow_run.state, log.read_text()[-3000:])
 
         # never both: serving what a running worker runs is refused
         refused = _lensflow(["schedule"], prefect_server, deploy_project, timeout=60)
         assert refused.returncode == 2, refused.stdout + refused.stderr
-        print(refused.stderr)
         assert "a worker of work pool 'lensflow' runs it" in refused.stderr
     finally:
         _stop(worker)
