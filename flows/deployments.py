@@ -25,7 +25,6 @@ from pathlib import Path
 from components import config
 from components.config import UserError
 
-POOL = "lensflow"
 LIVE_POLL_SECONDS = 60  # Prefect's own threshold: a deployment not polled for this is NOT_READY
 MONITORING_FILE = "flows/monitoring.py"
 
@@ -221,19 +220,27 @@ def serve(found: list[Definition], project: Path) -> None:
     import warnings
 
     from prefect import serve as prefect_serve
-    from prefect.client.orchestration import get_client
 
     on_server = existing(found)
     _refuse(conflicts(on_server, work_pool=None))
+    deployments = runner_deployments(found, project)
+    _take_from_pools(on_server)
+    # Prefect's SIGTERM handler calls an async stop without awaiting it; the runner stops
+    # (and pauses the deployments) all the same
+    warnings.filterwarnings("ignore", message="coroutine 'Runner.astop' was never awaited")
+    prefect_serve(*deployments, print_starting_message=False)
+
+
+def _take_from_pools(on_server: dict[str, object]) -> None:
+    """Delete the deployments of a work pool, to serve them afresh: served over, they would
+    keep their pool, and its workers would pick up their runs too."""
+    from prefect.client.orchestration import get_client
+
     with get_client(sync_client=True) as client:
         for name, deployment in on_server.items():
             if deployment.work_pool_name is not None:
                 client.delete_deployment(deployment.id)
                 print(f"  {name}: taken from work pool '{deployment.work_pool_name}'")
-    # Prefect's SIGTERM handler calls an async stop without awaiting it; the runner stops
-    # (and pauses the deployments) all the same
-    warnings.filterwarnings("ignore", message="coroutine 'Runner.astop' was never awaited")
-    prefect_serve(*runner_deployments(found, project), print_starting_message=False)
 
 
 def deploy(found: list[Definition], project: Path, pool: str) -> None:
@@ -252,27 +259,26 @@ def deploy(found: list[Definition], project: Path, pool: str) -> None:
     )
 
 
-def ensure_process_pool(pool: str) -> bool:
-    """Create the process work pool `pool` if missing; True when created now."""
+def ensure_process_pool(pool: str) -> None:
+    """Create the process work pool `pool` unless it exists."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            existing = client.read_work_pool(pool)
+            kind = client.read_work_pool(pool).type
         except ObjectNotFound:
             try:
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-                return True
-            except ObjectAlreadyExists:  # created by another command just now
-                return False
-        if existing.type != "process":
-            raise UserError(
-                f"work pool {pool!r} exists with type {existing.type!r}; lensflow deploy needs "
-                "a process pool: choose another with --pool"
-            )
-        return False
+            except ObjectAlreadyExists:  # another command made it just now
+                pass
+            return
+    if kind != "process":
+        raise UserError(
+            f"work pool {pool!r} exists with type {kind!r}; lensflow deploy needs a process "
+            "pool: choose another with --pool"
+        )
 
 
 def api_url() -> str | None:
