@@ -418,6 +418,47 @@ class Compare(Section):
         return fractions
 
 
+class DeploymentSchedule(Section):
+    """schedule.<deployment>: when Prefect starts the deployment's flow (cron or interval, or
+    neither: runs only on demand) and whether that schedule is active."""
+
+    cron: str | None = Field(None, description="a cron expression, e.g. '0 3 * * 1'")
+    interval: float | None = Field(None, gt=0, description="seconds between runs")
+    timezone: str = Field("UTC", description="the cron expression's time zone")
+    active: bool = Field(True, description="false: the schedule is created paused")
+    overrides: list[str] = Field(default_factory=list, description="--set items for each run")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, name: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r}, e.g. Europe/Paris") from None
+        return name
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> DeploymentSchedule:
+        if self.cron is not None and self.interval is not None:
+            raise ValueError("set cron or interval, not both (neither: no schedule)")
+        return self
+
+
+class MonitoringSchedule(DeploymentSchedule):
+    data: str | None = Field("data/incoming", description="the folder of new images to check")
+    model: str | None = Field(None, description="a model URI; None: the champion")
+
+
+class Schedule(Section):
+    """The Prefect deployments' schedules: `lensflow schedule` serves them, `lensflow deploy`
+    sends them to a work pool (flows/deployments.py)."""
+
+    training: DeploymentSchedule = DeploymentSchedule()
+    continuous_validation: MonitoringSchedule = MonitoringSchedule(cron="0 6 * * *")
+
+
 class Config(Section):
     seed: int = 42
     tracking: Tracking = Tracking()
@@ -435,6 +476,7 @@ class Config(Section):
     tune: Tune = Tune()
     compare: Compare = Compare()
     serve: Serve = Serve()
+    schedule: Schedule = Schedule()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 

@@ -168,6 +168,20 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", default="predictions", help="folder (default: %(default)s)")
     predict.add_argument("--int8", action="store_true", help="the int8 variant where shipped")
     predict.set_defaults(command=cmd_predict)
+    schedule = sub.add_parser(
+        "schedule", help="serve the Prefect deployments on their schedules (params: schedule)"
+    )
+    _add_params(schedule)
+    schedule.set_defaults(command=cmd_schedule)
+
+    deploy = sub.add_parser(
+        "deploy", help="deploy the Prefect deployments to a process work pool, for its workers"
+    )
+    _add_params(deploy)
+    deploy.add_argument(
+        "--pool", default="lensflow", help="the work pool, made if missing (default: %(default)s)"
+    )
+    deploy.set_defaults(command=cmd_deploy)
     return parser
 
 
@@ -396,6 +410,38 @@ def cmd_predict(args) -> int:
     from serving import batch
 
     print(batch.summary(batch.run(cfg, args.paths, args.model, args.out)))
+
+
+def cmd_schedule(args) -> int:
+    from pathlib import Path
+
+    from flows import deployments
+
+    found = deployments.load(args.params, args.overrides, Path.cwd())
+    server = deployments.api_url() or "a temporary Prefect server (no PREFECT_API_URL)"
+    print(f"serving on {server}; Ctrl-C stops serving and pauses them:")
+    for definition in found:
+        print(f"  {definition.describe()}")
+    deployments.serve(found, Path.cwd())
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from pathlib import Path
+
+    from components.config import UserError
+    from flows import deployments
+
+    if deployments.api_url() is None:
+        raise UserError(
+            "lensflow deploy needs the Prefect server its workers poll: set PREFECT_API_URL "
+            "(lensflow stack up prints it)"
+        )
+    found = deployments.load(args.params, args.overrides, Path.cwd())
+    deployments.deploy(found, Path.cwd(), args.pool)
+    for definition in found:
+        print(f"deployed {definition.describe()} to work pool '{args.pool}'")
+    print(f"its flow runs run where a worker runs: prefect worker start --pool {args.pool}")
     return 0
 
 

@@ -155,10 +155,20 @@ def _command(name: str, port: int) -> tuple[list[str], dict[str, str]]:
             "--artifacts-destination", str(project / "mlartifacts"),
             "--host", HOST, "--port", str(port), "--workers", "1",
         ], env  # fmt: skip
-    env["PREFECT_HOME"] = str(project / PREFECT_HOME)
+    return prefect_server_command(port, project / PREFECT_HOME)
+
+
+def prefect_server_command(
+    port: int, home: Path, database_url: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """`prefect server start` on HOST:port and its environment: its own PREFECT_HOME, and its
+    database at `database_url` (e.g. postgresql+asyncpg://…) or else sqlite in that home."""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(home)}
     # the UI calls 4200 unless told where its API is
     env["PREFECT_UI_API_URL"] = f"http://{HOST}:{port}/api"
     env.pop("PREFECT_API_URL", None)  # a server of its own, not a client of another
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
             "--port", str(port)], env  # fmt: skip
 

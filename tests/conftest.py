@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +18,9 @@ from components import config
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# Prefect's profile and local database belong to this test run, never to ~/.prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="lensflow-test-prefect-home-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 REPO = Path(__file__).resolve().parents[1]
 
 # A small, fast configuration on the synthetic shapes data (3-channel, 10 classes).
@@ -97,4 +103,18 @@ def postgres():
     from tests.servers import postgres_server
 
     with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def prefect_server(postgres, tmp_path_factory):
+    """One Prefect server for the test run (tests/servers.py), on 127.0.0.1 and a free port,
+    its database on the session PostgreSQL; `prefect_server.client_env()` points a subprocess
+    at it, `with prefect_server.settings():` this process."""
+    from tests.servers import prefect_server as start_prefect_server
+
+    postgres.create_database("prefect")
+    folder = tmp_path_factory.mktemp("prefect-server")
+    database = postgres.url("prefect", driver="postgresql+asyncpg")
+    with start_prefect_server(database, folder) as server:
         yield server

@@ -97,3 +97,70 @@ def postgres_server():
     finally:
         subprocess.run([*pg_ctl, "-m", "fast", "stop"], capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class PrefectServer:
+    port: int
+    log: Path
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        """The environment of a subprocess that uses this server (a `lensflow` command, a
+        worker): this worktree's code first on PYTHONPATH, PREFECT_API_URL set."""
+        repo = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+        return {**os.environ, "PYTHONPATH": path, "PREFECT_API_URL": self.api_url, **extra}
+
+    @contextmanager
+    def settings(self):
+        """In this process: Prefect clients talk to this server while inside."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.api_url}):
+            yield
+
+
+@contextmanager
+def prefect_server(database_url: str, folder: Path, timeout: float = 120.0):
+    """`prefect server start` on a free loopback port with its database at `database_url`
+    (postgresql+asyncpg://…), its PREFECT_HOME in `folder`; stopped on exit."""
+    import signal
+    import time
+    import urllib.request
+
+    from infra.stack import prefect_server_command
+
+    port, log = free_port(), folder / "prefect-server.log"
+    command, env = prefect_server_command(port, folder / "home", database_url)
+    env["PREFECT_UI_ENABLED"] = "false"  # no UI build at start: the tests use the API only
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+    server = PrefectServer(port, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{server.api_url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the Prefect server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield server
+    finally:
+        for signum, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(process.pid, signum)
+                process.wait(wait)
+                break
+            except (OSError, subprocess.TimeoutExpired):
+                continue
