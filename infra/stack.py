@@ -147,20 +147,33 @@ def _command(name: str, port: int) -> tuple[list[str], dict[str, str]]:
     project = Path.cwd()
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     if name == "mlflow":
-        # job execution starts a job runner with many workers that stops slowly (STACK.md)
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        return [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
-            "--artifacts-destination", str(project / "mlartifacts"),
-            "--host", HOST, "--port", str(port), "--workers", "1",
-        ], env  # fmt: skip
+        command, server_env = mlflow_server(
+            f"sqlite:///{project / 'mlflow.db'}", str(project / "mlartifacts"), port
+        )
+        return command, {**env, **server_env}
     env["PREFECT_HOME"] = str(project / PREFECT_HOME)
     # the UI calls 4200 unless told where its API is
     env["PREFECT_UI_API_URL"] = f"http://{HOST}:{port}/api"
     env.pop("PREFECT_API_URL", None)  # a server of its own, not a client of another
     return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
             "--port", str(port)], env  # fmt: skip
+
+
+def mlflow_server(
+    backend_store: str, artifacts: str, port: int, host: str = HOST
+) -> tuple[list[str], dict[str, str]]:
+    """The `mlflow server` command of every lensflow tracking server (this stack, the team
+    stack of docker-compose.yml, the tests on PostgreSQL) and the environment it adds: a
+    backend store (`sqlite:///…` or `postgresql://…`), artifacts served by the server from
+    `artifacts` (a folder or `s3://bucket/prefix`), one worker."""
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", backend_store,
+        "--artifacts-destination", artifacts,
+        "--host", host, "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    # job execution starts a job runner with many workers that stops slowly (STACK.md)
+    return command, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def _start(name: str, port: int) -> Server:
