@@ -160,18 +160,25 @@ def _command(name: str, port: int) -> tuple[list[str], dict[str, str]]:
 
 
 def mlflow_server(
-    backend_store: str, artifacts: str, port: int, host: str = HOST
+    backend_store: str,
+    artifacts: str,
+    port: int,
+    host: str = HOST,
+    allowed_hosts: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The `mlflow server` command of every lensflow tracking server (this stack, the team
     stack of docker-compose.yml, the tests on PostgreSQL) and the environment it adds: a
     backend store (`sqlite:///…` or `postgresql://…`), artifacts served by the server from
-    `artifacts` (a folder or `s3://bucket/prefix`), one worker."""
+    `artifacts` (a folder or `s3://bucket/prefix`), one worker. `allowed_hosts`: the Host
+    headers it answers besides localhost and private addresses (e.g. a container's name)."""
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", backend_store,
         "--artifacts-destination", artifacts,
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
+    if allowed_hosts:
+        command += ["--allowed-hosts", allowed_hosts]
     # job execution starts a job runner with many workers that stops slowly (STACK.md)
     return command, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
