@@ -6,9 +6,9 @@ that raises is recorded as failed and the study goes on. The study lives in a da
 (`tune_storage`: sqlite by default; a server database such as Postgres lets workers on several
 machines share it) and is named after everything a trial's result depends on
 (`tuned.study_name`): the same params resume the same study, other params start another. In
-MLflow a study is one run with a child run per trial. The best params go to
-reports/tuning.json, never into params.yaml; train uses them when `train.use_tuned` is true
-(`tuned.apply_tuned`).
+MLflow each invocation is one run, tagged with its study, with a child run per trial. The
+best params go to reports/tuning.json, never into params.yaml; train uses them when
+`train.use_tuned` is true (`tuned.apply_tuned`).
 """
 
 from __future__ import annotations
