@@ -387,6 +387,9 @@ class Tune(Section):
     pruner: Literal["none", "median", "successive_halving", "hyperband"] = "successive_halving"
     startup_trials: int = Field(5, ge=0, description="random trials before TPE; median waits")
     min_epochs: int = Field(2, ge=1, description="no trial is pruned before this many epochs")
+    heartbeat_grace: int = Field(
+        30, ge=2, description="seconds without a heartbeat after which a trial counts as failed"
+    )
     space: Space = Field(default_factory=_default_space)
 
 

@@ -82,6 +82,17 @@ def runs_page(experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
     return f"{ui}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
+def ui_hint(experiment_id: str) -> str:
+    """Where to see the runs: a tracking server is its own UI; a database needs `mlflow ui`."""
+    uri = tracking_uri()
+    if urlsplit(uri).scheme in ("http", "https"):  # tracking_uri() holds no password
+        return f"MLflow UI: {runs_page(experiment_id, ui=uri.rstrip('/'))}"
+    return (
+        f"MLflow UI: mlflow ui --backend-store-uri {shown_uri()} --host 127.0.0.1 --port 5000"
+        f"   then open {runs_page(experiment_id)}"
+    )
+
+
 def process_tags() -> dict[str, str]:
     """Who runs a run: a later process can tell whether it is still alive."""
     import psutil

@@ -6,9 +6,9 @@ that raises is recorded as failed and the study goes on. The study lives in a da
 (`tune_storage`: sqlite by default; a server database such as Postgres lets workers on several
 machines share it) and is named after everything a trial's result depends on
 (`tuned.study_name`): the same params resume the same study, other params start another. In
-MLflow a study is one run with a child run per trial. The best params go to
-reports/tuning.json, never into params.yaml; train uses them when `train.use_tuned` is true
-(`tuned.apply_tuned`).
+MLflow each invocation is one run, tagged with its study, with a child run per trial. The
+best params go to reports/tuning.json, never into params.yaml; train uses them when
+`train.use_tuned` is true (`tuned.apply_tuned`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import copy
 import json
 import multiprocessing
 import os
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,16 +57,18 @@ def run(cfg: Config) -> TuneResult:
     name, url = tuned.study_name(cfg), tune_storage.storage_url(cfg)
     study = optuna.create_study(
         study_name=name,
-        storage=tune_storage.open_storage(url),
+        storage=tune_storage.open_storage(url, cfg.tune.heartbeat_grace),
         direction="maximize",
         load_if_exists=True,
     )
     with _study_run(cfg, study) as parent:
         first = len(study.trials)
         crashed = _dispatch(cfg, name, url, parent.info.run_id, first)
+        if crashed:  # a dead worker's trial is failed once its heartbeat is old enough
+            time.sleep(cfg.tune.heartbeat_grace + 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # killed earlier, silent for GRACE_SECONDS
+            optuna.storages.fail_stale_trials(study)  # silent for tune.heartbeat_grace
         report = _report(cfg, study, url, parent.info.run_id)
         paths.write_json(paths.TUNING_REPORT, report)
         _log_study(study, report)
@@ -135,7 +138,7 @@ def _optimize(job: dict) -> None:
     cfg = config.from_dict(job["cfg"])
     study = optuna.load_study(
         study_name=job["study"],
-        storage=tune_storage.open_storage(job["storage"]),
+        storage=tune_storage.open_storage(job["storage"], cfg.tune.heartbeat_grace),
         sampler=optuna.samplers.TPESampler(
             seed=job["seed"], n_startup_trials=cfg.tune.startup_trials, constant_liar=True
         ),
@@ -287,31 +290,14 @@ def macro_f1(model: torch.nn.Module, images, labels, num_classes: int) -> float:
 
 @contextmanager
 def _study_run(cfg: Config, study: optuna.Study):
-    """The study's MLflow run: made with the study (a child of the flow's run, if any),
-    reopened whenever the study resumes, so all its trials are children of one run."""
+    """This invocation's MLflow run (a child of the flow's run, if any), tagged with the study:
+    the parent of the trials this invocation runs. Invocations that share a study, at once or
+    one after another, each have their own."""
     import mlflow
 
-    run_id = study.user_attrs.get(tune_storage.RUN_ATTR)
-    if run_id and _run_exists(run_id, tracking.setup(cfg)):
-        with mlflow.start_run(run_id=run_id, nested=True) as run:
-            mlflow.set_tags(tracking.process_tags())  # running again, in this process
-            yield run
-        return
     with tracking.step_run(cfg, "tune") as run:
         mlflow.set_tags({"optuna.study": study.study_name, "mlflow.runName": study.study_name})
-        study.set_user_attr(tune_storage.RUN_ATTR, run.info.run_id)
         yield run
-
-
-def _run_exists(run_id: str, experiment_id: str) -> bool:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        info = mlflow.MlflowClient().get_run(run_id).info
-    except MlflowException:
-        return False
-    return info.lifecycle_stage == "active" and info.experiment_id == experiment_id
 
 
 def _report(cfg: Config, study: optuna.Study, url: str, run_id: str) -> dict:

@@ -5,6 +5,7 @@ failed, and its MLflow run closed, instead of staying "running" for ever."""
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import optuna
@@ -13,8 +14,8 @@ from components import credentials, tracking
 from components.config import Config, UserError
 
 STORAGE_ENV = credentials.TUNE_STORAGE_ENV  # wins over tune.storage: URLs with credentials
-RUN_ATTR = "mlflow_run_id"  # study and trial attribute: their MLflow run
-HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 30  # a trial silent for GRACE_SECONDS was killed
+RUN_ATTR = "mlflow_run_id"  # trial attribute: its MLflow run
+CREATE_ATTEMPTS = 4  # opening a new database: tries while other processes create the tables
 
 
 def storage_url(cfg: Config) -> str:
@@ -23,27 +24,40 @@ def storage_url(cfg: Config) -> str:
     return os.environ.get(STORAGE_ENV) or cfg.tune.storage
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def open_storage(url: str, grace_seconds: int) -> optuna.storages.RDBStorage:
     """The study database, with heartbeats: a trial whose worker died is failed (and its MLflow
-    run closed) once it has been silent for GRACE_SECONDS."""
+    run closed) once it has been silent for grace_seconds (tune.heartbeat_grace); a running
+    trial beats three times in that time."""
     import sqlalchemy.exc
 
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            return _rdb_storage(url, grace_seconds)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            # processes opening a new PostgreSQL database at once all create Optuna's tables:
+            # all but one fail on a duplicate type or table, and then find them made
+            failure = exc
+            time.sleep(0.5 * (attempt + 1))
+        except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
+            failure = exc
+            break
+    reason = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+    source = STORAGE_ENV if os.environ.get(STORAGE_ENV) else "tune.storage"
+    raise UserError(credentials.redact(f"{source} {url}: {reason}")) from None
+
+
+def _rdb_storage(url: str, grace_seconds: int) -> optuna.storages.RDBStorage:
     # sqlite: wait for the other workers' writes instead of failing on a locked file
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=close_stale_run,
-            )
-    except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        source = STORAGE_ENV if os.environ.get(STORAGE_ENV) else "tune.storage"
-        raise UserError(credentials.redact(f"{source} {url}: {reason}")) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine,
+            heartbeat_interval=max(1, grace_seconds // 3),
+            grace_period=grace_seconds,
+            heartbeat_stale_trial_callback=close_stale_run,
+        )
 
 
 def close_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

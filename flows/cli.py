@@ -286,8 +286,7 @@ def _where_to_look(summary: dict) -> str:
             f"champion: {champion} (version {summary['champion_version']})",
             f"reports: {paths.VALIDATION_REPORT} {paths.EVALUATION_REPORT} {paths.EXPORT_REPORT} "
             f"{paths.REGISTRY_REPORT} {paths.PROMOTION_REPORT} (lensflow history: every decision)",
-            f"MLflow UI: mlflow ui --backend-store-uri {tracking.shown_uri()} --host 127.0.0.1 "
-            f"--port 5000   then open {tracking.runs_page(summary['experiment_id'])}",
+            tracking.ui_hint(summary["experiment_id"]),
         ]
     )
 

@@ -147,14 +147,10 @@ def _command(name: str, port: int) -> tuple[list[str], dict[str, str]]:
     project = Path.cwd()
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     if name == "mlflow":
-        # job execution starts a job runner with many workers that stops slowly (STACK.md)
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        return [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
-            "--artifacts-destination", str(project / "mlartifacts"),
-            "--host", HOST, "--port", str(port), "--workers", "1",
-        ], env  # fmt: skip
+        command, server_env = mlflow_server(
+            f"sqlite:///{project / 'mlflow.db'}", str(project / "mlartifacts"), port
+        )
+        return command, {**env, **server_env}
     return prefect_server_command(port, project / PREFECT_HOME)
 
 
@@ -171,6 +167,30 @@ def prefect_server_command(
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
             "--port", str(port)], env  # fmt: skip
+
+
+def mlflow_server(
+    backend_store: str,
+    artifacts: str,
+    port: int,
+    host: str = HOST,
+    allowed_hosts: str | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The `mlflow server` command of every lensflow tracking server (this stack, the team
+    stack of docker-compose.yml, the tests on PostgreSQL) and the environment it adds: a
+    backend store (`sqlite:///…` or `postgresql://…`), artifacts served by the server from
+    `artifacts` (a folder or `s3://bucket/prefix`), one worker. `allowed_hosts`: the Host
+    headers it answers besides localhost and private addresses (e.g. a container's name)."""
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", backend_store,
+        "--artifacts-destination", artifacts,
+        "--host", host, "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    if allowed_hosts:
+        command += ["--allowed-hosts", allowed_hosts]
+    # job execution starts a job runner with many workers that stops slowly (STACK.md)
+    return command, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def _start(name: str, port: int) -> Server:

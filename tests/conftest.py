@@ -118,3 +118,14 @@ def prefect_server(postgres, tmp_path_factory):
     database = postgres.url("prefect", driver="postgresql+asyncpg")
     with start_prefect_server(database, folder) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_on_postgres(postgres, tmp_path_factory):
+    """One MLflow tracking server for the test run, its backend store a PostgreSQL database,
+    its artifacts served from a folder (tests/servers.py). `.url` is the tracking URI."""
+    from tests.servers import mlflow_server
+
+    store = postgres.create_database("mlflow")
+    with mlflow_server(store, tmp_path_factory.mktemp("mlflow-on-postgres")) as server:
+        yield server

@@ -1,5 +1,8 @@
 """Real servers for tests, started on 127.0.0.1 and stopped afterwards.
 
+MLflow: `mlflow server` as lensflow's stacks start it (infra.stack.mlflow_server), on any
+backend store, artifacts served from a folder.
+
 PostgreSQL: a throwaway cluster (`initdb` + `pg_ctl`) on a free loopback port, trust
 authentication for the user `lensflow`. As root the server binaries refuse to run, so they run
 as the `postgres` user, in a data directory that user owns (not pytest's tmp_path: under root
@@ -12,9 +15,12 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,3 +170,58 @@ def prefect_server(database_url: str, folder: Path, timeout: float = 120.0):
                 break
             except (OSError, subprocess.TimeoutExpired):
                 continue
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    url: str  # the tracking URI: http://127.0.0.1:PORT
+    backend_store: str
+    artifacts: Path
+    log: Path
+
+
+@contextmanager
+def mlflow_server(backend_store: str, folder: Path, timeout: float = 180.0):
+    """`mlflow server` on `backend_store`, artifacts served from folder/artifacts, its log in
+    folder/mlflow.log; stopped (with its workers) on exit."""
+    from infra.stack import mlflow_server as command_of
+
+    port = free_port()
+    command, env = command_of(backend_store, str(folder / "artifacts"), port)
+    log = folder / "mlflow.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command,
+            cwd=folder,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,  # its own group: stopping it stops its workers too
+        )
+    server = MlflowServer(f"http://127.0.0.1:{port}", backend_store, folder / "artifacts", log)
+    try:
+        _wait_healthy(server, process, timeout)
+        yield server
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _wait_healthy(server: MlflowServer, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = server.log.read_text()[-3000:]
+            raise RuntimeError(f"mlflow server did not come up on {server.url}: {tail}")
+        time.sleep(0.3)

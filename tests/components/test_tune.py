@@ -136,13 +136,15 @@ def test_a_study_prunes_and_logs_one_parent_run_with_a_child_per_trial(study):
     assert best.data.metrics["tune/value"] == report["best_value"]
 
 
-def test_running_again_resumes_the_same_study_and_run(study):
+def test_running_again_resumes_the_same_study_in_a_run_of_its_own(study):
     result = tune.run(config.load("params.yaml", [*STUDY, "tune.trials=2"]))
     report = json.loads(paths.TUNING_REPORT.read_text())
     assert result.study == study["result"].study and result.new_trials == 2
-    assert report["n_trials"] == 8 and report["mlflow_run_id"] == study["report"]["mlflow_run_id"]
+    assert report["n_trials"] == 8 and report["mlflow_run_id"] != study["report"]["mlflow_run_id"]
     numbers = sorted(int(r.data.tags["optuna.trial"]) for r in _children(report["mlflow_run_id"]))
-    assert numbers == list(range(8))  # trial numbers continue: 6 and 7
+    assert numbers == [6, 7]  # trial numbers continue
+    runs = _runs(f"tags.`optuna.study` = '{result.study}' and tags.`lensflow.step` = 'tune'")
+    assert {r.info.run_id for r in runs} == {report["mlflow_run_id"], study["result"].mlflow_run_id}
 
 
 def test_train_uses_the_tuned_params_when_asked(study):
@@ -218,5 +220,5 @@ def test_the_storage_url_comes_from_the_environment_first(project, monkeypatch):
     monkeypatch.setenv("LENSFLOW_TUNE_STORAGE", "postgresql://me:S3cret@127.0.0.1:9/optuna")
     assert tune_storage.storage_url(cfg) == "postgresql://me:S3cret@127.0.0.1:9/optuna"
     with pytest.raises(UserError, match="LENSFLOW_TUNE_STORAGE") as error:
-        tune_storage.open_storage(tune_storage.storage_url(cfg))  # no driver, or no server
+        tune_storage.open_storage(tune_storage.storage_url(cfg), 30)  # no driver, or no server
     assert "S3cret" not in str(error.value) and "me:***@127.0.0.1" in str(error.value)
