@@ -20,6 +20,7 @@ ONNX = MODELS / "model.onnx"
 ONNX_INT8 = MODELS / "model.int8.onnx"
 PLAN_FP16 = MODELS / "model.fp16.plan"
 PLAN_INT8 = MODELS / "model.int8.plan"
+PROFILE = MODELS / "profile.npz"  # the reference profile continuous validation compares with
 REPORTS = Path("reports")
 PLOTS = Path("plots")
 VALIDATION_REPORT = REPORTS / "validation.json"
@@ -35,6 +36,8 @@ EXPORT_REPORT = REPORTS / "export.json"
 QUANTIZE_REPORT = REPORTS / "quantize.json"
 MODEL_CARD = REPORTS / "model_card.md"
 REGISTRY_REPORT = REPORTS / "registry.json"
+MONITORING_REPORT = REPORTS / "monitoring.json"  # lensflow monitor
+MONITORING_VALIDATION = REPORTS / "monitoring_validation.json"  # the batch's data gate
 # The few numbers `dvc exp show` and `dvc metrics diff` compare: small files git keeps
 METRICS = Path("metrics")
 TRAINING_METRICS = METRICS / "training.json"

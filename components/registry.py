@@ -117,9 +117,10 @@ def _log_and_register(cfg: Config, spec: dict, name: str, run_id: str, images: n
     from mlflow.models import infer_signature
 
     example = np.array(images[:2])  # the shard is memory-mapped
-    probabilities = onnx_predictor(ort_session(paths.ONNX))(example)
+    session = ort_session(paths.ONNX)
+    outputs = session.run(None, {"images": example})  # logits, probabilities, embeddings
     signature = infer_signature(
-        example, {"logits": np.log(probabilities + 1e-12), "probabilities": probabilities}
+        example, {o.name: v for o, v in zip(session.get_outputs(), outputs, strict=True)}
     )
     info = mlflow.onnx.log_model(
         onnx.load(paths.ONNX),
@@ -133,6 +134,8 @@ def _log_and_register(cfg: Config, spec: dict, name: str, run_id: str, images: n
         },
     )
     mlflow.log_artifact(str(paths.CHECKPOINT), tracking.CHECKPOINT_ARTIFACT.rpartition("/")[0])
+    if paths.PROFILE.exists():  # continuous validation's reference (components/profile.py)
+        mlflow.log_artifact(str(paths.PROFILE), tracking.PROFILE_ARTIFACT.rpartition("/")[0])
     int8 = "shipped" if quantize.int8_shipped() else "not_shipped"
     if int8 == "shipped":
         mlflow.log_artifact(str(paths.ONNX_INT8), "int8")
