@@ -274,8 +274,11 @@ def cmd_monitor(args) -> int:
     from components.config import UserError
 
     cfg = config.load(args.params, args.overrides)  # fail fast, before Prefect starts
-    if not (args.data or cfg.monitor.data):
+    data = args.data or cfg.monitor.data
+    if not data:
         raise UserError("no batch to check: pass --data PATH or set monitor.data")
+    if not os.path.isdir(data):
+        raise UserError(f"{data}: batch folder not found (expected a folder of images)")
     from flows.monitoring import continuous_validation_flow
 
     _quiet_user_errors()
