@@ -57,6 +57,9 @@ def tensorrt_predictor(plan_path: Path) -> Predictor:
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
     context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    # every output needs an address (embeddings too, since export added it); we read one
+    output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
 
     def predict(images: np.ndarray) -> np.ndarray:
         out = []
@@ -67,7 +70,7 @@ def tensorrt_predictor(plan_path: Path) -> Predictor:
                 name: torch.empty(
                     tuple(context.get_tensor_shape(name)), dtype=torch.float32, device="cuda"
                 )
-                for name in ("logits", "probabilities")
+                for name in output_names
             }
             context.set_tensor_address("images", batch.data_ptr())
             for name, tensor in outputs.items():

@@ -462,6 +462,19 @@ class Schedule(Section):
     continuous_validation: MonitoringSchedule = MonitoringSchedule(cron="0 6 * * *")
 
 
+class Monitor(Section):
+    """Continuous validation (`lensflow monitor`) and the reference profile export makes."""
+
+    data: str | None = Field(None, description="the batch folder the flow checks by default")
+    false_alarm_rate: float = Field(0.05, gt=0, lt=1, description="per pass, all checks")
+    min_relative_accuracy: float = Field(0.95, gt=0, description="of the recorded test accuracy")
+    on_alert: Literal["none", "retrain"] = "none"
+    permutations: int = Field(1000, ge=100, description="of the MMD and class-prior tests")
+    reference_images: int = Field(1000, ge=10, description="validation images in the profile")
+    pca_components: int = Field(8, ge=1, description="embedding dimensions the MMD test sees")
+    autoencoder_epochs: int = Field(10, ge=1)
+
+
 class Config(Section):
     seed: int = 42
     tracking: Tracking = Tracking()
@@ -480,6 +493,7 @@ class Config(Section):
     compare: Compare = Compare()
     serve: Serve = Serve()
     schedule: Schedule = Schedule()
+    monitor: Monitor = Monitor()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 

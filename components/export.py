@@ -1,14 +1,18 @@
 """export: the trained classifier as one ONNX file with preprocessing inside, parity-gated.
 
 Input `images`: uint8 [batch, channels, height, width] (any height/width: resized inside).
-Outputs `logits` and `probabilities`. Class names and the input spec are model metadata.
-The parity gate compares ONNX Runtime with PyTorch on the whole test split.
+Outputs `logits`, `probabilities` and `embeddings` (the penultimate layer, the head's input:
+continuous validation compares them; readers take outputs by name, so others ignore it).
+Class names and the input spec are model metadata. The parity gate compares ONNX Runtime with
+PyTorch on the whole test split (probabilities, top-1 class and embeddings). A model that
+passes gets its reference profile (components/profile.py), models/profile.npz.
 models/golden.npz holds the golden inputs registered with the model: the first GOLDEN_IMAGES
 test images and the probabilities ONNX Runtime gives them (serving checks a version on them).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from dataclasses import dataclass
@@ -18,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from components import models, paths, tensorrt, tracking
+from components import models, paths, prepared, tensorrt, tracking
+from components import profile as reference_profile
 from components.backends import onnx_predictor, ort_session, torch_predictor
 from components.config import Config, GateFailed
 from components.metrics import score
@@ -36,13 +41,21 @@ class ExportResult:
 
 
 class WithProbabilities(nn.Module):
+    """logits, probabilities and embeddings: the classifier with its head split off (a copy
+    whose head is an identity), so the head's input comes out as well."""
+
     def __init__(self, classifier: nn.Module):
         super().__init__()
-        self.classifier = classifier
+        self.features = copy.deepcopy(classifier)
+        self.head = models.head(self.features)
+        name = next(n for n, m in self.features.named_modules() if m is self.head)
+        parent, _, attribute = name.rpartition(".")
+        setattr(self.features.get_submodule(parent), attribute, nn.Identity())
 
     def forward(self, images: torch.Tensor):
-        logits = self.classifier(images)
-        return logits, torch.softmax(logits, dim=1)
+        embeddings = self.features(images)
+        logits = self.head(embeddings)
+        return logits, torch.softmax(logits, dim=1), embeddings
 
 
 def run(cfg: Config) -> ExportResult:
@@ -75,6 +88,8 @@ def run(cfg: Config) -> ExportResult:
             paths.ONNX, paths.PLAN_FP16, "fp16", images, labels, spec["classes"]
         ),
     }
+    if parity["passed"]:
+        report["profile"] = reference_profile.run(cfg, metrics["accuracy"])
     paths.write_json(paths.EXPORT_REPORT, report)
     paths.write_metrics(paths.EXPORT_METRICS, {"onnx_accuracy": metrics["accuracy"]})
 
@@ -86,14 +101,18 @@ def run(cfg: Config) -> ExportResult:
                 "export/onnx_accuracy": metrics["accuracy"],
                 "export/onnx_max_abs_diff": parity["max_abs_diff"],
                 "export/onnx_top1_agreement": parity["top1_agreement"],
+                "export/onnx_embeddings_max_abs_diff": parity["embeddings_max_abs_diff"],
             }
         )
+        if "profile" in report:
+            mlflow.log_metric("export/profile_seconds", report["profile"]["seconds"])
         mlflow.log_artifact(str(paths.EXPORT_REPORT))
     if not parity["passed"]:
         raise GateFailed(
             f"ONNX parity gate failed: max |p_onnx - p_torch| = {parity['max_abs_diff']:.2e} "
             f"(limit {parity['atol']:.0e}), top-1 agreement {parity['top1_agreement']:.4f} "
-            f"(needs 1.0); see {paths.EXPORT_REPORT}"
+            f"(needs 1.0), max |e_onnx - e_torch| = {parity['embeddings_max_abs_diff']:.2e} "
+            f"(limit {parity['atol'] * parity['embeddings_scale']:.0e}); see {paths.EXPORT_REPORT}"
         )
     return ExportResult(
         str(paths.ONNX), metrics["accuracy"], parity["max_abs_diff"], parity["top1_agreement"]
@@ -114,7 +133,7 @@ def to_onnx(model: nn.Module, spec: dict, path: Path, opset: int, metadata: dict
             dynamo=True,
             opset_version=opset,
             input_names=["images"],
-            output_names=["logits", "probabilities"],
+            output_names=["logits", "probabilities", "embeddings"],
             dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
             verbose=False,
         )
@@ -133,18 +152,37 @@ def write_golden(path: Path, images: np.ndarray, predict) -> None:
 
 
 def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, atol: float) -> dict:
-    """Compare ONNX Runtime with PyTorch on `images`: probabilities and top-1 class."""
+    """Compare ONNX Runtime with PyTorch on `images`: probabilities, top-1 class, and the
+    embeddings (within atol times their largest magnitude, at least 1)."""
     expected = torch_predictor(model)(images)
-    actual = onnx_predictor(ort_session(onnx_path))(images)
+    session = ort_session(onnx_path)
+    actual = onnx_predictor(session)(images)
     max_abs_diff = float(np.abs(expected - actual).max()) if len(images) else 0.0
     agreement = float((expected.argmax(1) == actual.argmax(1)).mean()) if len(images) else 1.0
+    expected_embeddings = _torch_embeddings(model, images)
+    _, actual_embeddings = reference_profile.model_outputs(session, images)
+    embeddings_diff, scale = 0.0, 1.0
+    if actual_embeddings is None:
+        embeddings_diff = float("inf")
+    elif len(images):
+        embeddings_diff = float(np.abs(expected_embeddings - actual_embeddings).max())
+        scale = max(1.0, float(np.abs(expected_embeddings).max()))
     return {
         "n_images": int(len(images)),
         "max_abs_diff": max_abs_diff,
         "top1_agreement": agreement,
+        "embeddings_max_abs_diff": embeddings_diff,
+        "embeddings_scale": scale,
         "atol": atol,
-        "passed": max_abs_diff <= atol and agreement == 1.0,
+        "passed": max_abs_diff <= atol and agreement == 1.0 and embeddings_diff <= atol * scale,
     }
+
+
+@torch.no_grad()
+def _torch_embeddings(model: nn.Module, images: np.ndarray) -> np.ndarray:
+    wrapped = WithProbabilities(model.eval()).eval()
+    parts = [wrapped(prepared.batch(images, part))[2] for part in prepared.chunks(len(images), 256)]
+    return torch.cat(parts).numpy() if parts else np.zeros((0, 0), np.float32)
 
 
 def _version() -> str:

@@ -22,6 +22,7 @@ GOLDEN = MODELS / "golden.npz"  # a few test images + their ONNX probabilities (
 GOLDEN_ARTIFACT = "golden/golden.npz"  # where register logs it in the version's run
 PLAN_FP16 = MODELS / "model.fp16.plan"
 PLAN_INT8 = MODELS / "model.int8.plan"
+PROFILE = MODELS / "profile.npz"  # the reference profile continuous validation compares with
 REPORTS = Path("reports")
 PLOTS = Path("plots")
 VALIDATION_REPORT = REPORTS / "validation.json"
@@ -38,6 +39,8 @@ QUANTIZE_REPORT = REPORTS / "quantize.json"
 MODEL_CARD = REPORTS / "model_card.md"
 REGISTRY_REPORT = REPORTS / "registry.json"
 PROMOTION_REPORT = REPORTS / "promotion.json"  # promote: the gates and the decision
+MONITORING_REPORT = REPORTS / "monitoring.json"  # lensflow monitor
+MONITORING_VALIDATION = REPORTS / "monitoring_validation.json"  # the batch's data gate
 # The few numbers `dvc exp show` and `dvc metrics diff` compare: small files git keeps
 METRICS = Path("metrics")
 TRAINING_METRICS = METRICS / "training.json"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from components import imagefacts, models, paths, quantize, tracking
-from components.backends import onnx_predictor, ort_session
+from components.backends import ort_session
 from components.config import Config, UserError
 from components.prepared import load_meta, load_split
 
@@ -130,13 +130,14 @@ def _log_and_register(spec: dict, name: str, tags: dict) -> str:
 
     images, _ = load_split("test")
     example = np.array(images[:2])  # the shard is memory-mapped
-    probabilities = onnx_predictor(ort_session(paths.ONNX))(example)
-    outputs = infer_signature(
-        example, {"logits": np.log(probabilities + 1e-12), "probabilities": probabilities}
-    ).outputs
+    session = ort_session(paths.ONNX)
+    outputs = session.run(None, {"images": example})  # logits, probabilities, embeddings
+    named = {o.name: v for o, v in zip(session.get_outputs(), outputs, strict=True)}
     # images of any height and width (the model resizes inside), as `mlflow models serve` checks
     images_spec = TensorSpec(np.dtype(np.uint8), (-1, example.shape[1], -1, -1))
-    signature = ModelSignature(inputs=Schema([images_spec]), outputs=outputs)
+    signature = ModelSignature(
+        inputs=Schema([images_spec]), outputs=infer_signature(example, named).outputs
+    )
     info = mlflow.onnx.log_model(
         onnx.load(paths.ONNX),
         name="model",
@@ -152,6 +153,8 @@ def _log_and_register(spec: dict, name: str, tags: dict) -> str:
     mlflow.log_text("\n".join(trained_on()) + "\n", TRAINED_ON_ARTIFACT)
     if paths.GOLDEN.exists():  # what serving checks a version on before it serves it
         mlflow.log_artifact(str(paths.GOLDEN), paths.GOLDEN_ARTIFACT.rpartition("/")[0])
+    if paths.PROFILE.exists():  # continuous validation's reference (components/profile.py)
+        mlflow.log_artifact(str(paths.PROFILE), tracking.PROFILE_ARTIFACT.rpartition("/")[0])
     int8 = "shipped" if quantize.int8_shipped() else "not_shipped"
     if int8 == "shipped":
         mlflow.log_artifact(str(paths.ONNX_INT8), "int8")

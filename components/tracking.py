@@ -20,6 +20,7 @@ from components.config import Config, UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"  # a registered model's weights (register logs it)
+PROFILE_ARTIFACT = "profile/profile.npz"  # its reference profile (export makes, register logs)
 LOCAL_ARTIFACTS = Path("mlartifacts")
 # The experiment's kind: model training, not a GenAI app (traces). MLflow 3.17's UI still opens
 # in its GenAI mode unless told otherwise: runs_page() is the address that opens on the runs.

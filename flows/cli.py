@@ -114,6 +114,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.set_defaults(command=cmd_compare)
 
+    monitor = sub.add_parser(
+        "monitor", help="one continuous-validation pass on a batch; exit 1 on an alert"
+    )
+    _add_params(monitor)
+    monitor.add_argument(
+        "--data", help="the batch: <batch>/<class>/<image> or a flat folder (monitor.data)"
+    )
+    monitor.add_argument(
+        "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a .onnx file "
+        "(default: models:/<registry.model_name>@champion)",
+    )  # fmt: skip
+    monitor.set_defaults(command=cmd_monitor)
+
     cli_operations.add_commands(sub, _add_params, _positive_int)
     return parser
 
@@ -248,6 +261,28 @@ def cmd_compare(args) -> int:
         f"{tracking.shown_uri()} --host 127.0.0.1 --port 5000"
     )
     return 0
+
+
+def cmd_monitor(args) -> int:
+    from components import config
+    from components.config import UserError
+
+    cfg = config.load(args.params, args.overrides)  # fail fast, before Prefect starts
+    data = args.data or cfg.monitor.data
+    if not data:
+        raise UserError("no batch to check: pass --data PATH or set monitor.data")
+    if not os.path.isdir(data):
+        raise UserError(f"{data}: batch folder not found (expected a folder of images)")
+    from flows.monitoring import continuous_validation_flow
+
+    _quiet_user_errors()
+    report = continuous_validation_flow(
+        params_path=args.params, data=args.data, model=args.model, overrides=args.overrides
+    )
+    retrain = report.get("retrain")
+    if retrain and retrain["status"] == "no_deployment":
+        print(f"lensflow: warning: {retrain['message']}", file=sys.stderr)
+    return 1 if report["alert"] else 0
 
 
 class _NoTracebackForUserErrors(logging.Filter):

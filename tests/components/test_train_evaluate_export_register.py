@@ -178,7 +178,7 @@ def test_onnx_export_has_preprocessing_metadata_and_parity(trained):
     assert json.loads(meta["classes"]) == sorted(datasets.SHAPE_CLASSES)
     assert [i.name for i in proto.graph.input] == ["images"]
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    assert [o.name for o in proto.graph.output] == ["logits", "probabilities"]
+    assert [o.name for o in proto.graph.output] == ["logits", "probabilities", "embeddings"]
     assert trained["export"].top1_agreement == 1.0 and trained["export"].max_abs_diff < 1e-4
     assert trained["export"].accuracy == trained["evaluation"].accuracy
     # any image size and batch size: the graph resizes inside

@@ -1,0 +1,191 @@
+"""Continuous validation on a tiny trained, exported and registered shapes model: batches of
+fresh shapes (a seed the model never saw), clean and corrupted, labelled and not, against
+real MLflow (sqlite) and a real Prefect API (the session's test harness)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+import yaml
+from PIL import Image
+
+from components import (
+    config,
+    datasets,
+    evaluate,
+    export,
+    monitor,
+    paths,
+    prepare,
+    registry,
+    train,
+    validate,
+)
+from components import profile as reference_profile
+from flows import cli
+from flows.monitoring import TRAINING_DEPLOYMENT
+from tests.conftest import tiny_project
+
+PER_CLASS = 10  # 100 images a batch
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    """A tiny project whose exported model (with its reference profile) is @champion."""
+    root = tmp_path_factory.mktemp("monitoring")
+    with tiny_project(root) as mp:
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["monitor"]["autoencoder_epochs"] = 3
+        params["evaluate"]["robustness_images"] = 10
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        cfg = config.load("params.yaml")
+        for step in (datasets.run, prepare.run, validate.run, train.run, evaluate.run, export.run):
+            step(cfg)
+        assert registry.run(cfg).promoted
+        yield {"root": root, "cfg": cfg, "mp": mp}
+
+
+def write_batch(root, corruption=None, severity=0.0, labelled=True, seed=7, rotate=0):
+    """PER_CLASS fresh shapes per class, corrupted as a camera would; `rotate` files every
+    image under another class's folder (wrong labels)."""
+    from components import robustness
+
+    rng = np.random.default_rng(seed)
+    names = datasets.SHAPE_CLASSES
+    for k, name in enumerate(names):
+        for i in range(PER_CLASS):
+            image = datasets.shape_image(name, rng).transpose(2, 0, 1)[None]
+            if corruption:
+                image = robustness.corrupt(image, corruption, severity, rng)
+            folder = root / names[(k + rotate) % len(names)] if labelled else root
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0].transpose(1, 2, 0)).save(folder / f"{name}-{i:02d}.png")
+    return root
+
+
+def test_export_adds_embeddings_and_a_reference_profile_from_validation(champion):
+    proto = onnx.load(champion["root"] / paths.ONNX)
+    assert [o.name for o in proto.graph.output] == ["logits", "probabilities", "embeddings"]
+    parity = json.loads((champion["root"] / paths.EXPORT_REPORT).read_text())["onnx"]["parity"]
+    assert parity["passed"] and parity["embeddings_max_abs_diff"] < 1e-4
+    profile = reference_profile.load(champion["root"] / paths.PROFILE)
+    n_val = len(np.load(champion["root"] / paths.shard_labels("val")))
+    assert profile.meta["reference_split"] == "val" and profile.meta["n_reference"] == n_val
+    assert profile.reference["embeddings"].shape == (n_val, 8)
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("lensflow-classifier", "champion")
+    artifacts = [a.path for a in client.list_artifacts(version.run_id, "profile")]
+    assert artifacts == ["profile/profile.npz"]
+
+
+def test_a_clean_held_out_batch_raises_no_alert(champion, tmp_path):
+    report = monitor.run(champion["cfg"], str(write_batch(tmp_path / "clean")))
+    assert report["alert"] is False and report["fired"] == []
+    names = [c["name"] for c in report["checks"]]
+    assert {"data_validation", "accuracy", "brightness", "sharpness", "embedding_mmd"} <= set(names)
+    assert {"class_prior", "confidence", "entropy", "reconstruction_error"} <= set(names)
+    drift_checks = [c for c in report["checks"] if "test" in c]
+    assert all(c["threshold"] == pytest.approx(0.05 / len(drift_checks)) for c in drift_checks)
+    assert report["model"]["version"] == "1" and len(report["batch"]["fingerprint"]) == 64
+    assert json.loads((champion["root"] / paths.MONITORING_REPORT).read_text()) == report
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("lensflow-monitoring")
+    run = client.get_run(report["mlflow_run_id"])
+    assert run.info.experiment_id == experiment.experiment_id
+    assert run.data.metrics["alert"] == 0 and "embedding_mmd" in run.data.metrics
+    assert run.data.tags["batch.fingerprint"] == report["batch"]["fingerprint"]
+
+
+@pytest.mark.parametrize(
+    "corruption, severity, expected",
+    [("gaussian_noise", 32.0, "sharpness"), ("gaussian_blur", 1.5, "sharpness"),
+     ("brightness", -75.0, "brightness")],
+)  # fmt: skip
+def test_a_corrupted_batch_raises_an_alert_naming_the_check(
+    champion, tmp_path, monkeypatch, corruption, severity, expected
+):
+    received = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv(monitor.WEBHOOK_ENV, f"http://127.0.0.1:{server.server_port}/hook")
+    try:
+        batch = write_batch(tmp_path / corruption, corruption, severity, labelled=False)
+        report = monitor.run(champion["cfg"], str(batch))
+    finally:
+        server.shutdown()
+    assert report["alert"] and expected in report["fired"]
+    assert report["webhook"]["status"] == "sent" and received[0]["fired"] == report["fired"]
+
+
+def test_label_free_batch_runs_every_drift_check_and_no_accuracy_check(champion, tmp_path):
+    report = monitor.run(champion["cfg"], str(write_batch(tmp_path / "flat", labelled=False)))
+    names = {c["name"] for c in report["checks"]}
+    assert not report["batch"]["labelled"] and report["batch"]["n_images"] == 100
+    assert "accuracy" not in names and {"embedding_mmd", "class_prior"} <= names
+    assert not report["alert"]
+
+
+def test_a_labelled_batch_where_the_champions_accuracy_falls(champion, tmp_path):
+    report = monitor.run(champion["cfg"], str(write_batch(tmp_path / "wrong", rotate=1)))
+    accuracy = next(c for c in report["checks"] if c["name"] == "accuracy")
+    assert report["alert"] and report["fired"] == ["accuracy"]  # the images did not drift
+    assert accuracy["value"] < 0.95 and accuracy["threshold"] == 0.95
+    assert accuracy["test_accuracy"] == reference_profile.load(paths.PROFILE).meta["test_accuracy"]
+
+
+def test_a_bad_file_is_reported_and_the_pass_goes_on(champion, tmp_path, monkeypatch):
+    batch = write_batch(tmp_path / "bad", labelled=False)
+    (batch / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    monkeypatch.setenv(monitor.WEBHOOK_ENV, "http://127.0.0.1:9/nothing-listens-here")
+    report = monitor.run(champion["cfg"], str(batch))
+    assert report["fired"] == ["data_validation"] and report["batch"]["n_images"] == 100
+    issue = next(i for i in report["validation"]["issues"] if i["path"] == "broken.png")
+    assert issue["severity"] == "error"
+    assert report["webhook"]["status"] == "failed"  # reported, not raised
+
+
+def test_lensflow_monitor_exit_codes_artifact_and_retraining(champion, tmp_path, capsys):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    clean = str(write_batch(tmp_path / "clean"))
+    assert cli.main(["monitor", "--data", clean]) == 0
+    with get_client(sync_client=True) as client:
+        keys = ArtifactFilter(key=ArtifactFilterKey(any_=["continuous-validation"]))
+        artifact = client.read_artifacts(artifact_filter=keys)[-1]
+    assert "| embedding_mmd |" in artifact.data
+
+    noisy = str(write_batch(tmp_path / "noisy", "gaussian_noise", 32.0, labelled=False))
+    retrain = ["--set", "monitor.on_alert=retrain"]
+    assert cli.main(["monitor", "--data", noisy, *retrain]) == 1
+    assert f"no deployment {TRAINING_DEPLOYMENT}" in capsys.readouterr().err
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("lensflow-training")
+        deployment_id = client.create_deployment(flow_id=flow_id, name="training")
+    assert cli.main(["monitor", "--data", noisy, *retrain]) == 1
+    started = json.loads(paths.MONITORING_REPORT.read_text())["retrain"]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(started["flow_run_id"])
+    assert started["status"] == "started" and run.deployment_id == deployment_id
+
+    capsys.readouterr()
+    assert cli.main(["monitor", "--data", str(tmp_path / "missing")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("missing: batch folder not found (expected a folder of images)")
