@@ -173,6 +173,7 @@ def cmd_predict(args) -> int:
     from serving import batch
 
     print(batch.summary(batch.run(cfg, args.paths, args.model, args.out)))
+    return 0
 
 
 def cmd_schedule(args) -> int:

@@ -37,9 +37,19 @@ TINY = {
 def project(tmp_path, monkeypatch) -> Path:
     """An empty project directory (the cwd) with a private sqlite MLflow store."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _track_into(monkeypatch, f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / ".dvc-site-cache"))
     return tmp_path
+
+
+def _track_into(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    """MLflow's store for this test: in the environment (subprocesses, lensflow code) and as
+    MLflow's process-wide URI, which lensflow sets when a step runs and which outlives a test
+    (a client made without a URI would talk to an earlier test's store)."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(utils, "_tracking_uri", uri)  # what mlflow.set_tracking_uri sets; undone
 
 
 @pytest.fixture
@@ -59,7 +69,7 @@ def tiny_project(root: Path):
     private sqlite MLflow store. Yields the MonkeyPatch that undoes it on exit."""
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        _track_into(mp, f"sqlite:///{root / 'mlflow.db'}")
         write_tiny_params(root)
         yield mp
 
