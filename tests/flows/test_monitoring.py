@@ -23,6 +23,7 @@ from components import (
     monitor,
     paths,
     prepare,
+    promote,
     registry,
     train,
     validate,
@@ -47,7 +48,8 @@ def champion(tmp_path_factory):
         cfg = config.load("params.yaml")
         for step in (datasets.run, prepare.run, validate.run, train.run, evaluate.run, export.run):
             step(cfg)
-        assert registry.run(cfg).promoted
+        registry.run(cfg)
+        assert promote.run(cfg).promoted
         yield {"root": root, "cfg": cfg, "mp": mp}
 
 
