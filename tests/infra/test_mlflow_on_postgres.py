@@ -6,7 +6,6 @@ through the server."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -16,7 +15,6 @@ import pytest
 import yaml
 
 from components import config
-from tests.conftest import REPO
 
 MODEL = "lensflow-classifier"
 
@@ -33,21 +31,19 @@ def _lensflow(project, env, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def digits_run(mlflow_on_postgres, tmp_path_factory):
+def digits_run(mlflow_on_postgres, prefect_server, tmp_path_factory):
     """A fresh project with the default params (digits), `lensflow run` and then
-    `lensflow evaluate --model models:/…@champion`, both against the server."""
+    `lensflow evaluate --model models:/…@champion`, both against the server (and the Prefect
+    server, as a team runs them)."""
     project = tmp_path_factory.mktemp("digits-on-postgres")
     # the default params (digits, simple_cnn), trained for 4 epochs instead of 20: ~0.98
     params = config.from_dict({"train": {"progress_bar": False, "epochs": 4}}).as_dict()
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "MLFLOW_TRACKING_URI": mlflow_on_postgres.url,
-        "PREFECT_HOME": str(project / ".prefect"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
-        "DVC_SITE_CACHE_DIR": str(project / ".dvc-site-cache"),
-    }
+    env = prefect_server.client_env(
+        MLFLOW_TRACKING_URI=mlflow_on_postgres.url,
+        PREFECT_HOME=str(project / ".prefect"),
+        DVC_SITE_CACHE_DIR=str(project / ".dvc-site-cache"),
+    )
     run = _lensflow(project, env, "run")
     evaluation = _lensflow(project, env, "evaluate", "--model", f"models:/{MODEL}@champion")
     return {"project": project, "run": run, "evaluate": evaluation}

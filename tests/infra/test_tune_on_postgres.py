@@ -20,7 +20,7 @@ import psycopg2
 import pytest
 
 from components import tune_storage
-from tests.conftest import REPO, write_tiny_params
+from tests.conftest import write_tiny_params
 
 EXPERIMENT = "tune-on-postgres"
 GRACE = 3  # tune.heartbeat_grace: a heartbeat every second
@@ -80,15 +80,11 @@ def _kill_a_worker_in_its_last_trial(workers: subprocess.Popen, database, tracki
 
 
 @pytest.fixture(scope="module")
-def shared_study(postgres, mlflow_on_postgres, tmp_path_factory):
+def shared_study(postgres, mlflow_on_postgres, prefect_server, tmp_path_factory):
     database = postgres.create_database("optuna")
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "MLFLOW_TRACKING_URI": mlflow_on_postgres.url,
-        "LENSFLOW_TUNE_STORAGE": database,
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
-    }
+    env = prefect_server.client_env(
+        MLFLOW_TRACKING_URI=mlflow_on_postgres.url, LENSFLOW_TUNE_STORAGE=database
+    )
     projects, commands = {}, {}
     for name, trials, workers in (("workers", WORKERS_TRIALS, 2), ("other", OTHER_TRIALS, 1)):
         projects[name] = project = tmp_path_factory.mktemp(f"tune-{name}")
