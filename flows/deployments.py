@@ -26,7 +26,6 @@ from components import config
 from components.config import UserError
 
 LIVE_POLL_SECONDS = 60  # Prefect's own threshold: a deployment not polled for this is NOT_READY
-MONITORING_FILE = "flows/monitoring.py"
 
 
 @dataclass(frozen=True)
@@ -56,11 +55,10 @@ class Definition:
         return f"{self.full_name}: {when}{'' if s.active else ', paused'}"
 
 
-def definitions(cfg: config.Config, params_path: str, project: Path) -> list[Definition]:
-    """The deployments of this project, with their schedules from `cfg.schedule`. The
-    continuous-validation deployment exists only where its flow does."""
-    training = cfg.schedule.training
-    found = [
+def definitions(cfg: config.Config, params_path: str) -> list[Definition]:
+    """The deployments of this project, with their schedules from `cfg.schedule`."""
+    training, monitoring = cfg.schedule.training, cfg.schedule.continuous_validation
+    return [
         Definition(
             "lensflow-training",
             "training",
@@ -69,27 +67,21 @@ def definitions(cfg: config.Config, params_path: str, project: Path) -> list[Def
             {"params_path": params_path, "overrides": training.overrides},
             "lensflow run: validate, train, evaluate, export, register (params_path, read by "
             "each run, plus overrides)",
-        )
+        ),
+        Definition(
+            "lensflow-continuous-validation",
+            "continuous-validation",
+            "flows/monitoring.py:continuous_validation_flow",
+            monitoring,
+            {
+                "params_path": params_path,
+                "data": monitoring.data,
+                "model": monitoring.model,
+                "overrides": monitoring.overrides,
+            },
+            "lensflow monitor: one continuous-validation pass on the data folder",
+        ),
     ]
-    if (project / MONITORING_FILE).exists():
-        monitoring = cfg.schedule.continuous_validation
-        parameters = {
-            "params_path": params_path,
-            "data": monitoring.data,
-            "model": monitoring.model,
-            "overrides": monitoring.overrides,
-        }
-        found.append(
-            Definition(
-                "lensflow-continuous-validation",
-                "continuous-validation",
-                f"{MONITORING_FILE}:continuous_validation_flow",
-                monitoring,
-                parameters,
-                "lensflow monitor: one continuous-validation pass on the data folder",
-            )
-        )
-    return found
 
 
 def load(params_path: str, overrides: list[str], project: Path) -> list[Definition]:
@@ -102,7 +94,7 @@ def load(params_path: str, overrides: list[str], project: Path) -> list[Definiti
                 f"{params_path} (each run reads it) and schedule.<deployment>.overrides"
             )
     cfg = config.load(params_path, overrides)
-    found = definitions(cfg, params_path, project)
+    found = definitions(cfg, params_path)
     for definition in found:
         key = f"schedule.{definition.name.replace('-', '_')}"
         try:

@@ -88,20 +88,17 @@ def _stop(process: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
 
 
 def _expected_deployments() -> set[str]:
-    monitoring = (REPO / "flows" / "monitoring.py").exists()
-    return {TRAINING, MONITORING} if monitoring else {TRAINING}
+    return {TRAINING, MONITORING}
 
 
-def test_definitions_take_their_schedules_from_params_and_monitoring_where_it_exists(
-    tmp_path,
-):
+def test_definitions_take_their_schedules_from_params():
     from components import config
     from flows import deployments
 
     cfg = config.from_dict(
         {"schedule": {"training": {"interval": 3600, "overrides": ["train.epochs=3"]}}}
     )
-    (training,) = deployments.definitions(cfg, "p.yaml", tmp_path)
+    training, monitoring = deployments.definitions(cfg, "p.yaml")
     assert (training.full_name, training.entrypoint) == (
         TRAINING,
         "flows/training.py:training_flow",
@@ -109,9 +106,6 @@ def test_definitions_take_their_schedules_from_params_and_monitoring_where_it_ex
     assert training.parameters == {"params_path": "p.yaml", "overrides": ["train.epochs=3"]}
     assert training.describe() == f"{TRAINING}: every 3600 s"
 
-    (tmp_path / "flows").mkdir()
-    (tmp_path / "flows" / "monitoring.py").touch()
-    _, monitoring = deployments.definitions(cfg, "p.yaml", tmp_path)
     assert (monitoring.full_name, monitoring.entrypoint) == (
         MONITORING,
         "flows/monitoring.py:continuous_validation_flow",
