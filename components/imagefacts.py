@@ -22,10 +22,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-
-from components.preprocess import resize_uint8
 
 # Leading bytes of the formats we expect, to name what a file is when PIL cannot open it.
 SIGNATURES = {
@@ -73,6 +70,8 @@ def read_many(paths: list[str], options: ReadOptions) -> list[tuple[dict, np.nda
 
 
 def init_worker() -> None:
+    import torch
+
     # Worker processes run side by side on the cores: one torch thread each.
     torch.set_num_threads(1)
     # A forked worker inherits the parent's SIGTERM handler (Prefect's flow engine installs
@@ -112,7 +111,7 @@ def _read_one(path: str, options: ReadOptions):
         return _failed(facts, "unreadable", reason), None, None
     facts["size_bytes"] = len(data)
     facts["sha256"] = hashlib.sha256(data).hexdigest()
-    facts["format"] = _sniff_format(data)
+    facts["format"] = sniff_format(data)
     if not data:
         return _failed(facts, "empty_file", "the file is empty (0 bytes)"), None, None
     try:
@@ -143,7 +142,7 @@ def _read_bytes(path: str) -> bytes:
         return file.read()
 
 
-def _sniff_format(data: bytes) -> str:
+def sniff_format(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
     return next((name for sig, name in SIGNATURES.items() if data.startswith(sig)), "")
@@ -169,9 +168,9 @@ def _decode(data: bytes, facts: dict, options: ReadOptions):
         image.load()
         facts.update(
             mode=image.mode,
-            bit_depth=_bit_depth(image, data),
+            bit_depth=bit_depth(image, data),
             has_alpha=image.mode in ALPHA_MODES or "transparency" in image.info,
-            exif_orientation=_orientation(image),
+            exif_orientation=orientation(image),
         )
         upright = ImageOps.exif_transpose(image) if facts["exif_orientation"] != 1 else image
         converted = to_channels(upright, options.channels, facts["bit_depth"])
@@ -180,12 +179,12 @@ def _decode(data: bytes, facts: dict, options: ReadOptions):
         return facts, array, thumbnail(converted)
 
 
-def _orientation(image: Image.Image) -> int:
+def orientation(image: Image.Image) -> int:
     value = image.getexif().get(EXIF_ORIENTATION, 1)
     return value if value in range(1, 9) else 1  # exif_transpose ignores other values too
 
 
-def _bit_depth(image: Image.Image, data: bytes) -> int:
+def bit_depth(image: Image.Image, data: bytes) -> int:
     if data[12:16] == b"IHDR":  # PNG: Pillow reads 16-bit RGB as 8-bit, the header knows
         return int(data[24])
     return BIT_DEPTH.get(image.mode, 8)
@@ -226,6 +225,10 @@ def perceptual_hashes(thumbnails: np.ndarray) -> list[str]:
 
 def _measure(group: list, facts_list: list, shards: list, options: ReadOptions) -> None:
     """Statistics, hashes and shard pixels of a group of same-sized images, in one batch."""
+    import torch  # here, not at the top: serving decodes with this module without torch
+
+    from components.preprocess import resize_uint8
+
     batch = np.stack([array for _, array, _ in group])  # [B, H, W, C]
     planes = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))  # [B, C, H, W]: fast to reduce
     stats = _pixel_stats(planes.reshape(len(group), options.channels, -1))

@@ -3,8 +3,9 @@
 The format is sniffed from the bytes (never the file name or the declared content type), the
 pixel count is read from the header before anything is decoded, and the image is converted
 to the model's channels at its own size: the exported model resizes and normalises inside.
-Decoding mirrors components/imagefacts (EXIF rotation, palette and alpha, 16 bits scaled to
-8) without importing torch, so the service starts in seconds.
+Decoding is components/imagefacts' (EXIF rotation, palette and alpha, 16 bits scaled to 8), as
+the training images were decoded; that module imports torch only where prepare resizes, so the
+service starts in seconds.
 """
 
 from __future__ import annotations
@@ -16,18 +17,9 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-SIGNATURES = {
-    b"\x89PNG\r\n\x1a\n": "PNG",
-    b"\xff\xd8\xff": "JPEG",
-    b"GIF87a": "GIF",
-    b"GIF89a": "GIF",
-    b"BM": "BMP",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-}
+from components import imagefacts
+
 SUPPORTED = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
-EXIF_ORIENTATION = 0x0112
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 class BadRequest(Exception):
@@ -39,15 +31,9 @@ class BadRequest(Exception):
         self.message = message
 
 
-def sniff(data: bytes) -> str:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return next((name for sig, name in SIGNATURES.items() if data.startswith(sig)), "")
-
-
 def decode(data: bytes, channels: int, max_pixels: int, name: str = "image") -> np.ndarray:
     """uint8 [1, channels, height, width] of one encoded image, or BadRequest."""
-    kind = sniff(data)
+    kind = imagefacts.sniff_format(data)
     if not kind:
         raise BadRequest(
             415,
@@ -70,26 +56,13 @@ def decode(data: bytes, channels: int, max_pixels: int, name: str = "image") -> 
             )
         try:
             image.load()
-            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            if imagefacts.orientation(image) != 1:
                 image = ImageOps.exif_transpose(image)
-            converted = to_channels(image, channels)
+            converted = imagefacts.to_channels(image, channels, imagefacts.bit_depth(image, data))
         except Exception as exc:  # truncated or corrupt data: PIL's types vary by format
             raise BadRequest(400, f"{name}: {kind} data cannot be decoded ({exc})") from None
     array = np.asarray(converted).reshape(converted.height, converted.width, channels)
     return np.ascontiguousarray(array.transpose(2, 0, 1))[None]
-
-
-def to_channels(image: Image.Image, channels: int) -> Image.Image:
-    """An L (channels 1) or RGB (3) image, as components/imagefacts.to_channels makes it."""
-    if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode in SIXTEEN_BIT_MODES or values.max(initial=0) > 255:
-            values = values / 257.0
-        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
-    elif image.mode in ("P", "PA"):
-        image = image.convert("RGBA")
-    target = "L" if channels == 1 else "RGB"
-    return image if image.mode == target else image.convert(target)
 
 
 def multipart_files(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
