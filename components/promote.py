@@ -42,7 +42,7 @@ class PromotionResult:
 def run(cfg: Config, version: str | None = None) -> PromotionResult:
     """Decide about `version` (default: the one reports/registry.json names)."""
     name = cfg.registry.model_name
-    candidate = version or _read_json(paths.REGISTRY_REPORT)["version"]
+    candidate = version or registry.read_report(paths.REGISTRY_REPORT)["version"]
     with tracking.step_run(cfg, "promote"):
         import mlflow
 
@@ -260,9 +260,3 @@ def _at_least(value: float, threshold: float) -> dict:
 
 def _v(version: str | None) -> str:
     return f"v{version}" if version else "none"
-
-
-def _read_json(path) -> dict:
-    if not path.exists():
-        raise UserError(f"{path} is missing: run the register stage first")
-    return json.loads(path.read_text())

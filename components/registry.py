@@ -37,11 +37,11 @@ class RegistryResult:
 
 
 def run(cfg: Config) -> RegistryResult:
-    export_report = _read_json(paths.EXPORT_REPORT)
+    export_report = read_report(paths.EXPORT_REPORT)
     if not paths.ONNX.exists():
         raise UserError(f"{paths.ONNX} is missing: run the export stage first")
     _, spec = models.load_checkpoint(paths.CHECKPOINT)
-    training = _read_json(paths.TRAINING_REPORT)
+    training = read_report(paths.TRAINING_REPORT)
     name = cfg.registry.model_name
     checkpoint_sha = hashlib.sha256(paths.CHECKPOINT.read_bytes()).hexdigest()
 
@@ -195,7 +195,8 @@ def test_split(classes: list[str], channels: int, size: int, max_pixels: int):
     return np.stack(images) if files else images[0], labels, None
 
 
-def _read_json(path) -> dict:
+def read_report(path) -> dict:
+    """A JSON report an earlier stage wrote, or a UserError saying to run that stage."""
     if not path.exists():
         raise UserError(f"{path} is missing: run the stage that writes it first")
     return json.loads(path.read_text())
@@ -203,9 +204,9 @@ def _read_json(path) -> dict:
 
 def model_card(cfg: Config, spec: dict, version: str, export_report: dict) -> str:
     """A markdown model card: intended use, data version, metrics, limits, formats."""
-    evaluation = _read_json(paths.EVALUATION_REPORT)
+    evaluation = read_report(paths.EVALUATION_REPORT)
     lineage = tracking.lineage(cfg)
-    quantized = _read_json(paths.QUANTIZE_REPORT) if paths.QUANTIZE_REPORT.exists() else None
+    quantized = read_report(paths.QUANTIZE_REPORT) if paths.QUANTIZE_REPORT.exists() else None
     corruptions = evaluation.get("corruptions", {})
     robustness = ", ".join(f"{name} {values[-1]:.3f}" for name, values in corruptions.items())
     int8 = "int8 ONNX (not made)"

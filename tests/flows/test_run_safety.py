@@ -10,7 +10,6 @@ Prefect server, git + DVC), shared by the tests below: a full run is the costly 
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,10 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, write_tiny_params
+from tests.servers import free_port
 
 SECRET = "S3cret"
 TRAINING_FOR_LONG = ["--set", "train.epochs=500", "--set", "train.patience=500"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_until(condition, timeout: float, what: str) -> None:
@@ -69,7 +63,7 @@ def _git_dvc_project(project: Path) -> None:
 def runs(tmp_path_factory):
     project, logs = tmp_path_factory.mktemp("project"), tmp_path_factory.mktemp("logs")
     _git_dvc_project(project)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",

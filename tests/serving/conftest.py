@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -72,12 +71,6 @@ def _scale_weights(path: Path) -> None:
     array = onnx.numpy_helper.to_array(weight)
     weight.CopyFrom(onnx.numpy_helper.from_array(array * 0.5, weight.name))
     onnx.save(proto, path)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_server(root: Path, port: int, *settings: str) -> subprocess.Popen:

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.serving.conftest import free_port, request, start_server
+from tests.servers import free_port
+from tests.serving.conftest import request, start_server
 
 LIMITS = (
     "serve.poll_seconds=0.2",
