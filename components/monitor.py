@@ -23,8 +23,8 @@ from components import drift, imagefacts, monitor_data, paths, registry, trackin
 from components import profile as reference_profile
 from components.config import Config, UserError
 from components.credentials import redact
+from components.promotion_log import CHALLENGER
 
-CHALLENGER = "challenger"
 WEBHOOK_ENV = "LENSFLOW_ALERT_WEBHOOK"
 ISSUES_IN_REPORT = 100  # the whole list is in reports/monitoring_validation.json
 log = logging.getLogger(__name__)

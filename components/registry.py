@@ -23,7 +23,6 @@ from components.config import Config, UserError
 from components.prepared import load_meta, load_split
 
 CHAMPION = "champion"
-CHALLENGER = "challenger"
 CHECKPOINT_SHA_TAG = "lensflow.checkpoint_sha256"
 TRAINED_ON_ARTIFACT = "lineage/trained_on.txt"  # sha256 of each train + val image, one a line
 
