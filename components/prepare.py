@@ -46,7 +46,7 @@ class PrepareResult:
     manifest: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One non-hidden file under the root."""
 

@@ -184,6 +184,7 @@ def _run_suites(tables: dict[str, pd.DataFrame], active: list[checks.Check]) -> 
         results[name] = definition.run(
             batch_parameters={"dataframe": table[columns]}, result_format=result_format
         )
+    context.data_sources.delete("manifest")  # the context outlives us: drop its batch data
     return results
 
 

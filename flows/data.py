@@ -5,12 +5,28 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from components import config, datasets, prepare, validate
+from components import config, datasets, memory, prepare, validate
 
 
 def component_task(fn, name: str):
     # Components read and write files; Prefect passes only configs and small results.
-    return task(fn, name=name, cache_policy=NO_CACHE)
+    # Stages share the flow's process: each gives back the memory it freed when it ends.
+    return task(
+        fn,
+        name=name,
+        cache_policy=NO_CACHE,
+        on_running=[_use_system_allocator],
+        on_completion=[_release_freed_memory],
+        on_failure=[_release_freed_memory],
+    )
+
+
+def _use_system_allocator(task, task_run, state) -> None:
+    memory.use_system_allocator()
+
+
+def _release_freed_memory(task, task_run, state) -> None:
+    memory.release_freed()
 
 
 data_task = component_task(datasets.run, "data")
