@@ -91,16 +91,40 @@ def derive(manifest: pd.DataFrame) -> pd.DataFrame:
     height = table["height"].where(decoded).astype(float)
     table["min_side"] = np.minimum(width, height)
     table["aspect_ratio"] = np.maximum(width, height) / table["min_side"].where(lambda s: s > 0)
-    same_content = table[decoded & table["label"].notna()]
-    first_copy = same_content.groupby(["label", "sha256"])["path"].transform("first")
-    table["duplicate_of"] = first_copy.where(first_copy != same_content["path"])
-    labels = same_content.groupby("sha256")["label"].nunique()
-    table["labels_per_sha256"] = table["sha256"].map(labels).where(decoded)
+    # Integer codes, not strings, to group by: no Python string per row.
+    content, label = pd.factorize(table["sha256"])[0], pd.factorize(table["label"])[0]
+    labelled = (decoded & table["label"].notna()).to_numpy()
+    table["duplicate_of"] = _first_copy(table["path"], content, label, labelled)
+    per_content = _distinct_per_content(content, labelled, label)
+    table["labels_per_sha256"] = np.where(decoded, per_content, np.nan)
     if "split" in table:
-        in_split = table[table["split"].isin(SPLITS)]
-        splits = in_split.groupby("sha256")["split"].nunique()
-        table["splits_per_sha256"] = table["sha256"].map(splits).where(table["split"].isin(SPLITS))
+        in_split = table["split"].isin(SPLITS).to_numpy()
+        splits = pd.factorize(table["split"])[0]
+        table["splits_per_sha256"] = np.where(
+            in_split, _distinct_per_content(content, in_split, splits), np.nan
+        )
     return table
+
+
+def _first_copy(path: pd.Series, content, label, among) -> pd.Series:
+    """For each row of `among` that has an earlier row of the same content and label there,
+    the path of the first such row; else missing."""
+    rows = np.flatnonzero(among)
+    groups = pd.DataFrame({"label": label[rows], "content": content[rows], "row": rows})
+    first = groups.groupby(["label", "content"])["row"].transform("min").to_numpy()
+    copies = first != rows
+    first_copy = pd.Series(None, index=path.index, dtype=object)
+    first_copy.iloc[rows[copies]] = path.iloc[first[copies]].to_numpy()
+    return first_copy
+
+
+def _distinct_per_content(content: np.ndarray, among: np.ndarray, values: np.ndarray):
+    """For each row, how many distinct `values` the rows of `among` with its content hold
+    (missing where none of them has it)."""
+    counts = pd.Series(values[among]).groupby(content[among]).nunique()
+    per_content = np.full(content.max(initial=-1) + 2, np.nan)  # last slot: rows without one
+    per_content[counts.index.to_numpy()] = counts.to_numpy()
+    return per_content[content]
 
 
 def violations(table: pd.DataFrame, check: Check) -> pd.Series:

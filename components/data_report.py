@@ -59,8 +59,7 @@ def _channel_stats(used: pd.DataFrame) -> dict:
     """Pixel-weighted mean and std per channel over the used images, in [0, 1]."""
     if used.empty:
         return {"channel_mean": None, "channel_std": None}
-    means = np.stack(used["channel_mean"].to_numpy()) / 255.0
-    stds = np.stack(used["channel_std"].to_numpy()) / 255.0
+    means, stds = (_rows_of(used[name]) / 255.0 for name in ("channel_mean", "channel_std"))
     weights = (used["width"] * used["height"]).to_numpy(dtype=float)[:, None]
     mean = (weights * means).sum(axis=0) / weights.sum()
     second_moment = (weights * (stds**2 + means**2)).sum(axis=0) / weights.sum()
@@ -69,6 +68,11 @@ def _channel_stats(used: pd.DataFrame) -> dict:
         "channel_mean": [round(float(v), 6) for v in mean],
         "channel_std": [round(float(v), 6) for v in std],
     }
+
+
+def _rows_of(lists: pd.Series) -> np.ndarray:
+    """A column of equal-length Arrow lists (none missing) as a 2-D array."""
+    return lists.list.flatten().to_numpy(dtype=float).reshape(len(lists), -1)
 
 
 def html_report(report: dict, stats: dict, source: str) -> str:

@@ -1,10 +1,11 @@
 """Keep a long process's memory at what its current step needs.
 
 `lensflow run` runs every stage in one process. What a stage frees stays mapped by the
-allocator that held it (glibc's free lists, Arrow's mimalloc pool, which keeps its pages even
-when asked to release them) and sits under every later stage: the run's peak becomes the sum
-of what each stage left behind instead of the largest stage's own need. So Arrow allocates
-from the system allocator, and each stage hands back what it freed when it ends.
+allocator that held it (glibc's free lists; Arrow's default mimalloc pool, which keeps its
+pages even when asked to release them) and sits under every later stage: the run's peak
+becomes the sum of what each stage left behind instead of the largest stage's own need.
+So Arrow (parquet, pandas' strings) allocates from jemalloc with no decay delay, which hands
+freed pages back at once, and each stage hands back what glibc kept when it ends.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import gc
 import sys
 
 
-def use_system_allocator() -> None:
-    """Arrow buffers (pandas' strings, parquet reads) from malloc, which `release_freed` trims."""
+def use_returning_allocator() -> None:
+    """Arrow on jemalloc, returning freed pages at once; the system allocator where pyarrow
+    was built without jemalloc (`release_freed` trims that one)."""
     import pyarrow
 
-    system = pyarrow.system_memory_pool()
-    if pyarrow.default_memory_pool().backend_name != system.backend_name:
-        pyarrow.set_memory_pool(system)
+    try:
+        pyarrow.jemalloc_set_decay_ms(0)
+        pool = pyarrow.jemalloc_memory_pool()
+    except NotImplementedError:
+        pool = pyarrow.system_memory_pool()
+    pyarrow.set_memory_pool(pool)
 
 
 def release_freed() -> None:

@@ -8,17 +8,20 @@ the seed, so identical files always land in the same split (a duplicated image c
 from train into test) and adding images never moves one a model was tested on. The raw
 folder is only read: hidden files are ignored, and symbolic links that lead outside the root
 are not followed.
-Pixels go to disk as they are decoded (`prepared` says how the shards are stored and read).
+Files are scanned, read and written as they are found: pixels and facts stream to scratch files
+beside the outputs, and what is held in memory while the splits are decided is a compact table
+of the columns that decide them (`prepared` says how the shards are stored and read).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,16 +29,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components import checks, datasets, imagefacts, paths, prepared
+from components import checks, datasets, imagefacts, memory, paths, prepared
 from components.config import Config, UserError
 
 SPLITS = checks.SPLITS
 # Below this many files per worker, starting worker processes costs more than it saves.
 MIN_FILES_PER_WORKER = 1000
 CHUNK = 64  # files per task sent to a worker
-LIST_COLUMNS = ("channel_mean", "channel_std")  # three floats per row, kept as Arrow lists
-ROWS_PER_TABLE = 4096  # manifest rows converted to a table (and written) at a time
-MANIFEST_COLUMNS = ("path", "label", "label_index", "location", *imagefacts.empty_facts())
+ROWS_PER_TABLE = 4096  # files read, then written as one row group, at a time
+# What the splits are decided from (the other facts stay on disk until the manifest is written).
+SPLIT_COLUMNS = (
+    "path", "label", "label_index", "location", "sha256", "decode", "decodable", "width",
+    "height", "mode", "bit_depth", "has_alpha", "exif_orientation", "phash", "constant",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -58,82 +64,126 @@ class Entry:
 
 def run(cfg: Config) -> PrepareResult:
     root = datasets.source_dir(cfg)
-    entries, class_folders = scan(root, cfg)
+    _check_root(root, cfg)
+    class_folders = _class_folders(root)
     classes = list(cfg.data.classes) if cfg.data.classes else sorted(class_folders)
     paths.PREPARED.mkdir(parents=True, exist_ok=True)
-    rows_path = paths.PREPARED / "rows.partial.npy"  # every file's pixels, in manifest order
+    rows_path = paths.PREPARED / "rows.partial"  # every file's pixels, in manifest order
+    facts_path = paths.PREPARED / "facts.partial.parquet"  # every file's facts, in that order
     try:
-        manifest, rows = _read_images(entries, classes, cfg, rows_path)
-        del entries  # the manifest holds what they said; their memory goes to the next steps
-        active = checks.active(cfg, classes)
-        file_checks = [c for c in active if not c.needs_splits]
-        manifest["excluded_by"] = checks.excluded_by(checks.derive(manifest), file_checks)
-        manifest["split"] = _assign_splits(manifest, cfg)
-        _mark_near_duplicates(manifest, active, cfg)
-        _write_manifest(manifest)
+        n_files = _read_images(scan(root), classes, cfg, rows_path, facts_path)
+        decided, per_folder = _decide_splits(facts_path, classes, cfg)
+        memory.release_freed()  # what deciding took, before the manifest is written
+        _write_manifest(facts_path, decided[list(prepared.SPLIT_FIELDS)])
+        rows = _open_rows(rows_path, n_files, cfg)
         n_per_split = {}
         for split in SPLITS:
-            index = manifest.index[manifest["split"] == split].to_numpy()
-            prepared.write_split(split, rows, index, manifest["label_index"].to_numpy()[index])
+            index = decided.index[decided["split"] == split].to_numpy()
+            prepared.write_split(split, rows, index, decided["label_index"].to_numpy()[index])
             n_per_split[split] = len(index)
+        del rows
     finally:
         rows_path.unlink(missing_ok=True)
+        facts_path.unlink(missing_ok=True)
     mean, std = prepared.channel_stats(prepared.load_split("train")[0])
     meta = {
         "source": str(root),
         "classes": classes,
-        "class_folders": class_folders,
+        "class_folders": {name: per_folder.get(name, 0) for name in class_folders},
         "image_size": cfg.prepare.image_size,
         "channels": cfg.prepare.channels,
         "mean": mean,
         "std": std,
         "n_per_split": n_per_split,
-        "fingerprint": fingerprint(manifest),
+        "fingerprint": fingerprint(),
         "validate_params": cfg.validate_.model_dump(mode="json"),
     }
     paths.write_json(paths.META, meta)
-    return PrepareResult(len(manifest), n_per_split, classes, str(paths.MANIFEST))
+    return PrepareResult(n_files, n_per_split, classes, str(paths.MANIFEST))
 
 
-def fingerprint(manifest: pd.DataFrame) -> str:
-    """sha256 of every row's (relative path, sha256, label, split), in manifest order: the
+def fingerprint() -> str:
+    """sha256 of every manifest row's (relative path, sha256, label, split), in order: the
     data's identity where DVC does not track the folder, the same on every machine."""
-    columns = manifest[["path", "sha256", "label", "split"]].fillna("").astype(str)
+    import pyarrow.parquet as pq
+
     digest = hashlib.sha256()
-    for row in columns.itertuples(index=False):
-        digest.update(("\t".join(row) + "\n").encode())
+    manifest = pq.ParquetFile(paths.MANIFEST, memory_map=True)
+    columns = ["path", "sha256", "label", "split"]
+    for batch in manifest.iter_batches(batch_size=ROWS_PER_TABLE, columns=columns):
+        columns = batch.to_pandas().astype(object).fillna("").astype(str)
+        for row in columns.itertuples(index=False):
+            digest.update(("\t".join(row) + "\n").encode())
     return digest.hexdigest()
 
 
-def scan(root: Path, cfg: Config) -> tuple[list[Entry], dict[str, int]]:
-    """Every non-hidden file under `root` in path order, and the file count per class folder.
+def _decide_splits(facts_path: Path, classes: list[str], cfg: Config):
+    """(each file's split columns and label_index, the file count of each class folder),
+    from a compact table of the facts that decide them."""
+    table = prepared.load_manifest(SPLIT_COLUMNS, facts_path)
+    active = checks.active(cfg, classes)
+    file_checks = [c for c in active if not c.needs_splits]
+    table["excluded_by"] = checks.excluded_by(checks.derive(table), file_checks)
+    table["split"] = _assign_splits(table, cfg)
+    _mark_near_duplicates(table, active, cfg)
+    in_folders = table.loc[table["location"].isin(["class_folder", "nested_folder"]), "label"]
+    per_folder = {str(name): int(n) for name, n in in_folders.value_counts().items()}
+    return table[[*prepared.SPLIT_FIELDS, "label_index"]].copy(), per_folder
+
+
+def scan(root: Path) -> Iterator[Entry]:
+    """Every non-hidden file under `root`, in path order, as the folders are listed.
 
     Folder links are followed while they stay inside the root, except into a folder already
     walked (so a loop ends); a link that leads outside is listed, never followed or read.
     """
-    _check_root(root, cfg)
-    real_root = root.resolve()
-    entries, class_folders, walked = [], {}, set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        here = Path(folder)
-        walked.add(here.resolve())
-        inside, outside = _inside_and_outside(here, subfolders, real_root)
-        entries += [_entry(here / name, root, outside=True) for name in outside]
-        subfolders[:] = [name for name in inside if (here / name).resolve() not in walked]
-        if here == root:
-            class_folders = dict.fromkeys(map(_printable, subfolders), 0)
-        for name in sorted(files):
-            file = here / name
-            if not name.startswith("."):
-                leads_out = file.is_symlink() and not file.resolve().is_relative_to(real_root)
-                entries.append(_entry(file, root, outside=leads_out))
-    if not class_folders:
+    yield from _walk(root, root, root.resolve(), walked=set())
+
+
+def _walk(here: Path, root: Path, real_root: Path, walked: set[Path]) -> Iterator[Entry]:
+    """The files under `here`, files and subfolders merged by name (the order of sorted paths);
+    which subfolders to enter is settled when `here` is listed, as `os.walk` does."""
+    walked.add(here.resolve())
+    folders, files = _listing(here)
+    inside, outside = _inside_and_outside(here, folders, real_root)
+    inside = [name for name in inside if (here / name).resolve() not in walked]
+    items = [*((name, True) for name in inside), *((name, False) for name in outside + files)]
+    for name, is_folder in sorted(items, key=lambda item: _printable(item[0])):
+        path = here / name
+        if is_folder:
+            yield from _walk(path, root, real_root, walked)
+        else:
+            leads_out = path.is_symlink() and not path.resolve().is_relative_to(real_root)
+            yield _entry(path, root, outside=leads_out)
+
+
+def _listing(folder: Path) -> tuple[list[str], list[str]]:
+    """(subfolder names, including links to folders; non-hidden file names) of `folder`; an
+    unreadable folder lists nothing, as in `os.walk`."""
+    folders, files = [], []
+    try:
+        with os.scandir(folder) as found:
+            for item in found:
+                try:
+                    is_folder = item.is_dir()
+                except OSError:
+                    is_folder = False
+                if is_folder:
+                    folders.append(item.name)
+                elif not item.name.startswith("."):
+                    files.append(item.name)
+    except OSError:
+        pass
+    return folders, files
+
+
+def _class_folders(root: Path) -> list[str]:
+    """The class folders: the non-hidden folders at the root that stay inside it."""
+    folders, _ = _listing(root)
+    inside, _ = _inside_and_outside(root, folders, root.resolve())
+    if not inside:
         raise UserError(f"{root}: no class folders (expected <root>/<class>/<image>)")
-    entries.sort(key=lambda e: Path(e.rel).parts)
-    for entry in entries:
-        if entry.location in ("class_folder", "nested_folder"):
-            class_folders[entry.label] += 1
-    return entries, class_folders
+    return [_printable(name) for name in inside]
 
 
 def _check_root(root: Path, cfg: Config) -> None:
@@ -170,75 +220,69 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _read_images(entries: list[Entry], classes: list[str], cfg: Config, rows_path: Path):
-    """(manifest, uint8 pixels [rows, C, S, S] memory-mapped at `rows_path`); rows that were
-    not decoded stay zero.
-
-    The pixels go straight to the file; the facts go into column lists that become a table
-    every ROWS_PER_TABLE files, so the Python objects in flight stay bounded and what is held
-    grows by one compact (Arrow-backed) manifest row per file.
-    """
-    size, channels = cfg.prepare.image_size, cfg.prepare.channels
-    pixels = np.lib.format.open_memmap(
-        rows_path, mode="w+", dtype=np.uint8, shape=(len(entries), channels, size, size)
-    )
-    readable = [e.location in ("class_folder", "nested_folder") for e in entries]
-    options = imagefacts.ReadOptions(channels, size, cfg.prepare.max_pixels)
-    to_read = [entry.path for entry, read in zip(entries, readable, strict=True) if read]
-    stream = _read_all(to_read, options, cfg.prepare.workers)
-    label_index = {name: i for i, name in enumerate(classes)}
-    columns: dict[str, list] = {name: [] for name in MANIFEST_COLUMNS}
-    tables = []
-    for i, entry in enumerate(entries):
-        if readable[i]:
-            facts, array = next(stream)
-            if array is not None:
-                pixels[i] = array
-        else:
-            facts = _not_read(entry)
-        row = {
-            "path": entry.rel,
-            "label": entry.label,
-            "label_index": label_index.get(entry.label, -1),
-            "location": entry.location,
-        }
-        for name, value in {**row, **facts}.items():
-            columns[name].append(value)
-        if len(columns["path"]) == ROWS_PER_TABLE or i == len(entries) - 1:
-            tables.append(_table(columns))
-            columns = {name: [] for name in MANIFEST_COLUMNS}
-    manifest = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns)
-    return manifest.infer_objects(), pixels
-
-
-def _table(columns: dict[str, list]) -> pd.DataFrame:
-    """Column lists as a table; the per-channel statistics as Arrow lists, not one Python list
-    (and three floats) per row, which would pin the allocator's memory long after."""
-    import pyarrow as pa
-
-    table = pd.DataFrame(columns)
-    for name in LIST_COLUMNS:
-        values = pa.array(columns[name], type=pa.list_(pa.float64()))
-        table[name] = pd.Series(values, dtype=pd.ArrowDtype(values.type))
-    return table
-
-
-def _write_manifest(manifest: pd.DataFrame) -> None:
-    """manifest.parquet, converted to Arrow a row group at a time (a whole-table conversion
-    would hold a second copy of the manifest)."""
+def _read_images(
+    entries: Iterator[Entry], classes: list[str], cfg: Config, rows_path: Path, facts_path: Path
+) -> int:
+    """Read every file of `entries`; its pixels go to `rows_path` (uint8 [C, S, S] a row, zero
+    when not decoded) and its facts to `facts_path`, ROWS_PER_TABLE files at a time, so what
+    is held does not grow with the number of files. Returns the number of files."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.Schema.from_pandas(manifest, preserve_index=False)
-    pandas_meta = schema.pandas_metadata
-    for column in pandas_meta["columns"]:
-        if column["name"] in LIST_COLUMNS:  # read back as numpy arrays, as written before
-            column["numpy_type"] = "object"
-    schema = schema.with_metadata({b"pandas": json.dumps(pandas_meta).encode()})
-    with paths.atomic(paths.MANIFEST) as partial, pq.ParquetWriter(partial, schema) as writer:
-        for rows in prepared.chunks(len(manifest), ROWS_PER_TABLE):
-            writer.write_table(pa.Table.from_pandas(manifest.iloc[rows], schema=schema))
-    pa.default_memory_pool().release_unused()
+    size, channels = cfg.prepare.image_size, cfg.prepare.channels
+    options = imagefacts.ReadOptions(channels, size, cfg.prepare.max_pixels)
+    label_index = {name: i for i, name in enumerate(classes)}
+    blank = bytes(channels * size * size)
+    n_files = 0
+    with ExitStack() as stack:
+        rows = stack.enter_context(rows_path.open("wb"))
+        facts = stack.enter_context(pq.ParquetWriter(facts_path, prepared.FACTS_SCHEMA))
+        read = stack.enter_context(_file_reader(options, cfg.prepare.workers))
+        while block := list(itertools.islice(entries, ROWS_PER_TABLE)):
+            readable = [e.location in ("class_folder", "nested_folder") for e in block]
+            results = read([e.path for e, ok in zip(block, readable, strict=True) if ok])
+            columns: dict[str, list] = {name: [] for name in prepared.FACTS_SCHEMA.names}
+            for entry, ok in zip(block, readable, strict=True):
+                found, array = next(results) if ok else (_not_read(entry), None)
+                rows.write(blank if array is None else array.tobytes())
+                row = {
+                    "path": entry.rel,
+                    "label": entry.label,
+                    "label_index": label_index.get(entry.label, -1),
+                    "location": entry.location,
+                    **found,
+                }
+                for name, values in columns.items():
+                    values.append(row[name])
+            facts.write_table(pa.Table.from_pydict(columns, schema=prepared.FACTS_SCHEMA))
+            n_files += len(block)
+    return n_files
+
+
+def _open_rows(rows_path: Path, n_files: int, cfg: Config) -> np.ndarray:
+    shape = (n_files, cfg.prepare.channels, cfg.prepare.image_size, cfg.prepare.image_size)
+    if n_files == 0:  # an empty file cannot be memory-mapped
+        return np.zeros(shape, dtype=np.uint8)
+    return np.memmap(rows_path, dtype=np.uint8, mode="r", shape=shape)
+
+
+def _write_manifest(facts_path: Path, split_fields: pd.DataFrame) -> None:
+    """manifest.parquet: the facts, a row group at a time, with the split columns added."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    facts = pq.ParquetFile(facts_path, memory_map=True)
+    added = pa.schema([prepared.MANIFEST_SCHEMA.field(name) for name in split_fields])
+    added = pa.Table.from_pandas(split_fields, schema=added, preserve_index=False)
+    with (
+        paths.atomic(paths.MANIFEST) as partial,
+        pq.ParquetWriter(partial, prepared.MANIFEST_SCHEMA) as writer,
+    ):
+        start = 0
+        for batch in facts.iter_batches(batch_size=ROWS_PER_TABLE):
+            columns = [*batch.columns, *added.slice(start, batch.num_rows).columns]
+            writer.write_table(pa.Table.from_arrays(columns, schema=prepared.MANIFEST_SCHEMA))
+            start += batch.num_rows
 
 
 def _not_read(entry: Entry) -> dict:
@@ -251,30 +295,46 @@ def _not_read(entry: Entry) -> dict:
     return facts
 
 
-def _read_all(files: list[str], options, workers: int) -> Iterator[tuple[dict, object]]:
-    """imagefacts.read_many over `files`, in order; `workers` processes (0: one per core) for
-    large folders."""
+@contextmanager
+def _file_reader(options, workers: int) -> Iterator[Callable[[list[str]], Iterator]]:
+    """A function from files to their (facts, pixels), in order. A large folder (one whose
+    first block has at least two workers' worth of files) is read by `workers` processes
+    (0: one per core), started once for the whole folder."""
     read_chunk = partial(imagefacts.read_many, options=options)
-    chunks = [files[i : i + CHUNK] for i in range(0, len(files), CHUNK)]
-    workers = min(workers or len(os.sched_getaffinity(0)), len(files) // MIN_FILES_PER_WORKER)
-    if workers <= 1:
-        for chunk in chunks:
-            yield from read_chunk(chunk)
-        return
+    workers = workers or len(os.sched_getaffinity(0))
+    with ExitStack() as stack:
+        pool = None
+
+        def read(files: list[str]) -> Iterator:
+            nonlocal pool
+            chunks = [files[i : i + CHUNK] for i in range(0, len(files), CHUNK)]
+            if pool is None and workers > 1 and len(files) >= 2 * MIN_FILES_PER_WORKER:
+                pool = stack.enter_context(_pool(workers))
+            if pool is None:
+                return itertools.chain.from_iterable(map(read_chunk, chunks))
+            return _in_order(pool, read_chunk, chunks, limit=2 * workers)
+
+        yield read
+
+
+def _pool(workers: int):
     # fork: workers start at once and share the loaded libraries; the initializer gives each
     # one torch thread (as torch's DataLoader workers do), so forking after torch is safe.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with context.Pool(workers, initializer=imagefacts.init_worker) as pool:
-        # At most a few chunks in flight: Pool.imap would queue every chunk at once, and the
-        # decoded images of those the workers finish early would pile up in memory.
-        in_flight: deque = deque()
-        for chunk in chunks:
-            in_flight.append(pool.apply_async(read_chunk, (chunk,)))
-            if len(in_flight) > 2 * workers:
-                yield from in_flight.popleft().get()
-        while in_flight:
+    return context.Pool(workers, initializer=imagefacts.init_worker)
+
+
+def _in_order(pool, read_chunk, chunks: list[list[str]], limit: int) -> Iterator:
+    # At most `limit` chunks in flight: Pool.imap would queue every chunk at once, and the
+    # decoded images of those the workers finish early would pile up in memory.
+    in_flight: deque = deque()
+    for chunk in chunks:
+        in_flight.append(pool.apply_async(read_chunk, (chunk,)))
+        if len(in_flight) > limit:
             yield from in_flight.popleft().get()
+    while in_flight:
+        yield from in_flight.popleft().get()
 
 
 def _assign_splits(manifest: pd.DataFrame, cfg: Config) -> pd.Series:

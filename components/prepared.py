@@ -1,8 +1,9 @@
 """The prepared data on disk, and the one API every stage reads it with.
 
-`prepare` writes, per split, `<split>-images.npy` (uint8 [N, C, S, S]) and `<split>-labels.npy`
-(int64 [N]), plus meta.json. Readers get the images memory-mapped: pages are read from disk
-as a batch touches them and belong to the OS page cache, so a dataset larger than memory
+`prepare` writes manifest.parquet (one row per file, MANIFEST_SCHEMA; read it compactly with
+`load_manifest`), meta.json and, per split, `<split>-images.npy` (uint8 [N, C, S, S]) and
+`<split>-labels.npy` (int64 [N]). Readers get the images memory-mapped: pages are read from
+disk as a batch touches them and belong to the OS page cache, so a dataset larger than memory
 trains, and processes on one machine (DDP, tune workers) share one copy. Take a batch with
 `batch(images, index)`; never copy a whole split into memory.
 """
@@ -14,6 +15,8 @@ import json
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import torch
 
 from components import paths
@@ -21,11 +24,51 @@ from components.config import UserError
 
 CHUNK = 4096  # images copied or summed at a time
 
+# A file's facts (as `imagefacts` reads them), then what `prepare` decides from them.
+_LIST = pa.list_(pa.float64())
+FACTS_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()), ("label", pa.string()), ("label_index", pa.int64()),
+        ("location", pa.string()), ("size_bytes", pa.int64()), ("sha256", pa.string()),
+        ("format", pa.string()), ("decode", pa.string()), ("decodable", pa.bool_()),
+        ("error", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+        ("mode", pa.string()), ("bit_depth", pa.int64()), ("has_alpha", pa.bool_()),
+        ("exif_orientation", pa.int64()), ("phash", pa.string()), ("channel_mean", _LIST),
+        ("channel_std", _LIST), ("constant", pa.bool_()),
+    ]
+)  # fmt: skip
+SPLIT_FIELDS = ("excluded_by", "split", "near_duplicate_of", "near_duplicate_distance")
+MANIFEST_SCHEMA = pa.schema(
+    [
+        *FACTS_SCHEMA,
+        ("excluded_by", pa.string()), ("split", pa.string()),
+        ("near_duplicate_of", pa.string()), ("near_duplicate_distance", pa.float64()),
+    ]
+)  # fmt: skip
+# Text with few distinct values: read as categoricals (a code a row, not a string a row).
+CATEGORICAL = ("label", "location", "format", "decode", "error", "mode", "excluded_by", "split")
+
 
 def load_meta() -> dict:
     if not paths.META.exists():
         raise UserError(f"{paths.META} is missing: run the prepare stage first")
     return json.loads(paths.META.read_text())
+
+
+def load_manifest(columns=None, path=None) -> pd.DataFrame:
+    """The manifest (or `columns` of it; `path`: another file of its schema) in compact form:
+    the CATEGORICAL columns as categoricals, the per-channel statistics as Arrow lists."""
+    import pyarrow.parquet as pq
+
+    path = path or paths.MANIFEST
+    columns = list(columns or pq.read_schema(path).names)
+    categorical = [name for name in CATEGORICAL if name in columns]
+    table = pq.read_table(path, columns=columns, read_dictionary=categorical, memory_map=True)
+    return table.to_pandas(types_mapper=_arrow_lists)
+
+
+def _arrow_lists(arrow_type: pa.DataType):
+    return pd.ArrowDtype(arrow_type) if pa.types.is_list(arrow_type) else None
 
 
 def manifest_sha256() -> str:

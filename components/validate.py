@@ -20,7 +20,7 @@ import pandas as pd
 from components import checks, data_report, paths
 from components.checks import SPLITS
 from components.config import Config, GateFailed, UserError
-from components.prepared import load_meta, manifest_sha256
+from components.prepared import load_manifest, load_meta, manifest_sha256
 
 SEVERITIES = ("error", "quarantine", "warn")
 KEY_COLUMN = {"images": "path", "classes": "name"}
@@ -157,7 +157,7 @@ def _load(cfg: Config) -> tuple[pd.DataFrame, dict]:
         raise UserError(
             f"{paths.PREPARED} was prepared with other `validate` params: run prepare again"
         )
-    return pd.read_parquet(paths.MANIFEST), meta
+    return load_manifest(), meta
 
 
 def _run_suites(tables: dict[str, pd.DataFrame], active: list[checks.Check]) -> dict:

@@ -161,9 +161,10 @@ def cmd_run(args) -> int:
 def cmd_stage(args) -> int:
     import importlib
 
-    from components import config, preflight
+    from components import config, memory, preflight
     from components.config import UserError
 
+    memory.use_returning_allocator()  # as the flow's stages do (see components/memory.py)
     cfg = config.load(args.params, args.overrides)
     if args.resume and args.name != "train":
         raise UserError("--resume applies to the train stage only")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -418,4 +419,18 @@ def test_large_folders_read_in_worker_processes_give_the_same_manifest(project):
     images, _ = prepared.load_split("train")
     prepare.run(config.from_dict({"data": {"source": str(root)}, "prepare": {"workers": 2}}))
     assert one_process.equals(pd.read_parquet(paths.MANIFEST))
+    assert np.array_equal(images, prepared.load_split("train")[0])
+
+
+def test_the_manifest_does_not_depend_on_how_many_files_are_read_at_a_time(corpus, monkeypatch):
+    """Prepare streams the files in blocks; in blocks of three, one holds only files that were
+    not decoded, so whole columns of it are empty."""
+    cfg = corpus_cfg(corpus)
+    prepare.run(cfg)
+    whole, meta = pd.read_parquet(paths.MANIFEST), prepared.load_meta()
+    images, _ = prepared.load_split("train")
+    monkeypatch.setattr(prepare, "ROWS_PER_TABLE", 3)
+    prepare.run(cfg)
+    assert pq.ParquetFile(paths.MANIFEST).metadata.row_group(0).num_rows == 3
+    assert whole.equals(pd.read_parquet(paths.MANIFEST)) and meta == prepared.load_meta()
     assert np.array_equal(images, prepared.load_split("train")[0])
