@@ -109,10 +109,10 @@ def fingerprint() -> str:
 
     digest = hashlib.sha256()
     manifest = pq.ParquetFile(paths.MANIFEST, memory_map=True)
-    columns = ["path", "sha256", "label", "split"]
-    for batch in manifest.iter_batches(batch_size=ROWS_PER_TABLE, columns=columns):
-        columns = batch.to_pandas().astype(object).fillna("").astype(str)
-        for row in columns.itertuples(index=False):
+    identity = ["path", "sha256", "label", "split"]
+    for batch in manifest.iter_batches(batch_size=ROWS_PER_TABLE, columns=identity):
+        rows = batch.to_pandas().astype(object).fillna("").astype(str)
+        for row in rows.itertuples(index=False):
             digest.update(("\t".join(row) + "\n").encode())
     return digest.hexdigest()
 
