@@ -11,7 +11,6 @@ freed pages back at once, and each stage hands back what glibc kept when it ends
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import sys
 
@@ -34,7 +33,6 @@ def release_freed() -> None:
     gc.collect()
     if "pyarrow" in sys.modules:
         sys.modules["pyarrow"].default_memory_pool().release_unused()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        if hasattr(libc, "malloc_trim"):  # glibc; other C libraries have no free lists to trim
-            libc.malloc_trim(0)
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; others keep no free lists
+    if trim is not None:
+        trim(0)
