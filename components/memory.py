@@ -28,8 +28,21 @@ def use_returning_allocator() -> None:
     pyarrow.set_memory_pool(pool)
 
 
+def keep_out_of_collections() -> None:
+    """Leave every object alive now (the imported libraries, most of them) out of later
+    garbage collections: `release_freed` then walks what the stages made, in milliseconds,
+    not the whole heap of torch, Prefect and MLflow (a third of a second each time)."""
+    global _frozen
+    if not _frozen:
+        gc.freeze()
+        _frozen = True
+
+
+_frozen = False
+
+
 def release_freed() -> None:
-    """Return the memory freed so far to the operating system."""
+    """Return the memory freed so far (cycles included) to the operating system."""
     gc.collect()
     if "pyarrow" in sys.modules:
         sys.modules["pyarrow"].default_memory_pool().release_unused()

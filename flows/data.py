@@ -15,14 +15,15 @@ def component_task(fn, name: str):
         fn,
         name=name,
         cache_policy=NO_CACHE,
-        on_running=[_use_returning_allocator],
+        on_running=[_before_stage],
         on_completion=[_release_freed_memory],
         on_failure=[_release_freed_memory],
     )
 
 
-def _use_returning_allocator(task, task_run, state) -> None:
+def _before_stage(task, task_run, state) -> None:
     memory.use_returning_allocator()
+    memory.keep_out_of_collections()
 
 
 def _release_freed_memory(task, task_run, state) -> None:
