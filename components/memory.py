@@ -11,8 +11,25 @@ freed pages back at once, and each stage hands back what glibc kept when it ends
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import sys
+
+
+def stage(fn):
+    """`fn` as one stage of a long process: Arrow on the returning allocator before it, and
+    what it freed given back after it."""
+
+    @functools.wraps(fn)
+    def run_as_stage(*args, **kwargs):
+        use_returning_allocator()
+        keep_out_of_collections()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            release_freed()
+
+    return run_as_stage
 
 
 def use_returning_allocator() -> None:

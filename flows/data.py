@@ -10,24 +10,8 @@ from components import config, datasets, memory, prepare, validate
 
 def component_task(fn, name: str):
     # Components read and write files; Prefect passes only configs and small results.
-    # Stages share the flow's process: each gives back the memory it freed when it ends.
-    return task(
-        fn,
-        name=name,
-        cache_policy=NO_CACHE,
-        on_running=[_before_stage],
-        on_completion=[_release_freed_memory],
-        on_failure=[_release_freed_memory],
-    )
-
-
-def _before_stage(task, task_run, state) -> None:
-    memory.use_returning_allocator()
-    memory.keep_out_of_collections()
-
-
-def _release_freed_memory(task, task_run, state) -> None:
-    memory.release_freed()
+    # The flow's stages share one process: each gives back the memory it freed.
+    return task(memory.stage(fn), name=name, cache_policy=NO_CACHE)
 
 
 data_task = component_task(datasets.run, "data")
