@@ -15,7 +15,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from components import credentials, datasets, versioning
+from components import credentials, datasets, processes, versioning
 from components.config import Config, UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -25,6 +25,8 @@ LOCAL_ARTIFACTS = Path("mlartifacts")
 # The experiment's kind: model training, not a GenAI app (traces). MLflow 3.17's UI still opens
 # in its GenAI mode unless told otherwise: runs_page() is the address that opens on the runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# seconds after boot its process started (components/processes.py): a reused PID is not it
+PID_STARTED_TAG = "lensflow.pid_started_after_boot"
 MODEL_TRAINING = "custom_model_development"
 
 # Set by `pipeline_run` for the steps it contains; module state (not thread-local) because
@@ -101,7 +103,7 @@ def process_tags() -> dict[str, str]:
     return {
         "lensflow.host": socket.gethostname(),
         "lensflow.pid": str(os.getpid()),
-        "lensflow.pid_started": f"{psutil.Process().create_time():.2f}",
+        PID_STARTED_TAG: f"{processes.started_after_boot(psutil.Process()):.2f}",
     }
 
 
@@ -120,7 +122,7 @@ def close_orphans(experiment_id: str) -> list[str]:
     )
     closed = []
     for run in running:
-        pid, started = run.data.tags["lensflow.pid"], run.data.tags.get("lensflow.pid_started")
+        pid, started = run.data.tags["lensflow.pid"], run.data.tags.get(PID_STARTED_TAG)
         if _alive(int(pid), started):
             continue
         client.set_tag(run.info.run_id, "error", f"its process (pid {pid} on {host}) was killed")
@@ -134,18 +136,14 @@ def process_alive(tags: dict[str, str]) -> bool | None:
     another host (which cannot be told from here)."""
     if tags.get("lensflow.host") != socket.gethostname() or "lensflow.pid" not in tags:
         return None
-    return _alive(int(tags["lensflow.pid"]), tags.get("lensflow.pid_started"))
+    return _alive(int(tags["lensflow.pid"]), tags.get(PID_STARTED_TAG))
 
 
 def _alive(pid: int, started: str | None) -> bool:
     import psutil
 
     try:
-        process = psutil.Process(pid)
-        same = started is None or f"{process.create_time():.2f}" == started  # pid not reused
-        return same and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+        return processes.find(pid, None if started is None else float(started)) is not None
     except psutil.AccessDenied:  # another user's process: alive
         return True
 

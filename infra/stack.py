@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from components import processes
 from components.config import UserError
 
 HOST = "127.0.0.1"
@@ -35,7 +36,7 @@ STOP_TIMEOUT_S = 10.0
 class Server:
     name: str
     pid: int
-    started: float  # the process's create_time: a reused PID is not our server
+    started: float  # seconds after boot (components/processes.py): a reused PID is not ours
     port: int
     log: str
 
@@ -46,12 +47,31 @@ class Server:
     def process(self) -> psutil.Process | None:
         """The running server process, or None when it is gone."""
         try:
-            process = psutil.Process(self.pid)
-            if abs(process.create_time() - self.started) > 1.0:
-                return None
-            return None if process.status() == psutil.STATUS_ZOMBIE else process
+            return processes.find(self.pid, self.started)
         except psutil.Error:
             return None
+
+    def orphans(self) -> list[psutil.Process]:
+        """Processes of the server's group (it leads its own session) that outlived it: the
+        `uvicorn` of an `mlflow server` killed with SIGKILL, say. None while a living process
+        holds its PID: the server itself (down stops its group), or a newer process, which the
+        OS gives that PID only once no group has it as its ID any more."""
+        try:
+            if processes.find(self.pid, None) is not None:
+                return []
+        except psutil.Error:
+            return []
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if (
+                    os.getpgid(process.pid) == self.pid
+                    and processes.started_after_boot(process) >= self.started
+                ):
+                    found.append(process)
+            except (OSError, psutil.Error):
+                continue
+        return found
 
     def healthy(self) -> bool:
         try:
@@ -113,6 +133,8 @@ def down() -> list[str]:
         if process is not None:
             _stop_tree(process)
             stopped.append(name)
+        for orphan in server.orphans():
+            _stop_tree(orphan)
     STATE_FILE.unlink(missing_ok=True)
     return stopped
 
@@ -205,7 +227,7 @@ def _start(name: str, port: int) -> Server:
             env=env,
             start_new_session=True,  # outlives this command; Ctrl-C in the shell spares it
         )
-    started = psutil.Process(process.pid).create_time()
+    started = processes.started_after_boot(psutil.Process(process.pid))
     return Server(name, process.pid, started, port, str(log))
 
 

@@ -5,17 +5,22 @@ after `down`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import mlflow
 import psutil
 import pytest
 
+from components import processes
+from infra import stack as lensflow_stack
 from tests.conftest import REPO, write_tiny_params
 
 LENSFLOW = [sys.executable, "-m", "flows.cli"]
@@ -29,13 +34,7 @@ def _lensflow(project, *args, env=None, timeout=600) -> subprocess.CompletedProc
 
 
 def _alive(pid: int, started: float) -> bool:
-    try:
-        process = psutil.Process(pid)
-        return (
-            abs(process.create_time() - started) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
-        )
-    except psutil.Error:
-        return False
+    return processes.find(pid, started) is not None
 
 
 def _post(url: str, body: dict) -> list[dict]:
@@ -56,7 +55,7 @@ def stack(tmp_path_factory):
         assert up.returncode == 0, up.stderr[-3000:]
         found["state"] = json.loads((project / ".lensflow/stack.json").read_text())
         found["processes"] = {
-            (p.pid, p.create_time())
+            (p.pid, processes.started_after_boot(p))
             for server in found["state"].values()
             for p in [psutil.Process(server["pid"])]
             + psutil.Process(server["pid"]).children(recursive=True)
@@ -157,6 +156,40 @@ def test_a_server_that_does_not_come_up_in_time_is_one_line_with_its_log_and_exi
     assert left == []  # what was started is stopped again
 
 
+SERVER_WITH_A_WORKER = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+time.sleep(600)
+"""
+
+
+def test_down_stops_the_workers_a_server_killed_outright_left_behind(tmp_path, monkeypatch):
+    # as `mlflow server` does: the server starts its worker (uvicorn) and waits for it
+    leader = subprocess.Popen([sys.executable, "-c", SERVER_WITH_A_WORKER], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not psutil.Process(leader.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [worker] = psutil.Process(leader.pid).children()
+        worker_started = processes.started_after_boot(worker)
+        started = processes.started_after_boot(psutil.Process(leader.pid))
+        monkeypatch.chdir(tmp_path)
+        server = lensflow_stack.Server("mlflow", leader.pid, started, 1, "log")
+        lensflow_stack._write_state({"mlflow": server})
+        leader.kill()
+        leader.wait()
+        assert _alive(worker.pid, worker_started)
+
+        assert lensflow_stack.down() == []  # the server itself was gone
+        assert not _alive(worker.pid, worker_started)
+        assert not (tmp_path / ".lensflow/stack.json").exists()
+    finally:
+        leader.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)  # whatever is left of its group
+        leader.wait()
+
+
 def _cwd(process: psutil.Process) -> str | None:
     try:
         return None if process.status() == psutil.STATUS_ZOMBIE else process.cwd()
@@ -166,14 +199,14 @@ def _cwd(process: psutil.Process) -> str | None:
 
 def test_down_stops_every_process_and_removes_the_state(stack):
     # the last test of the module (the fixture's teardown runs `down` again, a no-op then)
-    processes = stack["processes"] | {
-        (child.pid, child.create_time())
+    started = stack["processes"] | {
+        (child.pid, processes.started_after_boot(child))
         for server in stack["state"].values()
         for child in psutil.Process(server["pid"]).children(recursive=True)
     }
     result = _lensflow(stack["project"], "stack", "down", timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "stopped: mlflow, prefect"
-    assert [pid for pid, started in processes if _alive(pid, started)] == []
+    assert [pid for pid, after_boot in started if _alive(pid, after_boot)] == []
     assert not (stack["project"] / ".lensflow/stack.json").exists()
     status = _lensflow(stack["project"], "stack", "status")
     assert status.returncode == 1 and status.stdout.startswith("not running")
