@@ -231,20 +231,8 @@ def _open_record(cfg: Config, decision: Decision) -> str:
 
 
 def _experiment_id(cfg: Config) -> str:
-    import mlflow
-
     name = f"{cfg.tracking.experiment}{EXPERIMENT_SUFFIX}"
-    mlflow_client = client()
-    experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if tracking.tracking_uri().startswith("sqlite:"):
-        location = (tracking.LOCAL_ARTIFACTS.resolve() / "promotions").as_uri()
-    try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # made meanwhile by another process
-        return mlflow_client.get_experiment_by_name(name).experiment_id
+    return tracking.experiment_named(name, tracking.LOCAL_ARTIFACTS / "promotions").experiment_id
 
 
 def _records(cfg: Config, condition: str = "", max_results: int = 1000):

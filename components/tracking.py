@@ -60,16 +60,9 @@ def setup(cfg: Config) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is None:
-        location = None
-        if tracking_uri().startswith("sqlite:"):
-            location = LOCAL_ARTIFACTS.resolve().as_uri()
-        return mlflow.create_experiment(
-            cfg.tracking.experiment,
-            artifact_location=location,
-            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
-        )
+    experiment = experiment_named(
+        cfg.tracking.experiment, LOCAL_ARTIFACTS, {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+    )
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:  # made before the tag
         mlflow.MlflowClient().set_experiment_tag(
             experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING
@@ -78,6 +71,27 @@ def setup(cfg: Config) -> str:
         _swept.add((tracking_uri(), experiment.experiment_id))
         close_orphans(experiment.experiment_id)
     return experiment.experiment_id
+
+
+def experiment_named(name: str, local_artifacts: Path, tags: dict[str, str] | None = None):
+    """The MLflow experiment `name`, created when missing (its artifacts in `local_artifacts`
+    when the store is a local sqlite file). When another process creates it at the same moment
+    (two commands started together), theirs."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = None
+        if tracking_uri().startswith("sqlite:"):
+            location = local_artifacts.resolve().as_uri()
+        try:
+            client.create_experiment(name, artifact_location=location, tags=tags)
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        experiment = client.get_experiment_by_name(name)
+    return experiment
 
 
 def runs_page(experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:

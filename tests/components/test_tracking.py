@@ -38,3 +38,24 @@ def test_a_run_left_running_by_a_killed_process_ends_killed_at_the_next_run(proj
         assert current.data.tags["lensflow.pid"] == str(os.getpid())
     assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"  # cannot tell: left be
     assert client.get_run(current.info.run_id).info.status == "FINISHED"
+
+
+def test_an_experiment_another_process_creates_meanwhile_is_taken_not_an_error(
+    project, monkeypatch
+):
+    # two commands started together: both look, find no experiment, both create it
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    made_by_the_other = client.create_experiment("together")
+    real_lookup = mlflow.MlflowClient.get_experiment_by_name
+    lookups = []
+
+    def looked_before_the_other_created_it(self, name):
+        lookups.append(name)
+        return None if len(lookups) == 1 else real_lookup(self, name)
+
+    monkeypatch.setattr(
+        mlflow.MlflowClient, "get_experiment_by_name", looked_before_the_other_created_it
+    )
+    cfg = config.from_dict({"tracking": {"experiment": "together"}})
+    assert tracking.setup(cfg) == made_by_the_other
+    assert lookups == ["together", "together"]

@@ -54,6 +54,14 @@ def _has_heartbeat(database: str, number: int) -> bool:
         return cursor.fetchone()[0] == 1
 
 
+def _spawned(process: psutil.Process) -> bool:
+    """A multiprocessing worker, alive (one that just exited has no command line)."""
+    try:
+        return "multiprocessing.spawn" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+
+
 def _kill_a_worker_in_its_last_trial(workers: subprocess.Popen, database, tracking) -> int:
     """SIGKILL a worker of `workers` while it runs its second (last) trial, once that trial
     has a heartbeat; returns the trial's number."""
@@ -61,9 +69,7 @@ def _kill_a_worker_in_its_last_trial(workers: subprocess.Popen, database, tracki
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and workers.poll() is None:
         pids = {
-            str(child.pid)
-            for child in psutil.Process(workers.pid).children()
-            if "multiprocessing.spawn" in " ".join(child.cmdline())
+            str(child.pid) for child in psutil.Process(workers.pid).children() if _spawned(child)
         }
         experiment = client.get_experiment_by_name(EXPERIMENT)
         runs = _trial_runs(client, experiment.experiment_id) if experiment else []
