@@ -144,9 +144,13 @@ def read_state() -> dict[str, Server]:
         return {}
     try:
         recorded = json.loads(STATE_FILE.read_text())
-        return {name: Server(**fields) for name, fields in recorded.items()}
+        servers = {name: Server(**fields) for name, fields in recorded.items()}
     except (ValueError, TypeError) as exc:
         raise UserError(f"{STATE_FILE}: not a stack state file ({exc}); delete it") from exc
+    for server in servers.values():
+        if server.started > psutil.boot_time():  # a stack started by an older lensflow: epoch
+            server.started = round(server.started - psutil.boot_time(), 2)
+    return servers
 
 
 def _write_state(servers: dict[str, Server]) -> None:

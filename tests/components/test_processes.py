@@ -8,6 +8,7 @@ import psutil
 import pytest
 
 from components import processes, tracking
+from infra import stack
 from infra.stack import Server
 
 CLOCK_STEP_S = 7.0
@@ -54,3 +55,11 @@ def test_a_reused_pid_is_not_the_process_that_had_it(sleeper):
     sleeper.kill()
     sleeper.wait()
     assert processes.find(sleeper.pid, started) is None
+
+
+def test_a_stack_started_by_an_older_lensflow_is_still_found(sleeper, tmp_path, monkeypatch):
+    # its state file recorded the start as a wall-clock time
+    monkeypatch.chdir(tmp_path)
+    epoch_start = psutil.Process(sleeper.pid).create_time()
+    stack._write_state({"mlflow": Server("mlflow", sleeper.pid, epoch_start, 5000, "log")})
+    assert stack.read_state()["mlflow"].process().pid == sleeper.pid
