@@ -147,9 +147,10 @@ def read_state() -> dict[str, Server]:
         servers = {name: Server(**fields) for name, fields in recorded.items()}
     except (ValueError, TypeError) as exc:
         raise UserError(f"{STATE_FILE}: not a stack state file ({exc}); delete it") from exc
+    boot = psutil.boot_time()
     for server in servers.values():
-        if server.started > psutil.boot_time():  # a stack started by an older lensflow: epoch
-            server.started = round(server.started - psutil.boot_time(), 2)
+        if server.started > boot:  # a stack started by an older lensflow: a wall-clock time
+            server.started = round(server.started - boot, 2)
     return servers
 
 
