@@ -42,8 +42,8 @@ test: setup
 	python -m pytest -q
 
 lint: setup
-	ruff check components flows infra serving tests bench
-	ruff format --check components flows infra serving tests bench
+	ruff check cli components flows infra serving tests bench
+	ruff format --check cli components flows infra serving tests bench
 
 bench: setup
 	@for script in bench/*.py; do python $$script || exit 1; done

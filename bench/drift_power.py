@@ -31,10 +31,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components import config, datasets, drift, export, prepare, train, validate  # noqa: E402
-from components import profile as reference_profile  # noqa: E402
-from components.backends import ort_session  # noqa: E402
-from components.robustness import _blur  # noqa: E402
+from components.core import config  # noqa: E402
+from components.data import datasets, prepare, validate  # noqa: E402
+from components.drift import drift  # noqa: E402
+from components.drift import profile as reference_profile  # noqa: E402
+from components.release import export  # noqa: E402
+from components.scoring.backends import ort_session  # noqa: E402
+from components.scoring.robustness import _blur  # noqa: E402
+from components.training import train  # noqa: E402
 
 BATCH_SIZES = (50, 200)
 SEVERITIES = (1, 3)
@@ -128,7 +132,7 @@ def _decode(raw: np.ndarray, size: int) -> np.ndarray:
     """As the monitor reads a PNG of these pixels: resized with prepare's own resize."""
     import torch
 
-    from components.preprocess import resize_uint8
+    from components.data.preprocess import resize_uint8
 
     return resize_uint8(torch.from_numpy(raw), size).numpy()
 
@@ -206,7 +210,7 @@ def _one_pass(cfg, rng, project: Path) -> dict:
         Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{i:04d}.png")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(project / ".prefect")}
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    command = [sys.executable, "-m", "flows.cli", "monitor", "--data", str(folder)]
+    command = [sys.executable, "-m", "cli.main", "monitor", "--data", str(folder)]
     command += ["--model", "models/model.onnx"]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)

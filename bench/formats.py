@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import sys
 
-from components import backends, config, models, paths, speed, tensorrt, tracking
-from components.metrics import score
-from components.prepared import load_split
+from components.core import config, paths, tracking
+from components.data.prepared import load_split
+from components.release import tensorrt
+from components.scoring import backends, speed
+from components.scoring.metrics import score
+from components.training import models
 
 
 def main() -> int:

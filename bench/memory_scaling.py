@@ -70,7 +70,7 @@ def measure_size(n_images: int, epochs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="lensflow-bench-") as tmp:
         project = Path(tmp)
         env = _project(project)
-        lensflow = [sys.executable, "-m", "flows.cli"]
+        lensflow = [sys.executable, "-m", "cli.main"]
         per_class = f"data.shapes_per_class={n_images // CLASSES}"
         sets = ["--set", per_class, "--set", "data.source=shapes", "--set", "prepare.channels=3"]
         subprocess.run(

@@ -111,7 +111,8 @@ def measure(root: Path) -> dict:
     import great_expectations  # noqa: F401  (a fixed import cost, kept off the clock)
     import pandas as pd
 
-    from components import config, paths, prepare, validate
+    from components.core import config, paths
+    from components.data import prepare, validate
 
     cfg = config.from_dict({"data": {"source": str(root)}, "prepare": {"channels": 3}})
     with tempfile.TemporaryDirectory(prefix="lensflow-bench-project-") as project:

@@ -151,7 +151,7 @@ def _bodies(root: Path, env: dict) -> dict:
 
 def _start(root: Path, env: dict, name: str, port: int, poll: float = 10.0) -> subprocess.Popen:
     if name == "lensflow":
-        command = [sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+        command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port),
                    "--poll-seconds", str(poll)]  # fmt: skip
     elif name == "mlflow":
         command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",

@@ -22,8 +22,10 @@ import mlflow
 import torch
 from torch import nn
 
-from components import config, datasets, loop, models, prepare, prepared
-from components.augment import BatchAugment
+from components.core import config
+from components.data import datasets, prepare, prepared
+from components.training import loop, models
+from components.training.augment import BatchAugment
 
 EPOCHS = 10
 TARGET = 0.985

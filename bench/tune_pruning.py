@@ -19,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from components import config, datasets, prepare, tune, validate
+from components.core import config
+from components.data import datasets, prepare, validate
+from components.experiments import tune
 
 REPO = Path(__file__).resolve().parents[1]
 

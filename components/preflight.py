@@ -14,8 +14,11 @@ import warnings
 from pathlib import Path
 from typing import get_args
 
-from components import archs, datasets, paths, tracking
-from components.config import WEIGHTS_ARCH, Config, Model, TorchvisionArch, UserError
+from components.core import paths, tracking
+from components.core.config import Config
+from components.core.errors import UserError
+from components.core.params_pipeline import WEIGHTS_ARCH, Model, TorchvisionArch
+from components.training import archs
 
 FOLDER_LAYOUT = "expected <root>/<class>/<image>"
 
@@ -34,9 +37,9 @@ def check(cfg: Config, *, data: bool = True, model: bool = True, resume: bool = 
 def check_data(cfg: Config) -> None:
     """data.source is a built-in dataset (written by the data step) or a folder holding at
     least two class folders."""
-    if cfg.data.source in datasets.BUILTIN:
+    if cfg.data.source in paths.BUILTIN:
         return
-    root = datasets.source_dir(cfg)
+    root = paths.source_dir(cfg)
     where = f"data.source {cfg.data.source}"
     if not root.exists():
         raise UserError(f"{where}: folder not found ({FOLDER_LAYOUT})")
@@ -103,7 +106,7 @@ def _as_trained(cfg: Config) -> Config:
     (a UserError when there are none), unless this run makes the study first."""
     if not cfg.train.use_tuned or cfg.tune.enabled:
         return cfg
-    from components import tuned
+    from components.training import tuned
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # train warns about a study of other params

@@ -8,7 +8,7 @@ from prefect import flow, task
 
 @task(name="batch-predict")
 def batch_predict(params_path: str, inputs: list[str], model_uri: str | None, out: str) -> dict:
-    from components import config
+    from components.core import config
     from serving import batch
 
     result = batch.run(config.load(params_path), inputs, model_uri, out)

@@ -1,12 +1,13 @@
 """The compare flow (`lensflow compare`): scratch against transfer learning on the same data.
 The data steps, then every arm on every fraction as a task, then the report, all under one
-MLflow parent run `compare`. Wiring only; the arms' logic is components/compare.py."""
+MLflow parent run `compare`. Wiring only; the arms' logic is components/experiments/compare.py."""
 
 from __future__ import annotations
 
 from prefect import flow, runtime
 
-from components import compare, config, tracking
+from components.core import config, tracking
+from components.experiments import compare
 from flows.data import component_task, validated_data
 
 arm_task = component_task(compare.run, "compare-arm")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from components import config, datasets, memory, prepare, validate
+from components.core import config, memory
+from components.data import datasets, prepare, validate
 
 
 def component_task(fn, name: str):

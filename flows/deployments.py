@@ -22,8 +22,8 @@ import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components import config
-from components.config import UserError
+from components.core import config
+from components.core.errors import UserError
 
 LIVE_POLL_SECONDS = 60  # Prefect's own threshold: a deployment not polled for this is NOT_READY
 
@@ -84,16 +84,16 @@ def definitions(cfg: config.Config, params_path: str) -> list[Definition]:
     ]
 
 
-def load(params_path: str, overrides: list[str], project: Path) -> list[Definition]:
-    """The definitions of `params_path` (+ `--set` overrides of schedule keys), checked: each
-    deployment's own overrides apply to the params, and its flow file is in `project`."""
+def load(cfg: config.Config, params_path: str, overrides: list[str], project: Path) -> list[Definition]:
+    """The definitions of `cfg`, loaded from `params_path` with `overrides` (`--set` of schedule
+    keys only), checked: each deployment's own overrides apply to the params, and its flow file
+    is in `project`."""
     for item in overrides:
         if not item.startswith("schedule."):
             raise UserError(
                 f"--set {item!r}: only schedule.* keys here; what the runs train with comes from "
                 f"{params_path} (each run reads it) and schedule.<deployment>.overrides"
             )
-    cfg = config.load(params_path, overrides)
     found = definitions(cfg, params_path)
     for definition in found:
         key = f"schedule.{definition.name.replace('-', '_')}"

@@ -1,12 +1,14 @@
 """The continuous-validation flow: one monitoring pass, its markdown artifact, and per
-monitor.on_alert a run of the training deployment. Wiring only (components/monitor.py)."""
+monitor.on_alert a run of the training deployment. Wiring only
+(components/monitoring/monitor.py)."""
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from components import config, monitor
+from components.core import config
+from components.monitoring import monitor
 from flows.data import component_task
 
 # The deployment `lensflow schedule` (flows/deployments.py) serves for the training flow.

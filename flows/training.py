@@ -4,18 +4,11 @@ from __future__ import annotations
 
 from prefect import flow, runtime
 
-from components import (
-    config,
-    evaluate,
-    export,
-    promote,
-    quantize,
-    registry,
-    tracking,
-    train,
-    tune,
-    versioning,
-)
+from components.core import config, tracking, versioning
+from components.evaluation import evaluate
+from components.experiments import tune
+from components.release import export, promote, quantize, registry
+from components.training import train
 from flows.data import component_task, validated_data
 
 tune_task = component_task(tune.run, "tune")  # a study only when tune.enabled

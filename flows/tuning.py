@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from components import config, tune
+from components.core import config
+from components.experiments import tune
 from flows.data import validated_data
 from flows.training import tune_task
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import psutil
 
-from components import processes
-from components.config import UserError
+from components.core import processes
+from components.core.errors import UserError
 
 HOST = "127.0.0.1"
 STATE_DIR = Path(".lensflow")
@@ -36,7 +36,7 @@ STOP_TIMEOUT_S = 10.0
 class Server:
     name: str
     pid: int
-    started: float  # seconds after boot (components/processes.py): a reused PID is not ours
+    started: float  # seconds after boot (components/core/processes.py): a reused PID is not ours
     port: int
     log: str
 

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from components.config import Serve
+from components.core.params_operations import Serve
 from serving import images
 from serving.batching import MicroBatcher
 from serving.images import BadRequest

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from components import paths as project_paths
-from components.config import Config, UserError
+from components.core import paths as project_paths
+from components.core.config import Config
+from components.core.errors import UserError
 from serving import images
 from serving.model import Refused, alias_version, load, parse
 
@@ -89,7 +90,7 @@ def _files(inputs: list[str]) -> list[str]:
 def _model(cfg: Config, model_uri: str | None):
     import mlflow
 
-    from components import tracking
+    from components.core import tracking
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(tracking.tracking_uri())

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from components import imagefacts
+from components.data import imagefacts
 
 SUPPORTED = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 

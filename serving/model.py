@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from components import paths
-from components.config import Serve, UserError
+from components.core import paths
+from components.core.errors import UserError
+from components.core.params_operations import Serve
 
 LINEAGE_TAGS = ("git.commit", "git.dirty", "data.md5", "params.hash", "prefect.flow_run_id")
 

@@ -14,7 +14,8 @@ import socket
 import sys
 import threading
 
-from components.config import Config, UserError
+from components.core.config import Config
+from components.core.errors import UserError
 from serving.app import Service, build
 from serving.model import Refused, Source, alias_version, load, parse
 
@@ -65,7 +66,7 @@ def run(cfg: Config, model_uri: str | None) -> int:
     import mlflow
     import uvicorn
 
-    from components import tracking
+    from components.core import tracking
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     settings = cfg.serve

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from components import config
+from components.core import config
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")

@@ -6,7 +6,11 @@ import shutil
 
 import pytest
 
-from components import config, datasets, evaluate, export, prepare, train, validate
+from components.core import config
+from components.data import datasets, prepare, validate
+from components.evaluation import evaluate
+from components.release import export
+from components.training import train
 from tests.conftest import tiny_project
 
 

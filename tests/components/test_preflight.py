@@ -2,8 +2,9 @@
 
 import pytest
 
-from components import config, preflight
-from components.config import UserError
+from components import preflight
+from components.core import config
+from components.core.errors import UserError
 
 
 def _cfg(source, **model):

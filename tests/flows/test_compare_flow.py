@@ -7,8 +7,12 @@ import mlflow
 import pytest
 import torch
 
-from components import backends, compare, config, models, paths, prepared
-from components.metrics import score
+from components.core import config, paths
+from components.data import prepared
+from components.experiments import compare
+from components.scoring import backends
+from components.scoring.metrics import score
+from components.training import models
 from flows import cli
 from flows.compare import compare_flow
 from tests.conftest import tiny_project, write_tiny_params

@@ -22,7 +22,7 @@ import mlflow
 import yaml
 from prefect.context import TaskRunContext
 
-from components import paths
+from components.core import paths
 from flows.training import training_flow
 from tests.conftest import REPO, write_tiny_params
 

@@ -15,20 +15,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from components import (
-    config,
-    datasets,
-    evaluate,
-    export,
-    monitor,
-    paths,
-    prepare,
-    promote,
-    registry,
-    train,
-    validate,
-)
-from components import profile as reference_profile
+from components.core import config, paths
+from components.data import datasets, prepare, validate
+from components.drift import profile as reference_profile
+from components.evaluation import evaluate
+from components.monitoring import monitor
+from components.release import export, promote, registry
+from components.training import train
 from flows import cli
 from flows.monitoring import TRAINING_DEPLOYMENT
 from tests.conftest import tiny_project
@@ -56,7 +49,7 @@ def champion(tmp_path_factory):
 def write_batch(root, corruption=None, severity=0.0, labelled=True, seed=7, rotate=0):
     """PER_CLASS fresh shapes per class, corrupted as a camera would; `rotate` files every
     image under another class's folder (wrong labels)."""
-    from components import robustness
+    from components.scoring import robustness
 
     rng = np.random.default_rng(seed)
     names = datasets.SHAPE_CLASSES

@@ -11,20 +11,12 @@ import pytest
 import torch
 import yaml
 
-from components import (
-    config,
-    datasets,
-    export,
-    models,
-    paths,
-    preflight,
-    prepare,
-    promote,
-    registry,
-    train,
-    validate,
-)
-from components.config import UserError
+from components import preflight
+from components.core import config, paths
+from components.core.errors import UserError
+from components.data import datasets, prepare, validate
+from components.release import export, promote, registry
+from components.training import models, train
 from flows import cli
 from tests.conftest import TINY, write_photographs
 

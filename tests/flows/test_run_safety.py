@@ -82,7 +82,7 @@ def runs(tmp_path_factory):
         "DVC_SITE_CACHE_DIR": str(project / ".dvc-site-cache"),
     }
     env.pop("MLFLOW_TRACKING_USERNAME", None), env.pop("MLFLOW_TRACKING_PASSWORD", None)
-    lensflow = [sys.executable, "-m", "flows.cli", "run"]
+    lensflow = [sys.executable, "-m", "cli.main", "run"]
     found = {"project": project, "tracking": f"http://127.0.0.1:{port}", "printed": []}
     try:
         _wait_until(lambda: _healthy(found["tracking"]), 180, "the MLflow server")

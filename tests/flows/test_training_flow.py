@@ -6,9 +6,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from components import backends, paths, prepared, promotion_log, registry, tracking
-from components.config import GateFailed
-from components.metrics import score
+from components.core import paths, tracking
+from components.core.errors import GateFailed
+from components.data import prepared
+from components.release import promotion_log, registry
+from components.scoring import backends
+from components.scoring.metrics import score
 from flows.training import training_flow
 
 
@@ -91,7 +94,7 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
 
 
 def test_flow_stops_before_training_on_data_that_fails_validation(tiny_cfg, project):
-    from components import datasets
+    from components.data import datasets
 
     datasets.run(tiny_cfg)
     broken = project / "data/raw/shapes/checker_2/truncated.png"

@@ -4,7 +4,7 @@ import json
 
 import mlflow
 
-from components import paths
+from components.core import paths
 from flows import cli
 from flows.training import training_flow
 

@@ -47,7 +47,7 @@ def _env(server, project: Path, **extra: str) -> dict[str, str]:
 
 def _lensflow(args: list[str], server, project: Path, timeout: float = 120):
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=project,
         env=_env(server, project),
         capture_output=True,
@@ -92,7 +92,7 @@ def _expected_deployments() -> set[str]:
 
 
 def test_definitions_take_their_schedules_from_params():
-    from components import config
+    from components.core import config
     from flows import deployments
 
     cfg = config.from_dict(
@@ -148,7 +148,7 @@ def test_bad_schedule_input_is_one_line_exit_2(project, capsys, command, problem
 
 def test_schedule_serves_the_deployments_that_prefect_lists(prefect_server, deploy_project, capsys):
     serving = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "schedule"],
+        [sys.executable, "-m", "cli.main", "schedule"],
         cwd=deploy_project,
         env=_env(prefect_server, deploy_project),
         stdout=subprocess.PIPE,

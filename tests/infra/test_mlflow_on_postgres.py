@@ -14,14 +14,14 @@ import psycopg2
 import pytest
 import yaml
 
-from components import config
+from components.core import config
 
 MODEL = "lensflow-classifier"
 
 
 def _lensflow(project, env, *args) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=project,
         env=env,
         capture_output=True,

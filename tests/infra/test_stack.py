@@ -19,11 +19,11 @@ import mlflow
 import psutil
 import pytest
 
-from components import processes
+from components.core import processes
 from infra import stack as lensflow_stack
 from tests.conftest import REPO, write_tiny_params
 
-LENSFLOW = [sys.executable, "-m", "flows.cli"]
+LENSFLOW = [sys.executable, "-m", "cli.main"]
 
 
 def _lensflow(project, *args, env=None, timeout=600) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ import psutil
 import psycopg2
 import pytest
 
-from components import tune_storage
+from components.experiments import tune_storage
 from tests.conftest import write_tiny_params
 
 EXPERIMENT = "tune-on-postgres"
@@ -95,7 +95,7 @@ def shared_study(postgres, mlflow_on_postgres, prefect_server, tmp_path_factory)
     for name, trials, workers in (("workers", WORKERS_TRIALS, 2), ("other", OTHER_TRIALS, 1)):
         projects[name] = project = tmp_path_factory.mktemp(f"tune-{name}")
         write_tiny_params(project)
-        command = [sys.executable, "-m", "flows.cli", "tune", "--trials", str(trials)]
+        command = [sys.executable, "-m", "cli.main", "tune", "--trials", str(trials)]
         commands[name] = subprocess.Popen(
             [*command, "--workers", str(workers), *_sets(STUDY)],
             cwd=project,

@@ -19,17 +19,11 @@ import onnx
 import pytest
 import torch
 
-from components import (
-    config,
-    datasets,
-    evaluate,
-    export,
-    paths,
-    prepare,
-    registry,
-    train,
-    validate,
-)
+from components.core import config, paths
+from components.data import datasets, prepare, validate
+from components.evaluation import evaluate
+from components.release import export, registry
+from components.training import train
 from tests.conftest import REPO, tiny_project
 
 
@@ -81,7 +75,7 @@ def start_server(root: Path, port: int, *settings: str) -> subprocess.Popen:
         "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
     }
     overrides = [arg for setting in settings for arg in ("--set", setting)]
-    command = [sys.executable, "-m", "flows.cli", "serve", "--port", str(port), *overrides]
+    command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), *overrides]
     process = subprocess.Popen(
         command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

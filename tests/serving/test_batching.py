@@ -7,7 +7,7 @@ import asyncio
 
 import numpy as np
 
-from components import paths
+from components.core import paths
 from serving.batching import MicroBatcher
 from serving.model import ServedModel, session
 

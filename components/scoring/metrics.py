@@ -1,0 +1,92 @@
+"""metrics: what the pipeline measures of a backend on a labelled set, the same for every
+format: accuracy, top-k, precision/recall/F1 (macro, weighted, per class), the confusion
+matrix and calibration (ECE with the bins of a reliability diagram)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from components.scoring.backends import Predictor
+
+CALIBRATION_BINS = 15
+
+
+def score(predict: Predictor, images: np.ndarray, labels: np.ndarray, classes: list[str]):
+    """Metrics of one backend on one labelled set; returns (metrics, probabilities [N, K])."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    probabilities = predict(images)
+    predicted = probabilities.argmax(axis=1)
+    indices = list(range(len(classes)))
+    per_class = precision_recall_fscore_support(labels, predicted, labels=indices, zero_division=0)
+    matrix = confusion_matrix(labels, predicted, labels=indices)
+    k = min(5, max(1, len(classes) - 1))
+    top_k = np.argsort(-probabilities, axis=1)[:, :k]
+    ece, bins = calibration(probabilities, labels)
+    metrics = {
+        "accuracy": float((predicted == labels).mean()),
+        "top_k": k,
+        "top_k_accuracy": float((top_k == labels[:, None]).any(axis=1).mean()),
+        "n_images": int(len(labels)),
+        "ece": ece,
+        "calibration_bins": bins,
+    }
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(
+            labels, predicted, labels=indices, average=average, zero_division=0
+        )
+        metrics.update(
+            {
+                f"{average}_precision": float(p),
+                f"{average}_recall": float(r),
+                f"{average}_f1": float(f),
+            }
+        )
+    metrics["per_class"] = {
+        name: {
+            "precision": float(per_class[0][i]),
+            "recall": float(per_class[1][i]),
+            "f1": float(per_class[2][i]),
+            "support": int(per_class[3][i]),
+        }
+        for i, name in enumerate(classes)
+    }
+    metrics["confusion_matrix"] = matrix.tolist()
+    row_sums = matrix.sum(axis=1, keepdims=True).clip(min=1)
+    metrics["confusion_matrix_normalized"] = np.round(matrix / row_sums, 4).tolist()
+    return metrics, probabilities
+
+
+def calibration(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = CALIBRATION_BINS):
+    """Expected calibration error and the per-bin data of a reliability diagram."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, n_bins + 1)
+    bins, ece = [], 0.0
+    for lower, upper in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > lower) & (confidence <= upper)
+        count = int(inside.sum())
+        accuracy = float(correct[inside].mean()) if count else 0.0
+        mean_confidence = float(confidence[inside].mean()) if count else 0.0
+        ece += count / max(1, len(labels)) * abs(accuracy - mean_confidence)
+        bins.append(
+            {
+                "lower": float(lower),
+                "upper": float(upper),
+                "count": count,
+                "accuracy": accuracy,
+                "confidence": mean_confidence,
+            }
+        )
+    return float(ece), bins
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar test: b, c = test images only one of the two models gets right."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
+    return float(f"{min(1.0, 2 * tail):.3g}")

@@ -1,0 +1,61 @@
+"""MLflow runs end even when their process cannot end them: a run left RUNNING by a process
+killed with SIGKILL is ended KILLED by the next run on the same host."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import mlflow
+
+from components.core import config, tracking
+from tests.conftest import REPO
+
+KILLED_IN_A_STEP = """
+import os, signal
+from components import config, tracking
+with tracking.step_run(config.from_dict({}), "train"):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_run_left_running_by_a_killed_process_ends_killed_at_the_next_run(project):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_IN_A_STEP], cwd=project, env=env)
+    assert killed.wait(timeout=120) == -signal.SIGKILL
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    experiment = client.get_experiment_by_name("lensflow").experiment_id
+    [orphan] = client.search_runs([experiment])
+    assert orphan.info.status == "RUNNING" and orphan.data.tags["lensflow.pid"] == str(killed.pid)
+    elsewhere = client.create_run(
+        experiment, tags={**orphan.data.tags, "lensflow.host": "another-host"}
+    )
+
+    with tracking.step_run(config.from_dict({}), "validate") as current:
+        assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+        assert "was killed" in client.get_run(orphan.info.run_id).data.tags["error"]
+        assert client.get_run(current.info.run_id).info.status == "RUNNING"  # alive: left be
+        assert current.data.tags["lensflow.pid"] == str(os.getpid())
+    assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"  # cannot tell: left be
+    assert client.get_run(current.info.run_id).info.status == "FINISHED"
+
+
+def test_an_experiment_another_process_creates_meanwhile_is_taken_not_an_error(
+    project, monkeypatch
+):
+    # two commands started together: both look, find no experiment, both create it
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    made_by_the_other = client.create_experiment("together")
+    real_lookup = mlflow.MlflowClient.get_experiment_by_name
+    lookups = []
+
+    def looked_before_the_other_created_it(self, name):
+        lookups.append(name)
+        return None if len(lookups) == 1 else real_lookup(self, name)
+
+    monkeypatch.setattr(
+        mlflow.MlflowClient, "get_experiment_by_name", looked_before_the_other_created_it
+    )
+    cfg = config.from_dict({"tracking": {"experiment": "together"}})
+    assert tracking.setup(cfg) == made_by_the_other
+    assert lookups == ["together", "together"]
