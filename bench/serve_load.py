@@ -107,8 +107,12 @@ def _project(root: Path) -> dict:
     shutil.copy(REPO / "params.yaml", root)
     script = (
         "import mlflow, torch\n"
-        "from components import config, datasets, prepare, validate, train, evaluate, export, "
-        "registry, paths\ncfg = config.load('params.yaml')\n"
+        "from components.core import config, paths\n"
+        "from components.data import datasets, prepare, validate\n"
+        "from components.evaluation import evaluate\n"
+        "from components.release import export, registry\n"
+        "from components.training import train\n"
+        "cfg = config.load('params.yaml')\n"
         "for step in (datasets, prepare, validate, train, evaluate, export, registry):\n"
         "    step.run(cfg)\n"
         # register reuses the version of a checkpoint it has seen: new bytes, the same model

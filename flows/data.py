@@ -6,6 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from components.core import config, memory
+from components.core.errors import GateFailed
 from components.data import datasets, prepare, validate
 
 
@@ -27,4 +28,4 @@ def validated_data(cfg: config.Config) -> None:
     validation = validate_task(cfg)
     print(validate.summary(validation))
     if not validation.success:
-        raise config.GateFailed(f"the data failed validation; see {validation.report}")
+        raise GateFailed(f"the data failed validation; see {validation.report}")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from components.core import config
 from components.core.errors import UserError
+from components.core.params_operations import DeploymentSchedule
 
 LIVE_POLL_SECONDS = 60  # Prefect's own threshold: a deployment not polled for this is NOT_READY
 
@@ -36,7 +37,7 @@ class Definition:
     flow_name: str  # the @flow's name; Prefect names the deployment "<flow_name>/<name>"
     name: str
     entrypoint: str
-    schedule: config.DeploymentSchedule
+    schedule: DeploymentSchedule
     parameters: dict = field(default_factory=dict)
     description: str = ""
 
@@ -84,7 +85,9 @@ def definitions(cfg: config.Config, params_path: str) -> list[Definition]:
     ]
 
 
-def load(cfg: config.Config, params_path: str, overrides: list[str], project: Path) -> list[Definition]:
+def load(
+    cfg: config.Config, params_path: str, overrides: list[str], project: Path
+) -> list[Definition]:
     """The definitions of `cfg`, loaded from `params_path` with `overrides` (`--set` of schedule
     keys only), checked: each deployment's own overrides apply to the params, and its flow file
     is in `project`."""
@@ -110,7 +113,7 @@ def load(cfg: config.Config, params_path: str, overrides: list[str], project: Pa
     return found
 
 
-def _check_schedule(schedule: config.DeploymentSchedule, params_path: str, key: str) -> None:
+def _check_schedule(schedule: DeploymentSchedule, params_path: str, key: str) -> None:
     """Prefect's own check of the cron expression, as a UserError naming the key."""
     from pydantic import ValidationError
 
@@ -122,7 +125,7 @@ def _check_schedule(schedule: config.DeploymentSchedule, params_path: str, key: 
         raise UserError(f"{params_path}: '{key}.{field}': {message}") from None
 
 
-def _schedules(schedule: config.DeploymentSchedule) -> list:
+def _schedules(schedule: DeploymentSchedule) -> list:
     from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 
     if schedule.cron is not None:

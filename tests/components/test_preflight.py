@@ -5,6 +5,7 @@ import pytest
 from components import preflight
 from components.core import config
 from components.core.errors import UserError
+from components.core.params_pipeline import Model
 
 
 def _cfg(source, **model):
@@ -56,7 +57,7 @@ def test_models_that_cannot_run_or_load_their_weights(photographs, model, messag
 
 
 def test_a_compare_arm_is_named(photographs):
-    arm = config.Model(arch="efficientnet_lite0", input_size=16)
+    arm = Model(arch="efficientnet_lite0", input_size=16)
     with pytest.raises(UserError, match="^compare.transfer: model.input_size is 16 px"):
         preflight.check_model(arm, 16, prefix="compare.transfer: ")
 

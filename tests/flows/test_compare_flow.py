@@ -7,13 +7,13 @@ import mlflow
 import pytest
 import torch
 
+from cli import main as cli
 from components.core import config, paths
 from components.data import prepared
 from components.experiments import compare
 from components.scoring import backends
 from components.scoring.metrics import score
 from components.training import models
-from flows import cli
 from flows.compare import compare_flow
 from tests.conftest import tiny_project, write_tiny_params
 

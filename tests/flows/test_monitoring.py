@@ -15,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from cli import main as cli
 from components.core import config, paths
 from components.data import datasets, prepare, validate
 from components.drift import profile as reference_profile
@@ -22,7 +23,6 @@ from components.evaluation import evaluate
 from components.monitoring import monitor
 from components.release import export, promote, registry
 from components.training import train
-from flows import cli
 from flows.monitoring import TRAINING_DEPLOYMENT
 from tests.conftest import tiny_project
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 import yaml
 
+from cli import main as cli
 from components import preflight
 from components.core import config, paths
 from components.core.errors import UserError
+from components.core.params_pipeline import Model
 from components.data import datasets, prepare, validate
 from components.release import export, promote, registry
 from components.training import models, train
-from flows import cli
 from tests.conftest import TINY, write_photographs
 
 NAME = "lensflow-classifier"
@@ -81,7 +82,7 @@ def test_pretrained_from_a_run_uri_is_that_models_backbone(photo_project):
     uri = f"runs:/{version.run_id}/model"
     preflight.check(config.load("params.yaml", [f"model.pretrained={uri}"]))
     meta = {"classes": ["a", "b", "c"], "channels": 1, "image_size": 16}
-    spec = models.model_spec(config.Model(), {**meta, "mean": [0.5], "std": [0.25]})
+    spec = models.model_spec(Model(), {**meta, "mean": [0.5], "std": [0.25]})
     from_run, from_registry = models.build(spec, uri), models.build(spec, f"models:/{NAME}/1")
     first = [m.network.features[0][0].weight for m in (from_run, from_registry, models.build(spec))]
     assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])

@@ -37,7 +37,7 @@ def test_flow_trains_exports_and_registers_a_champion(tiny_cfg):
     assert metrics["accuracy"] == evaluation["accuracy"] == summary["test_accuracy"]
 
     # `lensflow evaluate` on the champion reproduces the flow's report
-    from flows import cli
+    from cli import main as cli
 
     assert (
         cli.main(

@@ -4,8 +4,8 @@ import json
 
 import mlflow
 
+from cli import main as cli
 from components.core import paths
-from flows import cli
 from flows.training import training_flow
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from flows import cli
+from cli import main as cli
 from tests.conftest import REPO, tiny_project, write_tiny_params
 
 TRAINING = "lensflow-training/training"

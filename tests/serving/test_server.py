@@ -210,7 +210,7 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(server):
 
 
 def test_batch_scoring_gives_the_service_answers_and_lists_unreadable_files(server, tmp_path):
-    from flows import cli
+    from cli import main as cli
 
     folder = tmp_path / "incoming"
     folder.mkdir()

@@ -13,7 +13,7 @@ from tests.conftest import REPO
 
 KILLED_IN_A_STEP = """
 import os, signal
-from components import config, tracking
+from components.core import config, tracking
 with tracking.step_run(config.from_dict({}), "train"):
     os.kill(os.getpid(), signal.SIGKILL)
 """

@@ -20,12 +20,12 @@ import onnx
 import pytest
 import torch
 
+from cli import main as cli
 from components.core import config, paths
 from components.core.errors import UserError
 from components.data import prepare
 from components.release import promote, promotion_log, registry
 from components.training import train, tuned
-from flows import cli
 from tests.components.conftest import trained_copy
 from tests.conftest import REPO, tiny_project
 
@@ -261,7 +261,7 @@ def test_lineage_is_what_training_used_under_use_tuned(project, capsys):
 
 def _promote_in_a_process(project, name: str, version: str, pause: str):
     code = (
-        "import sys; from components import config, promote; "
+        "import sys; from components.core import config; from components.release import promote; "
         "promote.run(config.load('params.yaml', sys.argv[2:]), version=sys.argv[1])"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "LENSFLOW_PROMOTE_PAUSE_AFTER": pause}

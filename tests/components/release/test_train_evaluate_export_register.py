@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from components.core import config, paths
-from components.core.errors import GateFailed
+from components.core.errors import GateFailed, UserError
+from components.core.params_pipeline import Export, Quantize
 from components.data import datasets, prepared
 from components.evaluation import evaluate_model
 from components.release import export, quantize, registry
@@ -191,7 +192,7 @@ def test_parity_gate_catches_a_broken_export(trained, tmp_path):
 
 
 def test_export_run_fails_the_flow_when_parity_fails(trained):
-    cfg = trained["cfg"].model_copy(update={"export": config.Export(parity_atol=1e-12)})
+    cfg = trained["cfg"].model_copy(update={"export": Export(parity_atol=1e-12)})
     with pytest.raises(GateFailed, match="parity"):
         export.run(cfg)
     assert (
@@ -229,7 +230,7 @@ def test_register_records_lineage_and_reuses_the_version_of_a_checkpoint(trained
 
 def test_quantization_gate_ships_and_refuses_by_its_thresholds(trained):
     cfg = trained["cfg"]
-    lenient = cfg.model_copy(update={"quantize": config.Quantize(min_speedup=0.01, max_drop=100)})
+    lenient = cfg.model_copy(update={"quantize": Quantize(min_speedup=0.01, max_drop=100)})
     shipped = quantize.run(lenient)
     report = json.loads((trained["root"] / paths.QUANTIZE_REPORT).read_text())
     assert shipped.shipped and report["status"] == "shipped" and report["reasons"] == []
@@ -249,10 +250,10 @@ def test_quantization_gate_ships_and_refuses_by_its_thresholds(trained):
     assert artifacts == ["int8/model.int8.onnx"]
     assert "## Formats" in version.description and "int8 ONNX (shipped" in version.description
 
-    slow = cfg.model_copy(update={"quantize": config.Quantize(min_speedup=1000)})
+    slow = cfg.model_copy(update={"quantize": Quantize(min_speedup=1000)})
     refused = quantize.run(slow)
     assert not refused.shipped and "min_speedup" in refused.reasons[0]
-    exact = cfg.model_copy(update={"quantize": config.Quantize(min_speedup=0.01, max_drop=0)})
+    exact = cfg.model_copy(update={"quantize": Quantize(min_speedup=0.01, max_drop=0)})
     result = quantize.run(exact)
     assert result.shipped == (result.accuracy_drop_points <= 0)
 
@@ -323,7 +324,7 @@ def test_resume_after_a_kill_ends_with_the_same_weights(trained, monkeypatch):
         assert torch.equal(tensor, resumed["state_dict"][name]), name
 
     other = cfg.model_copy(update={"seed": 7})
-    with pytest.raises(config.UserError, match="other params"):
+    with pytest.raises(UserError, match="other params"):
         train.run(other, resume=True)
     train.run(trained["cfg"])  # restore the module's model for the tests after this one
     export.run(trained["cfg"])
