@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (Python 3.11, git, package registries):
 #   make demo   set up .venv, then train, validate, export and register on the built-in digits
 #   make test   set up .venv, then run the test suite
+#   make docs   build the manual (docs/) into site/
 # .venv holds exactly the versions of requirements.lock; `make lock` re-resolves pyproject.toml.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -12,7 +13,7 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test lint bench clean lock
+.PHONY: setup demo test lint docs bench clean lock
 
 setup: $(VENV)/.installed
 
@@ -42,8 +43,14 @@ test: setup
 	python -m pytest -q
 
 lint: setup
-	ruff check cli components flows infra serving tests bench
-	ruff format --check cli components flows infra serving tests bench
+	ruff check cli components flows infra serving tests bench docs
+	ruff format --check cli components flows infra serving tests bench docs
+
+# The manual: docs/params.md from the params schema, then the site (site/); a broken link or
+# anchor fails the build.
+docs: setup
+	python docs/params_reference.py
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet
 
 bench: setup
 	@for script in bench/*.py; do python $$script || exit 1; done

@@ -139,3 +139,27 @@ def mlflow_on_postgres(postgres, tmp_path_factory):
     store = postgres.create_database("mlflow")
     with mlflow_server(store, tmp_path_factory.mktemp("mlflow-on-postgres")) as server:
         yield server
+
+
+def documented_commands(page: Path) -> list[list[str]]:
+    """The arguments of every `lensflow …` command in the fenced code blocks of a markdown page
+    (a leading `$ ` prompt, `\\` continuations and trailing `# comments` handled), as a user
+    would type them: ["run", "--set", "train.epochs=3"]."""
+    import shlex
+
+    commands, in_code, pending = [], False, ""
+    for line in page.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            in_code, pending = not in_code, ""
+            continue
+        if not in_code:
+            continue
+        line = pending + line.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        line = line.removeprefix("$ ")
+        if line.startswith("lensflow "):
+            commands.append(shlex.split(line, comments=True)[1:])
+    return commands

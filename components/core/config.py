@@ -37,6 +37,7 @@ from components.core.params_search import Compare, Tune
 
 class Config(Section):
     seed: int = 42
+    """Seeds Python, NumPy, torch and the split."""
     tracking: Tracking = Tracking()
     data: Data = Data()
     prepare: Prepare = Prepare()

@@ -11,37 +11,63 @@ from components.core.params_pipeline import Section
 
 
 class Serve(Section):
-    """`lensflow serve` and `lensflow predict` (README "Serving")."""
+    """`lensflow serve` and `lensflow predict` (see Serving and batch scoring)."""
 
-    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes it to the network")
+    host: str = "127.0.0.1"
+    """Where `lensflow serve` listens; `0.0.0.0` exposes it to the network."""
     port: int = Field(8000, ge=1, le=65535)
-    poll_seconds: float = Field(10.0, gt=0, description="how often @champion is looked up")
-    int8: bool = Field(False, description="serve the int8 variant when the version shipped one")
-    top_k: int = Field(3, ge=1, description="classes per image in a response (?top_k= overrides)")
-    max_upload_bytes: int = Field(10 * 2**20, ge=1, description="request body limit (413)")
-    max_pixels: int = Field(4096 * 4096, ge=1, description="per image, read from the header (413)")
-    max_images: int = Field(32, ge=1, description="images per request (413)")
-    max_in_flight: int = Field(64, ge=1, description="requests in progress; beyond: 503 at once")
-    retry_after_seconds: int = Field(1, ge=0, description="Retry-After of a 503")
-    threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per inference")
-    batch_max: int = Field(1, ge=1, description="micro-batching: images per run; 1 = off")
-    batch_wait_ms: float = Field(2.0, ge=0, description="micro-batching: longest wait to fill")
-    shutdown_timeout: float = Field(10.0, gt=0, description="SIGTERM: seconds to finish requests")
-    golden_atol: float = Field(1e-4, gt=0, description="fp32: max |p - golden p| to be served")
-    int8_min_agreement: float = Field(
-        0.9, ge=0, le=1, description="int8: top-1 agreement with the golden fp32 classes"
-    )
+    """Its port."""
+    poll_seconds: float = Field(10.0, gt=0)
+    """How often the followed alias is looked up."""
+    int8: bool = False
+    """Serve (and `predict` with) the int8 variant where the version shipped one
+    (`lensflow.int8: shipped`), else fp32, as `/model` says."""
+    top_k: int = Field(3, ge=1)
+    """Classes per image in a response (`?top_k=N` overrides)."""
+    max_upload_bytes: int = Field(10 * 2**20, ge=1)
+    """Request body limit (413)."""
+    max_pixels: int = Field(4096 * 4096, ge=1)
+    """Per image, read from its header before decoding (413)."""
+    max_images: int = Field(32, ge=1)
+    """Images per request (413)."""
+    max_in_flight: int = Field(64, ge=1)
+    """Requests in progress at once; the next one gets 503 with `Retry-After` at once."""
+    retry_after_seconds: int = Field(1, ge=0)
+    """The `Retry-After` of a 503."""
+    threads: int = Field(1, ge=1)
+    """ONNX Runtime intra-op threads per inference."""
+    batch_max: int = Field(1, ge=1)
+    """Micro-batching: up to this many same-sized images of concurrent requests run as one
+    batch; 1 = off."""
+    batch_wait_ms: float = Field(2.0, ge=0)
+    """Micro-batching: the longest wait to fill a batch."""
+    shutdown_timeout: float = Field(10.0, gt=0)
+    """On SIGTERM, seconds the requests in flight get to finish."""
+    golden_atol: float = Field(1e-4, gt=0)
+    """A new fp32 version is served only if its probabilities on its golden inputs are
+    within this of those export wrote, with every top-1 class the same."""
+    int8_min_agreement: float = Field(0.9, ge=0, le=1)
+    """An int8 variant is served only if its top-1 classes on the golden inputs agree this
+    often."""
 
 
 class DeploymentSchedule(Section):
     """schedule.<deployment>: when Prefect starts the deployment's flow (cron or interval, or
     neither: runs only on demand) and whether that schedule is active."""
 
-    cron: str | None = Field(None, description="a cron expression, e.g. '0 3 * * 1'")
-    interval: float | None = Field(None, gt=0, description="seconds between runs")
-    timezone: str = Field("UTC", description="the cron expression's time zone")
-    active: bool = Field(True, description="false: the schedule is created paused")
-    overrides: list[str] = Field(default_factory=list, description="--set items for each run")
+    cron: str | None = None
+    """A cron expression (minute hour day month weekday), e.g. `0 3 * * 1`, checked when
+    read."""
+    interval: float | None = Field(None, gt=0)
+    """Seconds between runs. `cron` or `interval`, not both; neither: no schedule, runs only
+    when started."""
+    timezone: str = "UTC"
+    """The cron expression's time zone (an IANA name, e.g. `Europe/Paris`)."""
+    active: bool = True
+    """`false`: the deployment is created paused."""
+    overrides: list[str] = Field(default_factory=list)
+    """`--set` items every run applies over `params_path`, e.g. `["train.epochs=30"]`
+    (checked when deploying)."""
 
     @field_validator("timezone")
     @classmethod
@@ -62,8 +88,13 @@ class DeploymentSchedule(Section):
 
 
 class MonitoringSchedule(DeploymentSchedule):
-    data: str | None = Field("data/incoming", description="the folder of new images to check")
-    model: str | None = Field(None, description="a model URI; None: the champion")
+    """schedule.continuous_validation: a deployment schedule plus the batch and model each
+    pass checks."""
+
+    data: str | None = "data/incoming"
+    """The folder of new images each pass checks."""
+    model: str | None = None
+    """The model URI each pass checks; `null`: the champion."""
 
 
 class Schedule(Section):
@@ -71,17 +102,36 @@ class Schedule(Section):
     sends them to a work pool (flows/deployments.py)."""
 
     training: DeploymentSchedule = DeploymentSchedule()
+    """The training flow (`lensflow run`); default: no schedule, on demand."""
     continuous_validation: MonitoringSchedule = MonitoringSchedule(cron="0 6 * * *")
+    """Continuous validation (`lensflow monitor`); default: daily at 06:00 UTC."""
 
 
 class Monitor(Section):
     """Continuous validation (`lensflow monitor`) and the reference profile export makes."""
 
-    data: str | None = Field(None, description="the batch folder the flow checks by default")
-    false_alarm_rate: float = Field(0.05, gt=0, lt=1, description="per pass, all checks")
-    min_relative_accuracy: float = Field(0.95, gt=0, description="of the recorded test accuracy")
+    data: str | None = None
+    """The batch folder the continuous-validation flow checks when it is given none (`--data`
+    wins)."""
+    false_alarm_rate: float = Field(0.05, gt=0, lt=1)
+    """The chance that a pass on clean data raises an alert, all drift checks together: each
+    p-valued check alerts below `false_alarm_rate` / number of such checks (Bonferroni),
+    whatever the batch size."""
+    min_relative_accuracy: float = Field(0.95, gt=0)
+    """Labelled batches: alert when the model's accuracy on the batch is under this x its
+    recorded test accuracy."""
     on_alert: Literal["none", "retrain"] = "none"
-    permutations: int = Field(1000, ge=100, description="of the MMD and class-prior tests")
-    reference_images: int = Field(1000, ge=10, description="validation images in the profile")
-    pca_components: int = Field(8, ge=1, description="embedding dimensions the MMD test sees")
+    """`none`, or `retrain`: an alert starts a run of the Prefect deployment
+    `lensflow-training/training`."""
+    permutations: int = Field(1000, ge=100)
+    """Permutations of the MMD and class-prior tests; their smallest p-value is 1 / (1 +
+    this), so it must stay above (number of checks) / `false_alarm_rate` − 1 (~340 at the
+    defaults) for them to be able to fire."""
+    reference_images: int = Field(1000, ge=10)
+    """Validation images (a seeded sample) in the reference profile export makes."""
+    pca_components: int = Field(8, ge=1)
+    """Dimensions the penultimate-layer embeddings are reduced to (PCA fitted on up to 2,000
+    training images) for the MMD test."""
     autoencoder_epochs: int = Field(10, ge=1)
+    """Training epochs of the reference profile's convolutional autoencoder (on up to 2,000
+    training images)."""

