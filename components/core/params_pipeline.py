@@ -258,7 +258,8 @@ class Train(Section):
     """Train with the best params of `reports/tuning.json` over these (see Tuning)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` (CUDA when torch sees a GPU, else CPU), `cpu`, `cuda` (an error when there is
-    none)."""
+    none). The tests check, without a GPU, that a training epoch keeps every tensor on the
+    model's device (class weights included) by running it on PyTorch's `meta` device."""
     amp: bool = False
     """Mixed precision: bf16 autocast on CPU, fp16 autocast + gradient scaling on CUDA."""
     channels_last: bool = False
@@ -323,7 +324,7 @@ class Promote(Section):
 
     min_accuracy: float = Field(0.9, ge=0, le=1)
     """The candidate's test accuracy (ONNX Runtime, re-scored by promote) must be at least
-    this."""
+    this (was `registry.min_accuracy`)."""
     min_macro_f1: float = Field(0.85, ge=0, le=1)
     """… and its test macro-F1."""
     min_improvement: float = Field(0.0, ge=0, le=1)
