@@ -222,7 +222,7 @@ def test_the_stack_writes_into_an_experiment_the_direct_mode_made(stack):
     assert "validation/validation.json" in logged, logged
     folder = stack["project"] / "mlartifacts" / run.info.run_id
     assert experiment.artifact_location == (stack["project"] / "mlartifacts").as_uri()
-    assert (folder / "artifacts/validation/validation.json").exists()  # where the direct mode put it
+    assert (folder / "artifacts/validation/validation.json").exists()  # the direct mode's place
 
 
 def test_down_stops_every_process_and_removes_the_state(stack):

@@ -63,7 +63,6 @@ def test_an_experiment_another_process_creates_meanwhile_is_taken_not_an_error(
     assert lookups == ["together", "together"]
 
 
-
 def test_an_experiment_whose_artifacts_only_a_server_reaches_is_one_line_saying_what_to_do(
     project,
 ):
