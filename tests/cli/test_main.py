@@ -1,14 +1,14 @@
 """The `lensflow` command as a user runs it: exit codes, one-line errors, fast --help."""
 
 import json
+import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from components.data import datasets
-from tests.conftest import write_tiny_params
+from tests.conftest import REPO, write_tiny_params
 
 
 def lensflow(*args, cwd):
@@ -112,23 +112,69 @@ PREFLIGHT_MISTAKES = {
 }
 
 
+# Runs `lensflow` and records, as it exits, which heavy libraries it had imported.
+WATCHED_IMPORTS = """
+import atexit, json, sys
+def _record():
+    heavy = ("torch", "prefect", "mlflow")
+    with open(sys.argv[1], "w") as out:
+        json.dump(sorted(m for m in heavy if m in sys.modules), out)
+atexit.register(_record)
+from cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+NOT_MADE = ("data", "mlflow.db", ".prefect", "mlartifacts", "models", "reports")
+
+
+def lensflow_before_any_work(*args, cwd):
+    """`lensflow ARGS` with its own Prefect home in the project; returns the completed process
+    and the heavy libraries (torch, prefect, mlflow) it imported."""
+    imported = cwd / "imported.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(cwd / ".prefect")}
+    done = subprocess.run(
+        [sys.executable, "-c", WATCHED_IMPORTS, str(imported), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return done, json.loads(imported.read_text())
+
+
 @pytest.mark.parametrize("mistake", PREFLIGHT_MISTAKES)
-def test_preflight_mistakes_cost_one_line_and_no_prefect_server(project, photographs, mistake):
+def test_preflight_mistakes_cost_one_line_before_any_work(project, photographs, mistake):
     overrides, message = PREFLIGHT_MISTAKES[mistake]
-    started = time.perf_counter()
-    done = lensflow("run", *[a for o in overrides for a in ("--set", o)], cwd=project)
-    seconds = time.perf_counter() - started
+    args = ["run", *[a for o in overrides for a in ("--set", o)]]
+    done, imported = lensflow_before_any_work(*args, cwd=project)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lensflow: error: ") and message in lines[0]
-    assert seconds < 5, f"{seconds:.1f} s"  # no Prefect server (~10 s), no torch
+    # no torch, no Prefect (its temporary server), no MLflow; nothing made in the project
+    assert imported == []
+    assert [name for name in NOT_MADE if (project / name).exists()] == []
 
 
-def test_preflight_runs_before_every_command_that_trains(project, photographs):
-    bad = ["--set", "data.source=photos", "--set", "model.arch=efficientnet_lite0"]
-    for command in (["tune"], ["compare"], ["stage", "train"], ["doctor"]):
-        done = lensflow(*command, *bad, cwd=project)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, command
-        assert "needs at least 32" in done.stderr.strip().splitlines()[-1], command
-    done = lensflow("run", "--resume", "--set", "data.source=photos", cwd=project)
-    assert done.returncode == 2 and "--resume: models/last.pt not found" in done.stderr
+TOO_SMALL = ["--set", "data.source=photos", "--set", "model.arch=efficientnet_lite0"]
+EVERY_PREFLIGHT = {  # every command that runs the preflight, and a mistake it finds
+    "run": (["run", *TOO_SMALL], "needs at least 32"),
+    "run --resume": (["run", "--resume", "--set", "data.source=photos"], "--resume: models/"),
+    "tune": (["tune", *TOO_SMALL], "needs at least 32"),
+    "compare": (["compare", *TOO_SMALL], "needs at least 32"),
+    "doctor": (["doctor", *TOO_SMALL], "needs at least 32"),
+    "stage prepare": (["stage", "prepare", "--set", "data.source=nowhere"], "folder not found"),
+    "stage tune": (["stage", "tune", *TOO_SMALL], "needs at least 32"),
+    "stage train": (["stage", "train", *TOO_SMALL], "needs at least 32"),
+    "stage train --resume": (["stage", "train", "--resume"], "--resume: models/last.pt not"),
+}
+
+
+@pytest.mark.parametrize("command", EVERY_PREFLIGHT)
+def test_preflight_runs_before_any_work_of_every_command_that_trains(project, photographs, command):
+    args, message = EVERY_PREFLIGHT[command]
+    done, imported = lensflow_before_any_work(*args, cwd=project)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert message in line
+    assert imported == []
+    assert [name for name in NOT_MADE if (project / name).exists()] == []
