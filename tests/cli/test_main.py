@@ -2,13 +2,18 @@
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import mlflow
 import pytest
 
 from components.data import datasets
-from tests.conftest import REPO, write_tiny_params
+from tests.conftest import REPO, trained_copy, write_tiny_params
 
 
 def lensflow(*args, cwd):
@@ -178,3 +183,75 @@ def test_preflight_runs_before_any_work_of_every_command_that_trains(project, ph
     assert message in line
     assert imported == []
     assert [name for name in NOT_MADE if (project / name).exists()] == []
+
+
+@pytest.fixture(scope="module")
+def trained_project(trained_template, tmp_path_factory):
+    """The session's prepared and trained tiny project (tests/conftest.py), copied."""
+    return trained_copy(trained_template, tmp_path_factory, "cli-trained")
+
+
+def _in_copy(trained_project, tmp_path) -> tuple[Path, dict]:
+    project = tmp_path / "project"
+    shutil.copytree(trained_project, project)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+    }
+    return project, env
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [(signal.SIGINT, 130, ""), (signal.SIGHUP, 129, "lensflow: stopped by SIGHUP")],
+)
+def test_ctrl_c_and_sighup_stop_training_with_their_exit_codes(
+    trained_project, tmp_path, signum, code, said
+):
+    project, env = _in_copy(trained_project, tmp_path)
+    last = project / "models/last.pt"
+    last.unlink(missing_ok=True)  # its arrival: training has started
+    long = ["--set", "train.epochs=500", "--set", "train.patience=500"]
+    training = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "stage", "train", *long],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not last.exists() and training.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert training.poll() is None and last.exists(), training.stderr.read()[-3000:]
+        training.send_signal(signum)
+        _, err = training.communicate(timeout=120)
+    finally:
+        training.kill()
+    assert training.returncode == code, err[-3000:]
+    assert "Traceback" not in err and err.strip().endswith(said)
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("lensflow").experiment_id],
+        "tags.`lensflow.step` = 'train'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    assert run.info.status == "KILLED"  # not FAILED: stopped from outside
+
+
+def test_doctor_exits_1_when_the_model_cannot_overfit_one_batch(trained_project, tmp_path):
+    project, env = _in_copy(trained_project, tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "doctor", "--set", "train.lr=1e-9"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    verdict = done.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("doctor: the model CANNOT overfit one batch of 32 images")
