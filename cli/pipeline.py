@@ -187,11 +187,9 @@ def cmd_compare(args, cfg) -> int:
     from components import preflight
 
     preflight.check(cfg, model=False)
+    preflight.check_compare_arms(cfg)
     from components.core import tracking
     from components.experiments import compare
-
-    for arm, arm_cfg in compare.arm_configs(cfg).items():  # a bad override fails here
-        preflight.check_model(arm_cfg.model, cfg.prepare.image_size, prefix=f"compare.{arm}: ")
     from flows.compare import compare_flow
 
     quiet_user_errors()

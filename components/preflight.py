@@ -87,6 +87,14 @@ def check_model(model: Model, image_size: int, prefix: str = "") -> None:
         raise UserError(f"{where}: file not found")
 
 
+def check_compare_arms(cfg: Config) -> None:
+    """Each arm of `lensflow compare`: its overrides, and its model as `check_model` sees it."""
+    from components.experiments import compare_arms
+
+    for arm, arm_cfg in compare_arms.arm_configs(cfg).items():  # a bad override fails here
+        check_model(arm_cfg.model, cfg.prepare.image_size, prefix=f"compare.{arm}: ")
+
+
 def _check_lensflow_model(uri: str, prefix: str) -> None:
     """The model or run exists and logged the checkpoint the backbone is read from."""
     import mlflow

@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import flow, runtime
 
 from components.core import config, tracking
-from components.experiments import compare
+from components.experiments import compare, compare_arms
 from flows.data import component_task, validated_data
 
 arm_task = component_task(compare.run, "compare-arm")
@@ -19,7 +19,7 @@ def compare_flow(
     params_path: str = "params.yaml", overrides: list[str] | None = None
 ) -> compare.CompareResult:
     cfg = config.load(params_path, overrides)
-    arms = compare.arm_configs(cfg)
+    arms = compare_arms.arm_configs(cfg)
     flow_run_id = str(runtime.flow_run.id)
     with tracking.pipeline_run(cfg, "compare", flow_run_id=flow_run_id) as parent:
         validated_data(cfg)

@@ -174,8 +174,9 @@ def _command(name: str, port: int) -> tuple[list[str], dict[str, str]]:
     project = Path.cwd()
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     if name == "mlflow":
+        artifacts = project / "mlartifacts"
         command, server_env = mlflow_server(
-            f"sqlite:///{project / 'mlflow.db'}", str(project / "mlartifacts"), port
+            f"sqlite:///{project / 'mlflow.db'}", str(artifacts), port, local_root=artifacts
         )
         return command, {**env, **server_env}
     return prefect_server_command(port, project / PREFECT_HOME)
@@ -202,18 +203,27 @@ def mlflow_server(
     port: int,
     host: str = HOST,
     allowed_hosts: str | None = None,
+    local_root: Path | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The `mlflow server` command of every lensflow tracking server (this stack, the team
     stack of docker-compose.yml, the tests on PostgreSQL) and the environment it adds: a
     backend store (`sqlite:///…` or `postgresql://…`), artifacts served by the server from
     `artifacts` (a folder or `s3://bucket/prefix`), one worker. `allowed_hosts`: the Host
-    headers it answers besides localhost and private addresses (e.g. a container's name)."""
+    headers it answers besides localhost and private addresses (e.g. a container's name).
+
+    `local_root` (the local stack): the experiments the server creates keep their artifacts
+    at this folder's file: URI, which lensflow without a server reads and writes as well, so
+    the stack and the direct mode share a project in either order. Without it they get
+    `mlflow-artifacts:/…` locations, which only a server resolves (a team's clients have no
+    access to its bucket). Experiments made that way still work through the server."""
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", backend_store,
         "--artifacts-destination", artifacts,
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
+    if local_root is not None:
+        command += ["--default-artifact-root", local_root.resolve().as_uri()]
     if allowed_hosts:
         command += ["--allowed-hosts", allowed_hosts]
     # job execution starts a job runner with many workers that stops slowly (STACK.md)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from components.core import paths
+
 
 def _pyplot():
     import matplotlib
@@ -92,7 +94,8 @@ def comparison_curves(panels: dict[str, dict[str, list[dict]]], out: Path) -> Pa
 def _save(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    with paths.atomic(out) as partial:
+        fig.savefig(partial, dpi=100)
     _pyplot().close(fig)
     return out
 

@@ -92,7 +92,24 @@ def experiment_named(name: str, local_artifacts: Path, tags: dict[str, str] | No
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         experiment = client.get_experiment_by_name(name)
+    served_only(experiment)
     return experiment
+
+
+def served_only(experiment) -> None:
+    """A UserError, saying what to do, when the experiment keeps its artifacts where only an
+    MLflow server reaches them (`mlflow-artifacts:/…`: made through a server that serves its
+    artifacts, a team's or an older `lensflow stack up`) and MLflow is used without one."""
+    location = experiment.artifact_location
+    if location.startswith("mlflow-artifacts:") and urlsplit(tracking_uri()).scheme not in (
+        "http",
+        "https",
+    ):
+        raise UserError(
+            f"MLflow experiment {experiment.name!r} keeps its artifacts on a tracking server "
+            f"({location}), which {shown_uri()} cannot reach: start it "
+            '(eval "$(lensflow stack up)") or set MLFLOW_TRACKING_URI to it, then run this again'
+        )
 
 
 def runs_page(experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:

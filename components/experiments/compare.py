@@ -22,16 +22,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from components.core import config, paths, plots, tracking
+from components.core import paths, plots, tracking
 from components.core.config import Config
-from components.core.errors import GateFailed, UserError
+from components.core.errors import GateFailed
 from components.data import prepared
+from components.experiments.compare_arms import ARM_SECTIONS
 from components.scoring import backends
 from components.scoring.metrics import mcnemar_p, score
 from components.training import augment, loop, models
 
-ARMS = ("scratch", "transfer")
-ARM_SECTIONS = ("augment", "model", "train")  # arms differ in these; the data stays the same
 SIGNIFICANCE = 0.05  # McNemar p-value under which a difference is called significant
 
 
@@ -49,40 +48,6 @@ class ArmRun:
     row: dict  # one entry of the report's "arms"
     history: list[dict]  # loop.fit's per-epoch rows
     correct: np.ndarray  # per test image: predicted right
-
-
-def arm_configs(cfg: Config) -> dict[str, Config]:
-    """The validated config of each arm; a bad override is one UserError naming it."""
-    return {arm: arm_config(cfg, arm) for arm in ARMS}
-
-
-def arm_config(cfg: Config, arm: str) -> Config:
-    values = {"model.pretrained": None} if arm == "scratch" else {}
-    for key, value in _flatten(getattr(cfg.compare, arm)).items():
-        section, _, leaf = key.partition(".")
-        if section not in ARM_SECTIONS or not leaf or "." in leaf:
-            raise UserError(
-                f"compare.{arm}: {key!r} is not an augment, model or train key "
-                "(every arm trains on the same prepared data)"
-            )
-        values[key] = value
-    arm_cfg = config.with_values(cfg, values, source=f"compare.{arm}")
-    if arm == "scratch" and arm_cfg.model.pretrained:
-        raise UserError("compare.scratch: model.pretrained must stay null (random weights)")
-    if arm == "transfer" and not arm_cfg.model.pretrained:
-        raise UserError("compare.transfer: set model.pretrained (e.g. efficientnet-lite0)")
-    return arm_cfg
-
-
-def _flatten(overrides: dict, prefix: str = "") -> dict:
-    """{"model.arch": x} and {"model": {"arch": x}} (as --set writes it) both mean model.arch."""
-    flat = {}
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def stratified_subset(labels, fraction: float, seed: int) -> torch.Tensor:

@@ -146,7 +146,8 @@ def to_onnx(model: nn.Module, spec: dict, path: Path, opset: int, metadata: dict
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto, full_check=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, path)
+    with paths.atomic(path) as partial:
+        onnx.save(proto, partial)
 
 
 def write_golden(path: Path, images: np.ndarray, predict) -> None:

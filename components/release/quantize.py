@@ -120,12 +120,12 @@ def quantize_onnx(source: Path, target: Path, calibration: np.ndarray, exclude_h
             return None if batch is None else {"images": batch}
 
     excluded = _head_nodes(source) if exclude_head else []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, paths.atomic(target) as partial:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
-            str(target),
+            str(partial),
             Batches(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,

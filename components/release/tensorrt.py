@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from components.core import paths
 from components.scoring.backends import TENSORRT_MAX_BATCH, tensorrt_predictor
 from components.scoring.metrics import score
 
@@ -76,5 +77,6 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str, image_shape) 
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
     plan_path.parent.mkdir(parents=True, exist_ok=True)
-    plan_path.write_bytes(bytes(serialized))
+    with paths.atomic(plan_path) as partial:
+        partial.write_bytes(bytes(serialized))
     return plan_path

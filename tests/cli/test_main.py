@@ -1,14 +1,19 @@
 """The `lensflow` command as a user runs it: exit codes, one-line errors, fast --help."""
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import mlflow
 import pytest
 
 from components.data import datasets
-from tests.conftest import write_tiny_params
+from tests.conftest import REPO, trained_copy, write_tiny_params
 
 
 def lensflow(*args, cwd):
@@ -112,23 +117,141 @@ PREFLIGHT_MISTAKES = {
 }
 
 
+# Runs `lensflow` and records, as it exits, which heavy libraries it had imported.
+WATCHED_IMPORTS = """
+import atexit, json, sys
+def _record():
+    heavy = ("torch", "prefect", "mlflow")
+    with open(sys.argv[1], "w") as out:
+        json.dump(sorted(m for m in heavy if m in sys.modules), out)
+atexit.register(_record)
+from cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+NOT_MADE = ("data", "mlflow.db", ".prefect", "mlartifacts", "models", "reports")
+
+
+def lensflow_before_any_work(*args, cwd):
+    """`lensflow ARGS` with its own Prefect home in the project; returns the completed process
+    and the heavy libraries (torch, prefect, mlflow) it imported."""
+    imported = cwd / "imported.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(cwd / ".prefect")}
+    done = subprocess.run(
+        [sys.executable, "-c", WATCHED_IMPORTS, str(imported), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return done, json.loads(imported.read_text())
+
+
 @pytest.mark.parametrize("mistake", PREFLIGHT_MISTAKES)
-def test_preflight_mistakes_cost_one_line_and_no_prefect_server(project, photographs, mistake):
+def test_preflight_mistakes_cost_one_line_before_any_work(project, photographs, mistake):
     overrides, message = PREFLIGHT_MISTAKES[mistake]
-    started = time.perf_counter()
-    done = lensflow("run", *[a for o in overrides for a in ("--set", o)], cwd=project)
-    seconds = time.perf_counter() - started
+    args = ["run", *[a for o in overrides for a in ("--set", o)]]
+    done, imported = lensflow_before_any_work(*args, cwd=project)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lensflow: error: ") and message in lines[0]
-    assert seconds < 5, f"{seconds:.1f} s"  # no Prefect server (~10 s), no torch
+    # no torch, no Prefect (its temporary server), no MLflow; nothing made in the project
+    assert imported == []
+    assert [name for name in NOT_MADE if (project / name).exists()] == []
 
 
-def test_preflight_runs_before_every_command_that_trains(project, photographs):
-    bad = ["--set", "data.source=photos", "--set", "model.arch=efficientnet_lite0"]
-    for command in (["tune"], ["compare"], ["stage", "train"], ["doctor"]):
-        done = lensflow(*command, *bad, cwd=project)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, command
-        assert "needs at least 32" in done.stderr.strip().splitlines()[-1], command
-    done = lensflow("run", "--resume", "--set", "data.source=photos", cwd=project)
-    assert done.returncode == 2 and "--resume: models/last.pt not found" in done.stderr
+TOO_SMALL = ["--set", "data.source=photos", "--set", "model.arch=efficientnet_lite0"]
+EVERY_PREFLIGHT = {  # every command that runs the preflight, and a mistake it finds
+    "run": (["run", *TOO_SMALL], "needs at least 32"),
+    "run --resume": (["run", "--resume", "--set", "data.source=photos"], "--resume: models/"),
+    "tune": (["tune", *TOO_SMALL], "needs at least 32"),
+    "compare": (["compare", *TOO_SMALL], "needs at least 32"),
+    "doctor": (["doctor", *TOO_SMALL], "needs at least 32"),
+    "stage prepare": (["stage", "prepare", "--set", "data.source=nowhere"], "folder not found"),
+    "stage tune": (["stage", "tune", *TOO_SMALL], "needs at least 32"),
+    "stage train": (["stage", "train", *TOO_SMALL], "needs at least 32"),
+    "stage train --resume": (["stage", "train", "--resume"], "--resume: models/last.pt not"),
+}
+
+
+@pytest.mark.parametrize("command", EVERY_PREFLIGHT)
+def test_preflight_runs_before_any_work_of_every_command_that_trains(project, photographs, command):
+    args, message = EVERY_PREFLIGHT[command]
+    done, imported = lensflow_before_any_work(*args, cwd=project)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert message in line
+    assert imported == []
+    assert [name for name in NOT_MADE if (project / name).exists()] == []
+
+
+@pytest.fixture(scope="module")
+def trained_project(trained_template, tmp_path_factory):
+    """The session's prepared and trained tiny project (tests/conftest.py), copied."""
+    return trained_copy(trained_template, tmp_path_factory, "cli-trained")
+
+
+def _in_copy(trained_project, tmp_path) -> tuple[Path, dict]:
+    project = tmp_path / "project"
+    shutil.copytree(trained_project, project)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+    }
+    return project, env
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [(signal.SIGINT, 130, ""), (signal.SIGHUP, 129, "lensflow: stopped by SIGHUP")],
+)
+def test_ctrl_c_and_sighup_stop_training_with_their_exit_codes(
+    trained_project, tmp_path, signum, code, said
+):
+    project, env = _in_copy(trained_project, tmp_path)
+    last = project / "models/last.pt"
+    last.unlink(missing_ok=True)  # its arrival: training has started
+    long = ["--set", "train.epochs=500", "--set", "train.patience=500"]
+    training = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "stage", "train", *long],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not last.exists() and training.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert training.poll() is None and last.exists(), training.stderr.read()[-3000:]
+        training.send_signal(signum)
+        _, err = training.communicate(timeout=120)
+    finally:
+        training.kill()
+    assert training.returncode == code, err[-3000:]
+    assert "Traceback" not in err and err.strip().endswith(said)
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("lensflow").experiment_id],
+        "tags.`lensflow.step` = 'train'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    assert run.info.status == "KILLED"  # not FAILED: stopped from outside
+
+
+def test_doctor_exits_1_when_the_model_cannot_overfit_one_batch(trained_project, tmp_path):
+    project, env = _in_copy(trained_project, tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "doctor", "--set", "train.lr=1e-9"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    verdict = done.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("doctor: the model CANNOT overfit one batch of 32 images")

@@ -1,7 +1,9 @@
 """`dvc repro`, `dvc exp` and `lensflow run` are front ends of the same components.
 
 In a fresh git + DVC project on tiny data: every step of the Prefect flow reads only files its
-dvc.yaml stage depends on (or writes itself); after the flow, `dvc repro` has nothing to do;
+dvc.yaml stage depends on (or writes itself), and every file it writes under models/, reports/,
+plots/, metrics/ and data/prepared/ goes to a temporary name that is then renamed (a kill
+leaves the old file or the whole new one); after the flow, `dvc repro` has nothing to do;
 forcing it reproduces the flow's test accuracy; `dvc exp run -S train.epochs=5` reruns tune,
 train and the stages after them, not prepare or validate; and `dvc exp show` compares the
 experiment with its baseline on a dozen numbers at most.
@@ -19,12 +21,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import pytest
 import yaml
 from prefect.context import TaskRunContext
 
 from components.core import paths
 from flows.training import training_flow
-from tests.conftest import REPO, write_tiny_params
+from tests.conftest import REPO, tiny_project
 
 DVC = (sys.executable, "-m", "dvc")
 # Read by every step, yet no stage input: the tracking store, params.yaml (dvc.yaml's `params`)
@@ -41,33 +44,44 @@ def sh(*args, cwd):
 
 
 _opened: dict[str, list[tuple[str, bool]]] | None = None  # task name -> [(path, for writing)]
+_written: list[str] | None = None  # every file opened for writing, by anyone, in order
+_renamed: dict[str, str] | None = None  # os.rename / os.replace: source -> destination
 _hooked = False
 
 
 def _audit(event: str, args: tuple) -> None:
-    """Python's audit hook: files opened and folders listed by the Prefect task running."""
-    if _opened is None or event not in ("open", "os.listdir", "os.scandir"):
+    """Python's audit hook: files opened, renamed and folders listed while the flow runs."""
+    if _opened is None or event not in ("open", "os.rename", "os.listdir", "os.scandir"):
         return
-    task = TaskRunContext.get()
-    if task is None or not isinstance(args[0], str | bytes | os.PathLike):
+    if not isinstance(args[0], str | bytes | os.PathLike):
+        return
+    path = os.path.abspath(os.fsdecode(args[0]))
+    if event == "os.rename":
+        _renamed[path] = os.path.abspath(os.fsdecode(args[1]))
         return
     writes = event == "open" and bool(args[2] & (os.O_WRONLY | os.O_RDWR))
-    _opened.setdefault(task.task.name, []).append((os.path.abspath(os.fsdecode(args[0])), writes))
+    if writes:
+        _written.append(path)
+    task = TaskRunContext.get()
+    if task is not None:
+        _opened.setdefault(task.task.name, []).append((path, writes))
 
 
 @contextmanager
 def files_opened_by_task():
-    """{task name: [(absolute path, opened for writing)]} of what runs inside; the hook stays
+    """{task name: [(absolute path, opened for writing)]} of what runs inside, plus "written"
+    (every file opened for writing) and "renamed" ({source: destination}); the hook stays
     (Python cannot remove one) but records nothing outside this block."""
-    global _opened, _hooked
+    global _opened, _written, _renamed, _hooked
     if not _hooked:
         sys.addaudithook(_audit)
         _hooked = True
-    _opened = {}
+    _opened, _written, _renamed = {}, [], {}
+    recorded = {"tasks": _opened, "written": _written, "renamed": _renamed}
     try:
-        yield _opened
+        yield recorded
     finally:
-        _opened = None
+        _opened = _written = _renamed = None
 
 
 def stage_inputs(opened: list[tuple[str, bool]], root: Path) -> set[str]:
@@ -114,30 +128,69 @@ def metric_columns(header: list[str], project: Path, stages: dict) -> list[str]:
     return [column for column in header if column not in own | params | deps]
 
 
-def test_dvc_repro_and_experiments_match_the_flow(project):
+WATCHED = ("models", "reports", "plots", "metrics", "data/prepared")  # the pipeline's outputs
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    """A fresh git + DVC project on TINY, and the flow run once in it with every file it
+    opened, wrote and renamed recorded."""
+    project = tmp_path_factory.mktemp("dvc-project")
     shutil.copy(REPO / "dvc.yaml", project)
     shutil.copy(REPO / ".gitignore", project)
     for package in ("components", "flows"):  # dvc.yaml's code deps
         shutil.copytree(
             REPO / package, project / package, ignore=shutil.ignore_patterns("__pycache__")
         )
-    write_tiny_params(project)
-    sh("git", "init", "-q", "-b", "main", cwd=project)
-    sh("git", "config", "user.email", "test@lensflow.invalid", cwd=project)
-    sh("git", "config", "user.name", "lensflow test", cwd=project)
-    with (project / ".git/info/exclude").open("a") as exclude:
-        exclude.write(".dvc-site-cache/\n")
-    sh(*DVC, "init", "-q", cwd=project)
-    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    with tiny_project(project) as mp:
+        mp.setenv("DVC_SITE_CACHE_DIR", str(project / ".dvc-site-cache"))
+        sh("git", "init", "-q", "-b", "main", cwd=project)
+        sh("git", "config", "user.email", "test@lensflow.invalid", cwd=project)
+        sh("git", "config", "user.name", "lensflow test", cwd=project)
+        with (project / ".git/info/exclude").open("a") as exclude:
+            exclude.write(".dvc-site-cache/\n")
+        sh(*DVC, "init", "-q", cwd=project)
+        stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+        with files_opened_by_task() as recorded:
+            summary = training_flow(params_path="params.yaml")
+        yield {"project": project, "stages": stages, "summary": summary, **recorded}
 
-    with files_opened_by_task() as opened:
-        summary = training_flow(params_path="params.yaml")
+
+def test_every_file_the_flow_writes_goes_to_a_temporary_name_then_is_renamed(flow):
+    project = flow["project"]
+
+    def watched(path: str) -> bool:
+        relative = Path(os.path.relpath(path, project)).as_posix()
+        return any(relative == w or relative.startswith(f"{w}/") for w in WATCHED)
+
+    outputs = {str(p) for w in WATCHED for p in (project / w).rglob("*") if p.is_file()}
+    assert {str(project / paths.ONNX), str(project / paths.ONNX_INT8)} <= outputs
+    assert str(project / "plots/confusion_matrix.png") in outputs
+    written = {path for path in flow["written"] if watched(path)}
+    assert written, "the recording sees the writes"
+    # opened for writing: a temporary name, renamed to its own name, or a scratch file the
+    # step removed again; never a file the flow leaves behind
+    in_place = sorted(path for path in written if path in outputs)
+    assert in_place == [], "written in place, not to a temporary name"
+    left = sorted(path for path in written if path not in flow["renamed"] and os.path.exists(path))
+    assert left == [], "temporary files left behind"
+    # every output arrived by a rename: also those written by C++ code (torch.save, Arrow)
+    # that Python's audit hook does not see opening a file
+    arrived = set(flow["renamed"].values())
+    assert sorted(outputs - arrived) == [], "outputs that were not renamed into place"
+
+
+def test_every_step_reads_only_what_its_dvc_stage_depends_on(flow):
+    project, stages, opened = flow["project"], flow["stages"], flow["tasks"]
     inputs = {stage: stage_inputs(opened.get(stage, []), project) for stage in stages}
     assert "models/checkpoint.pt" in inputs["evaluate"]  # the recording sees the reads
     assert {stage: undeclared(inputs[stage], spec) for stage, spec in stages.items()} == {
         stage: set() for stage in stages
     }, "dvc.yaml: these stages read files they do not depend on"
 
+
+def test_dvc_repro_and_experiments_match_the_flow(flow):
+    project, stages, summary = flow["project"], flow["stages"], flow["summary"]
     assert (project / "data/raw/shapes.dvc").exists()  # the built-in data is DVC-tracked
     assert "up to date" in sh(*DVC, "status", cwd=project)
     assert "Running stage" not in sh(*DVC, "repro", cwd=project)
@@ -157,6 +210,7 @@ def test_dvc_repro_and_experiments_match_the_flow(project):
     ran = {stage for stage in stages if f"Running stage '{stage}'" in out}
     assert ran == {"tune", "train", "evaluate", "export", "quantize", "register", "promote"}
     assert json.loads(paths.TRAINING_REPORT.read_text())["epochs_run"] == 5
+    five_epochs = json.loads(paths.EVALUATION_REPORT.read_text())["accuracy"]
 
     # back to the baseline's params: DVC restores train to quantize from its run cache, never
     # register and promote, whose outputs speak for the registry as it is now
@@ -175,7 +229,7 @@ def test_dvc_repro_and_experiments_match_the_flow(project):
     rows = {row["Experiment"] or row["rev"]: row for row in table}
     experiment = next(row for row in table if row["Experiment"] and row["epochs_run"] == "5")
     assert float(rows["main"]["test_accuracy"]) == reproduced
-    assert float(experiment["test_accuracy"]) >= 0 and experiment["epochs_run"] == "5"
+    assert float(experiment["test_accuracy"]) == five_epochs != reproduced  # its own numbers
     assert "metrics/evaluation.json  test_accuracy" in sh(
         *DVC, "metrics", "diff", "main", "--all", cwd=project
     )

@@ -184,3 +184,58 @@ def test_lensflow_monitor_exit_codes_artifact_and_retraining(champion, tmp_path,
     assert cli.main(["monitor", "--data", str(tmp_path / "missing")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.endswith("missing: batch folder not found (expected a folder of images)")
+
+
+def test_a_batch_with_no_usable_image_fails_the_usable_images_check(champion, tmp_path):
+    batch = tmp_path / "unusable"
+    batch.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (batch / name).write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    report = monitor.run(champion["cfg"], str(batch))
+    usable = next(c for c in report["checks"] if c["name"] == "usable_images")
+    assert usable == {"name": "usable_images", "value": 0, "threshold": 1, "passed": False}
+    assert report["alert"] and "usable_images" in report["fired"]
+    assert report["n_tests"] == 0  # nothing to compare with the reference
+
+
+def _worse_version(cfg) -> str:
+    """Another version of the champion's model whose ONNX head favours class 0 by 8 logits
+    (it predicts class 0 nearly always); the project's files are restored afterwards."""
+    import torch
+
+    originals = {p: p.read_bytes() for p in (paths.CHECKPOINT, paths.ONNX)}
+    try:
+        checkpoint = torch.load(paths.CHECKPOINT, weights_only=True)
+        bias = next(k for k in checkpoint["state_dict"] if k.endswith("head.bias"))
+        checkpoint["state_dict"][bias][0] += 1e-6  # another checkpoint: another version
+        torch.save(checkpoint, paths.CHECKPOINT)
+        model = onnx.load(paths.ONNX)
+        head = [t for t in model.graph.initializer if list(t.dims) == [10]][-1]
+        values = onnx.numpy_helper.to_array(head).copy()
+        values[0] += 8.0
+        head.CopyFrom(onnx.numpy_helper.from_array(values, head.name))
+        onnx.save(model, paths.ONNX)
+        return registry.run(cfg).version
+    finally:
+        for path, content in originals.items():
+            path.write_bytes(content)
+
+
+def test_a_better_challenger_is_found_by_the_challenger_vs_champion_check(champion, tmp_path):
+    cfg, name = champion["cfg"], champion["cfg"].registry.model_name
+    worse = _worse_version(cfg)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, "challenger", "1")  # the good model
+    try:
+        batch = str(write_batch(tmp_path / "labelled"))
+        report = monitor.run(cfg, batch, model=f"models:/{name}/{worse}")
+        check = next(c for c in report["checks"] if c["name"] == "challenger_vs_champion")
+        assert check["statistic"] > 0.3 and check["value"] < check["threshold"]
+        assert "challenger_vs_champion" in report["fired"]
+
+        same = monitor.run(cfg, batch)  # the champion against itself as challenger
+        check = next(c for c in same["checks"] if c["name"] == "challenger_vs_champion")
+        assert (check["statistic"], check["value"], check["passed"]) == (0.0, 1.0, True)
+        assert same["n_tests"] == report["n_tests"]  # both count the challenger's test
+    finally:
+        client.delete_registered_model_alias(name, "challenger")

@@ -83,5 +83,11 @@ def test_evaluate_scores_the_champion_through_the_server(digits_run):
     report = json.loads((digits_run["project"] / "model-evaluation.json").read_text())
     registered = json.loads((digits_run["project"] / "reports/evaluation.json").read_text())
     assert report["model"] == f"models:/{MODEL}@champion"
-    assert report["accuracy"] == pytest.approx(registered["accuracy"], abs=0.01)
-    assert report["accuracy"] > 0.9
+    # the champion's ONNX through the server, on the raw files of the test split: exactly
+    # what the run's evaluation reported (as its sqlite twin, test_training_flow, asserts)
+    assert (report["n_images"], report["accuracy"], report["macro_f1"]) == (
+        registered["n_images"],
+        registered["accuracy"],
+        registered["macro_f1"],
+    )
+    assert report["accuracy"] >= 0.95  # digits, 4 epochs: 0.98

@@ -1,7 +1,9 @@
 """`lensflow stack up|status|down` with real servers: one stack for the module, a tiny
 `lensflow run` against it with the environment `up` printed (no temporary Prefect server),
 its runs in the MLflow server and its flow run in the Prefect server, and no process left
-after `down`."""
+after `down`. The stack and the direct mode share the project in either order: the stack
+writes into an experiment the direct mode made, and after `down` the direct mode runs on
+what the stack made."""
 
 from __future__ import annotations
 
@@ -14,16 +16,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import psutil
 import pytest
 
-from components.core import processes
+from components.core import processes, tracking
 from infra import stack as lensflow_stack
 from tests.conftest import REPO, write_tiny_params
 
 LENSFLOW = [sys.executable, "-m", "cli.main"]
+MADE_DIRECTLY = "made-without-the-stack"  # an experiment the direct mode made before `up`
 
 
 def _lensflow(project, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
@@ -50,6 +54,10 @@ def stack(tmp_path_factory):
     project = tmp_path_factory.mktemp("stack-project")
     write_tiny_params(project)
     found = {"project": project}
+    with pytest.MonkeyPatch.context() as direct:  # as `lensflow` without a server makes it
+        direct.chdir(project)
+        direct.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+        tracking.experiment_named(MADE_DIRECTLY, tracking.LOCAL_ARTIFACTS)
     try:
         found["up"] = up = _lensflow(project, "stack", "up")
         assert up.returncode == 0, up.stderr[-3000:]
@@ -74,6 +82,9 @@ def stack(tmp_path_factory):
             "DVC_SITE_CACHE_DIR": str(project / ".dvc-site-cache"),
         }
         found["run"] = _lensflow(project, "run", env=env)
+        found["validate_into_direct"] = _lensflow(
+            project, "stage", "validate", "--set", f"tracking.experiment={MADE_DIRECTLY}", env=env
+        )
         found["up_again"] = _lensflow(project, "stack", "up")
         found["status"] = _lensflow(project, "stack", "status")
         yield found
@@ -106,8 +117,11 @@ def test_run_against_the_stack_logs_to_both_servers_without_a_temporary_server(s
     runs = client.search_runs([experiment.experiment_id])
     assert {"training", "train", "evaluate"} <= {r.info.run_name for r in runs}
     assert {r.info.status for r in runs} == {"FINISHED"}
-    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)  # served
-    assert any((stack["project"] / "mlartifacts").rglob("*.onnx"))
+    # at a file location the direct mode reads too, not mlflow-artifacts:/ (a server's only)
+    folder = stack["project"] / "mlartifacts" / experiment.experiment_id
+    assert experiment.artifact_location == folder.as_uri()
+    assert all(r.info.artifact_uri.startswith(f"{folder.as_uri()}/") for r in runs)
+    assert any(folder.rglob("*.onnx"))
 
     api = stack["exports"]["PREFECT_API_URL"]
     flows = {f["id"]: f["name"] for f in _post(f"{api}/flows/filter", {})}
@@ -197,8 +211,22 @@ def _cwd(process: psutil.Process) -> str | None:
         return None
 
 
+def test_the_stack_writes_into_an_experiment_the_direct_mode_made(stack):
+    validate = stack["validate_into_direct"]
+    assert validate.returncode == 0, validate.stderr[-3000:]
+    client = mlflow.MlflowClient(stack["exports"]["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(MADE_DIRECTLY)
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    logged = [a.path for a in client.list_artifacts(run.info.run_id, "validation")]
+    assert "validation/validation.json" in logged, logged
+    folder = stack["project"] / "mlartifacts" / run.info.run_id
+    assert experiment.artifact_location == (stack["project"] / "mlartifacts").as_uri()
+    assert (folder / "artifacts/validation/validation.json").exists()  # the direct mode's place
+
+
 def test_down_stops_every_process_and_removes_the_state(stack):
-    # the last test of the module (the fixture's teardown runs `down` again, a no-op then)
+    # the fixture's teardown runs `down` again, a no-op then
     started = stack["processes"] | {
         (child.pid, processes.started_after_boot(child))
         for server in stack["state"].values()
@@ -210,3 +238,33 @@ def test_down_stops_every_process_and_removes_the_state(stack):
     assert not (stack["project"] / ".lensflow/stack.json").exists()
     status = _lensflow(stack["project"], "stack", "status")
     assert status.returncode == 1 and status.stdout.startswith("not running")
+
+
+def test_after_down_the_direct_mode_runs_on_what_the_stack_made(stack):
+    """`lensflow stage export` and a whole `lensflow run` without a server, on the project,
+    experiment and registered champion that the stack's run made."""
+    project = stack["project"]
+    _lensflow(project, "stack", "down", timeout=120)  # after the test above; alone, too
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PREFECT_HOME": str(project / ".prefect-direct"),
+        "DVC_SITE_CACHE_DIR": str(project / ".dvc-site-cache"),
+    }
+    for server in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(server, None)
+    since = int(time.time() * 1000)
+    export = _lensflow(project, "stage", "export", env=env)
+    assert export.returncode == 0, export.stderr[-3000:]
+    run = _lensflow(project, "run", env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lensflow")
+    direct = client.search_runs([experiment.experiment_id], f"attributes.start_time > {since}")
+    names = [r.info.run_name for r in direct]
+    assert names.count("export") == 2 and {"training", "register", "promote"} <= set(names)
+    assert {r.info.status for r in direct} == {"FINISHED"}
+    for run in direct:
+        local = Path(run.info.artifact_uri.removeprefix("file://"))
+        assert local.is_relative_to(project / "mlartifacts"), run.info.artifact_uri

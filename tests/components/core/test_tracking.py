@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 
 from components.core import config, tracking
+from components.core.errors import UserError
 from tests.conftest import REPO
 
 KILLED_IN_A_STEP = """
@@ -59,3 +61,18 @@ def test_an_experiment_another_process_creates_meanwhile_is_taken_not_an_error(
     cfg = config.from_dict({"tracking": {"experiment": "together"}})
     assert tracking.setup(cfg) == made_by_the_other
     assert lookups == ["together", "together"]
+
+
+def test_an_experiment_whose_artifacts_only_a_server_reaches_is_one_line_saying_what_to_do(
+    project,
+):
+    # made through a server that serves its artifacts (a team's, or an older `lensflow stack`)
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    client.create_experiment("served", artifact_location="mlflow-artifacts:/3")
+    with pytest.raises(UserError) as error:  # the CLI prints it as one line, exit 2
+        tracking.setup(config.from_dict({"tracking": {"experiment": "served"}}))
+    assert str(error.value) == (
+        "MLflow experiment 'served' keeps its artifacts on a tracking server "
+        f"(mlflow-artifacts:/3), which {tracking.shown_uri()} cannot reach: start it "
+        '(eval "$(lensflow stack up)") or set MLFLOW_TRACKING_URI to it, then run this again'
+    )

@@ -55,6 +55,27 @@ def test_adding_images_never_moves_an_existing_one(shapes_folder, tmp_path):
     assert not pd.read_parquet(paths.MANIFEST).set_index("path")["split"].equals(after)
 
 
+def test_removing_images_or_changing_fractions_moves_no_other_image(shapes_folder):
+    prepare.run(_folder_cfg(shapes_folder))
+    before = pd.read_parquet(paths.MANIFEST).set_index("path")["split"]
+    removed = sorted(before.index)[::3]  # a third of every class
+    for path in removed:
+        (shapes_folder / path).unlink()
+    prepare.run(_folder_cfg(shapes_folder))
+    after = pd.read_parquet(paths.MANIFEST).set_index("path")["split"]
+    assert sorted(after.index) == sorted(set(before.index) - set(removed))
+    assert after.equals(before[after.index])  # every image left keeps its split
+
+    # a larger test fraction: images move only towards test (train -> val -> test), the test
+    # split only grows, and nothing else changes
+    prepare.run(_folder_cfg(shapes_folder, test_fraction=0.35))
+    moved = pd.read_parquet(paths.MANIFEST).set_index("path")["split"][after.index]
+    order = {"test": 0, "val": 1, "train": 2}
+    assert (moved.map(order) <= after.map(order)).all()
+    assert set(after.index[after == "test"]) < set(moved.index[moved == "test"])
+    assert (moved != after).sum() > 0
+
+
 def test_untracked_data_is_identified_by_its_files(shapes_folder, project):
     assert versioning.data_md5(shapes_folder) == "untracked"  # nothing prepared yet
     prepare.run(_folder_cfg(shapes_folder))

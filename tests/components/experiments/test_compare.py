@@ -5,7 +5,7 @@ from scipy.stats import binomtest
 
 from components.core import config
 from components.core.errors import UserError
-from components.experiments import compare
+from components.experiments import compare, compare_arms
 from tests.conftest import TINY
 
 
@@ -21,7 +21,7 @@ from tests.conftest import TINY
 def test_arm_overrides_are_validated(overrides, message):
     cfg = config.from_dict({**TINY, "compare": overrides})
     with pytest.raises(UserError, match=message):
-        compare.arm_configs(cfg)
+        compare_arms.arm_configs(cfg)
 
 
 def test_fractions_are_validated():

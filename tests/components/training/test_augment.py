@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -89,5 +91,7 @@ def test_training_with_standard_augmentation_and_mixup_learns(tiny_cfg, project)
     prepare.run(cfg)
     assert validate.run(cfg).success
     result = train.run(cfg)
-    assert result.best_val_accuracy > 0.3  # 10 classes: chance is 0.1
+    # 10 classes: chance is 0.1 and an untrained loss ln(10); 0.64 and 0.63 ln(10) on CPU
+    assert result.best_val_accuracy >= 0.55
+    assert result.best_val_loss < 0.66 * math.log(10)
     assert (project / paths.PLOTS / "augmentation_preview.png").stat().st_size > 1000

@@ -127,7 +127,16 @@ def test_imagenet_weights_see_64_px_by_default_and_train_on_small_images():
     spec = models.model_spec(cfg.model, {**_meta(), "image_size": 16})
     assert (spec["image_size"], spec["input_size"]) == (16, 64)
     model = models.build(spec, cfg.model.pretrained).train()
-    model(torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)).sum().backward()
+    assert model.preprocess(torch.zeros(1, 3, 16, 16, dtype=torch.uint8)).shape[-2:] == (64, 64)
+    logits = model(torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8))
+    assert logits.shape == (2, len(spec["classes"]))
+    logits.sum().backward()
+    # every weight learns from 16 px images: none without a gradient, none with a NaN
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert len(grads) > 100 and all(torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
     own = config.from_dict({"model": {"pretrained": "efficientnet-lite0", "input_size": 40}})
     assert models.model_spec(own.model, {**_meta(), "image_size": 16})["input_size"] == 40
 

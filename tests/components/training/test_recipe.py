@@ -78,19 +78,25 @@ def test_plateau_follows_the_validation_loss():
     assert lrs[0] == 0.1 and lrs[-1] == pytest.approx(0.01)
 
 
-def test_ema_is_what_gets_evaluated_and_lags_the_weights():
-    model, training_loop = _loop(ema_decay=0.9, lr=0.01)
+def test_ema_is_what_gets_evaluated_and_averages_the_weights_with_its_decay():
+    decay = 0.9
+    model, training_loop = _loop(ema_decay=decay, lr=0.01)
     assert training_loop.evaluated_model is not model
-    before = [p.detach().clone() for p in training_loop.evaluated_model.parameters()]
     images = torch.randint(0, 255, (8, 1, 16, 16), dtype=torch.uint8)
+    expected = None  # the first step copies the weights, every later one averages them in
     for _ in range(5):
         loss = torch.nn.functional.cross_entropy(model(images), torch.zeros(8, dtype=torch.long))
         training_loop.step(model, loss)
-    after = list(training_loop.evaluated_model.parameters())
-    live = list(model.parameters())
-    moved = [(a - b).abs().sum() for a, b in zip(after, before, strict=True)]
-    gap = [(a - w).abs().sum() for a, w in zip(after, live, strict=True)]
-    assert sum(moved) > 0 and sum(gap) > 0  # the average moves, but behind the live weights
+        live = [p.detach().clone() for p in model.parameters()]
+        if expected is None:
+            expected = live
+        else:
+            expected = [decay * e + (1 - decay) * w for e, w in zip(expected, live, strict=True)]
+    averaged = list(training_loop.evaluated_model.parameters())
+    for got, want in zip(averaged, expected, strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    gap = sum(float((a - w).abs().sum()) for a, w in zip(averaged, live, strict=True))
+    assert gap > 0  # behind the live weights
 
 
 def test_class_weights_favour_rare_classes():
