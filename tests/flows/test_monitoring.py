@@ -46,15 +46,24 @@ def champion(tmp_path_factory):
         yield {"root": root, "cfg": cfg, "mp": mp}
 
 
-def write_batch(root, corruption=None, severity=0.0, labelled=True, seed=7, rotate=0):
-    """PER_CLASS fresh shapes per class, corrupted as a camera would; `rotate` files every
-    image under another class's folder (wrong labels)."""
+def write_batch(
+    root,
+    corruption=None,
+    severity=0.0,
+    labelled=True,
+    seed=7,
+    rotate=0,
+    classes=None,
+    per=PER_CLASS,
+):
+    """`per` fresh shapes of each class (of the first `classes`: a label shift), corrupted as a
+    camera would; `rotate` files every image under another class's folder (wrong labels)."""
     from components.scoring import robustness
 
     rng = np.random.default_rng(seed)
     names = datasets.SHAPE_CLASSES
-    for k, name in enumerate(names):
-        for i in range(PER_CLASS):
+    for k, name in enumerate(names[:classes]):
+        for i in range(per):
             image = datasets.shape_image(name, rng).transpose(2, 0, 1)[None]
             if corruption:
                 image = robustness.corrupt(image, corruption, severity, rng)
@@ -135,6 +144,19 @@ def test_label_free_batch_runs_every_drift_check_and_no_accuracy_check(champion,
     assert not report["batch"]["labelled"] and report["batch"]["n_images"] == 100
     assert "accuracy" not in names and {"embedding_mmd", "class_prior"} <= names
     assert not report["alert"]
+
+
+def test_a_label_shift_fires_the_class_prior_check_itself_at_a_strict_rate(champion, tmp_path):
+    """Fresh shapes of two classes only, at false_alarm_rate 0.01 with 100 permutations asked
+    (a p-value floor of 1/101, above 0.01 / 16): the count is raised, and class_prior fires."""
+    strict = {"monitor.false_alarm_rate": 0.01, "monitor.permutations": 100}
+    cfg = config.with_values(champion["cfg"], strict)
+    batch = write_batch(tmp_path / "two", labelled=False, classes=2, per=25)
+    report = monitor.run(cfg, str(batch))
+    prior = next(c for c in report["checks"] if c["name"] == "class_prior")
+    assert not prior["passed"] and prior["value"] < prior["threshold"] == 0.01 / report["n_tests"]
+    assert 1 / (report["permutations"]["used"] + 1) < prior["threshold"]
+    assert report["permutations"]["note"].startswith("monitor.permutations=100 raised to ")
 
 
 def test_a_labelled_batch_where_the_champions_accuracy_falls(champion, tmp_path):
