@@ -122,7 +122,10 @@ class Monitor(Section):
     recorded test accuracy."""
     on_alert: Literal["none", "retrain"] = "none"
     """`none`, or `retrain`: an alert starts a run of the Prefect deployment
-    `lensflow-training/training`."""
+    `lensflow-training/training`, at most one per batch and one at a time."""
+    retrain_cooldown_s: float = Field(3600.0, ge=0)
+    """`on_alert: retrain`: an alert starts no training run within this many seconds of the
+    last one an alert started (the report says it skipped, and why); 0 = no cool-down."""
     permutations: int = Field(2000, ge=100)
     """Permutations of the MMD and class-prior tests (more cost time, not memory). Their
     smallest p-value is 1 / (1 + this): a pass that needs more for that floor to sit 5x under

@@ -23,7 +23,8 @@ from components.evaluation import evaluate
 from components.monitoring import monitor
 from components.release import export, promote, registry
 from components.training import train
-from flows.monitoring import TRAINING_DEPLOYMENT
+from flows import retrain
+from flows.retrain import TRAINING_DEPLOYMENT
 from tests.conftest import tiny_project
 
 PER_CLASS = 10  # 100 images a batch
@@ -201,8 +202,61 @@ def test_lensflow_monitor_exit_codes_artifact_and_retraining(champion, tmp_path,
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(started["flow_run_id"])
     assert started["status"] == "started" and run.deployment_id == deployment_id
+    _the_retrain_guard(tmp_path, noisy, started["flow_run_id"])
 
     capsys.readouterr()
     assert cli.main(["monitor", "--data", str(tmp_path / "missing")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.endswith("missing: batch folder not found (expected a folder of images)")
+
+
+def _the_retrain_guard(tmp_path, noisy: str, first_run: str) -> None:
+    """After an alert on `noisy` started `first_run` (still scheduled: no worker runs it)."""
+    import logging
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed
+
+    on_alert = ["--set", "monitor.on_alert=retrain"]
+
+    def skipped(batch: str, *values: str) -> dict:
+        assert cli.main(["monitor", "--data", batch, *on_alert, *values]) == 1
+        outcome = json.loads(paths.MONITORING_REPORT.read_text())["retrain"]
+        assert outcome["status"] == "skipped" and outcome["at"], outcome
+        return outcome
+
+    def finish(flow_run_id: str) -> None:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Completed(), force=True)
+
+    for _ in range(2):  # the same drifted batch, monitored twice more
+        again = skipped(noisy)
+        assert again["flow_run_id"] == first_run and "this batch already started" in again["reason"]
+    blurred = str(write_batch(tmp_path / "blurred", "gaussian_blur", 1.5, labelled=False))
+    busy = skipped(blurred)
+    assert busy["flow_run_id"] == first_run and "in progress (one at a time)" in busy["reason"]
+    finish(first_run)
+    cooling = skipped(blurred)
+    assert "cool-down" in cooling["reason"]
+    assert "monitor.retrain_cooldown_s = 3600" in cooling["reason"]
+    no_cooldown = ["--set", "monitor.retrain_cooldown_s=0"]
+    assert cli.main(["monitor", "--data", blurred, *on_alert, *no_cooldown]) == 1
+    second = json.loads(paths.MONITORING_REPORT.read_text())["retrain"]
+    assert second["status"] == "started" and second["flow_run_id"] != first_run
+    finish(second["flow_run_id"])
+
+    # two alerts on one new batch at the same moment: one training run
+    cfg = config.with_values(config.load("params.yaml"), {"monitor.retrain_cooldown_s": 0})
+    outcomes, log = [None, None], logging.getLogger("test")
+    threads = [
+        threading.Thread(target=lambda i=i: outcomes.__setitem__(
+            i, retrain.start_training(cfg, "f" * 64, log)
+        ))
+        for i in range(2)
+    ]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(o["status"] for o in outcomes) == ["skipped", "started"], outcomes
+    assert outcomes[0]["flow_run_id"] == outcomes[1]["flow_run_id"]
