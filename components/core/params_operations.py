@@ -133,7 +133,8 @@ class Monitor(Section):
     of 3-channel images at the default rate; 7,999 at 0.01) and says so in the report
     (`permutations.note`) and the log."""
     reference_images: int = Field(1000, ge=10)
-    """Validation images (a seeded sample) in the reference profile export makes."""
+    """Images of the test split's reference half (a seeded sample) in the reference profile
+    export makes: images the model was neither trained nor selected on."""
     pca_components: int = Field(8, ge=1)
     """Dimensions the penultimate-layer embeddings are reduced to (PCA fitted on up to 2,000
     training images) for the MMD test."""

@@ -18,6 +18,7 @@ from PIL import Image
 from cli import main as cli
 from components.core import config, paths
 from components.data import datasets, prepare, validate
+from components.drift import drift
 from components.drift import profile as reference_profile
 from components.evaluation import evaluate
 from components.monitoring import monitor
@@ -74,15 +75,22 @@ def write_batch(
     return root
 
 
-def test_export_adds_embeddings_and_a_reference_profile_from_validation(champion):
+def test_export_adds_embeddings_and_a_reference_profile_the_model_never_saw(champion):
     proto = onnx.load(champion["root"] / paths.ONNX)
     assert [o.name for o in proto.graph.output] == ["logits", "probabilities", "embeddings"]
     parity = json.loads((champion["root"] / paths.EXPORT_REPORT).read_text())["onnx"]["parity"]
     assert parity["passed"] and parity["embeddings_max_abs_diff"] < 1e-4
     profile = reference_profile.load(champion["root"] / paths.PROFILE)
-    n_val = len(np.load(champion["root"] / paths.shard_labels("val")))
-    assert profile.meta["reference_split"] == "val" and profile.meta["n_reference"] == n_val
-    assert profile.reference["embeddings"].shape == (n_val, 8)
+    half, held_out, test = reference_profile.test_halves(champion["cfg"].seed)
+    assert len(half) >= 2 and len(held_out) >= 2 and len(half) + len(held_out) == len(test)
+    assert profile.meta["reference_split"] == "test (reference half)"
+    assert profile.meta["n_reference"] == len(half)
+    assert profile.reference["embeddings"].shape == (len(half), 8)
+    # its images: the test split's reference half, none trained or selected on
+    images = np.load(champion["root"] / paths.shard_images("test"))
+    brightness = drift.image_properties(images[half], [32] * len(half), [32] * len(half))
+    assert np.allclose(np.sort(brightness["brightness"]), np.sort(profile.reference["brightness"]))
+    assert not set(registry.trained_on()) & set(test["sha256"])  # lineage/trained_on.txt
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("lensflow-classifier", "champion")
     artifacts = [a.path for a in client.list_artifacts(version.run_id, "profile")]
@@ -110,7 +118,7 @@ def test_a_clean_held_out_batch_raises_no_alert(champion, tmp_path):
 
 @pytest.mark.parametrize(
     "corruption, severity, expected",
-    [("gaussian_noise", 32.0, "sharpness"), ("gaussian_blur", 1.5, "sharpness"),
+    [("gaussian_noise", 64.0, "embedding_mmd"), ("gaussian_blur", 1.5, "sharpness"),
      ("brightness", -75.0, "brightness")],
 )  # fmt: skip
 def test_a_corrupted_batch_raises_an_alert_naming_the_check(
@@ -135,7 +143,8 @@ def test_a_corrupted_batch_raises_an_alert_naming_the_check(
         report = monitor.run(champion["cfg"], str(batch))
     finally:
         server.shutdown()
-    assert report["alert"] and expected in report["fired"]
+    seen = {c["name"]: c["value"] for c in report["checks"]}
+    assert report["alert"] and expected in report["fired"], (seen[expected], report["fired"])
     assert report["webhook"]["status"] == "sent" and received[0]["fired"] == report["fired"]
 
 
@@ -190,7 +199,7 @@ def test_lensflow_monitor_exit_codes_artifact_and_retraining(champion, tmp_path,
         artifact = client.read_artifacts(artifact_filter=keys)[-1]
     assert "| embedding_mmd |" in artifact.data
 
-    noisy = str(write_batch(tmp_path / "noisy", "gaussian_noise", 32.0, labelled=False))
+    noisy = str(write_batch(tmp_path / "noisy", "gaussian_noise", 64.0, labelled=False))
     retrain = ["--set", "monitor.on_alert=retrain"]
     assert cli.main(["monitor", "--data", noisy, *retrain]) == 1
     assert f"no deployment {TRAINING_DEPLOYMENT}" in capsys.readouterr().err
