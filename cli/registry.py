@@ -14,7 +14,12 @@ def add_commands(sub) -> None:
     history.set_defaults(command=cmd_history)
 
     promote = sub.add_parser("promote", help="move @champion to VERSION by hand (logged)")
-    promote.add_argument("version", metavar="VERSION", help="a version of registry.model_name")
+    promote.add_argument(
+        "version", metavar="VERSION", nargs="?", help="a version of registry.model_name"
+    )
+    promote.add_argument(
+        "--break-lock", action="store_true", help="clear the promotion lock instead (logged)"
+    )
     promote.add_argument("--reason", required=True, help="why: it goes into the promotion log")
     add_params(promote)
     promote.set_defaults(command=cmd_promote)
@@ -47,8 +52,17 @@ def cmd_history(args, cfg) -> int:
 
 
 def cmd_promote(args, cfg) -> int:
+    from components.core.errors import UserError
     from components.release import promotion_log
 
+    if args.break_lock:
+        if args.version is not None:
+            raise UserError("--break-lock: give no VERSION (it only clears the promotion lock)")
+        broken = promotion_log.break_lock(cfg, args.reason)
+        print(f"promote: {broken['summary']} (logged, reason: {args.reason})")
+        return 0
+    if args.version is None:
+        raise UserError("VERSION: say which version becomes @champion (or --break-lock)")
     decision = promotion_log.override(cfg, args.version, args.reason)
     print(f"promote: {decision.summary} (logged, reason: {decision.reason})")
     return 0

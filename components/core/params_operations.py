@@ -122,13 +122,19 @@ class Monitor(Section):
     recorded test accuracy."""
     on_alert: Literal["none", "retrain"] = "none"
     """`none`, or `retrain`: an alert starts a run of the Prefect deployment
-    `lensflow-training/training`."""
-    permutations: int = Field(1000, ge=100)
-    """Permutations of the MMD and class-prior tests; their smallest p-value is 1 / (1 +
-    this), so it must stay above (number of checks) / `false_alarm_rate` − 1 (~340 at the
-    defaults) for them to be able to fire."""
+    `lensflow-training/training`, at most one per batch and one at a time."""
+    retrain_cooldown_s: float = Field(3600.0, ge=0)
+    """`on_alert: retrain`: an alert starts no training run within this many seconds of the
+    last one an alert started (the report says it skipped, and why); 0 = no cool-down."""
+    permutations: int = Field(2000, ge=100)
+    """Permutations of the MMD and class-prior tests (more cost time, not memory). Their
+    smallest p-value is 1 / (1 + this): a pass that needs more for that floor to sit 5x under
+    its threshold, `false_alarm_rate` / number of checks, raises it (1,599 for the 16 checks
+    of 3-channel images at the default rate; 7,999 at 0.01) and says so in the report
+    (`permutations.note`) and the log."""
     reference_images: int = Field(1000, ge=10)
-    """Validation images (a seeded sample) in the reference profile export makes."""
+    """Images of the test split's reference half (a seeded sample) in the reference profile
+    export makes: images the model was neither trained nor selected on."""
     pca_components: int = Field(8, ge=1)
     """Dimensions the penultimate-layer embeddings are reduced to (PCA fitted on up to 2,000
     training images) for the MMD test."""

@@ -336,5 +336,18 @@ class Promote(Section):
     max_latency_ms_p95: float | None = Field(None, ge=0)
     """Batch-1 p95 latency budget in ms (ONNX Runtime, on this machine); `null` = off, since
     timings vary by machine."""
-    lock_timeout_s: float = Field(600.0, gt=0)
-    """A promotion lock older than this is stale and broken."""
+    lease_s: float = Field(60.0, gt=0)
+    """The promotion lease: its holder renews it every third of this; a waiter breaks the lock
+    only after this long without a renewal (by the tracking server's clock), or at once when
+    the holder's process is gone (same host). Longer: a killed holder on another host blocks
+    promotions longer; shorter: a holder stalled this long (slow MLflow retries) loses it and
+    aborts."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        if isinstance(data, dict) and "lock_timeout_s" in data:
+            raise ValueError(
+                "promote.lock_timeout_s is now promote.lease_s (a lease its holder renews)"
+            )
+        return data

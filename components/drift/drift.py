@@ -5,14 +5,38 @@ autoencoder reconstruction error; an MMD permutation test on the reduced embeddi
 permutation chi-square test on the predicted classes. The pass alerts when any p-value is
 under false_alarm_rate / number of checks (Bonferroni), so on clean data the chance that a
 pass alerts is at most false_alarm_rate, whatever the batch size.
+
+A permutation p-value is never below 1 / (1 + permutations), so the permutation count follows
+the threshold (`permutations_for`): otherwise the MMD and class-prior tests could never fire.
+Their memory does not grow with the permutations (MMD: in chunks) nor with the batch (class
+prior: permuted class counts drawn directly).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 GREY = np.float32(1 / 3)
 MMD_MAX_BATCH = 2000  # batch rows the MMD test sees (a seeded sample): its cost grows as N^2
+PERMUTATION_CHUNK = 64  # MMD permutations built at once: [N, 64] arrays, whatever the count
+FLOOR_MARGIN = 5  # the smallest permutation p-value sits at least 5x under the threshold
+
+
+def permutations_for(n_checks: int, false_alarm_rate: float, asked: int) -> tuple[int, str]:
+    """The permutation count the tests run, and a line saying why when it is not `asked`:
+    raised until the smallest p-value, 1 / (1 + permutations), is at most 1 / FLOOR_MARGIN
+    of the threshold false_alarm_rate / n_checks."""
+    threshold = false_alarm_rate / max(1, n_checks)
+    needed = math.ceil(FLOOR_MARGIN / threshold) - 1
+    if asked >= needed:
+        return asked, ""
+    return needed, (
+        f"monitor.permutations={asked} raised to {needed}: the smallest permutation p-value, "
+        f"1/{asked + 1}, must stay {FLOOR_MARGIN}x under the threshold "
+        f"monitor.false_alarm_rate / {n_checks} checks = {threshold:.3g}"
+    )
 
 
 def image_properties(images: np.ndarray, widths, heights) -> dict[str, np.ndarray]:
@@ -65,12 +89,16 @@ def mmd_permutation(
     squared = (pooled**2).sum(axis=1)
     distances = np.maximum(squared[:, None] + squared[None, :] - 2 * pooled @ pooled.T, 0)
     kernel = np.exp(-distances / (2 * bandwidth**2))
+    del distances
     weights = np.concatenate([np.full(n, 1 / n), np.full(m, -1 / m)])
     observed = float(weights @ kernel @ weights)
-    permuted = rng.permuted(np.tile(weights, (permutations, 1)), axis=1).T  # [N, B]
-    statistics = np.einsum("ib,ib->b", permuted, kernel @ permuted)
-    p_value = (1 + int((statistics >= observed - 1e-12).sum())) / (1 + permutations)
-    return observed, p_value
+    as_large = 0
+    for start in range(0, permutations, PERMUTATION_CHUNK):
+        size = min(PERMUTATION_CHUNK, permutations - start)
+        permuted = rng.permuted(np.tile(weights, (size, 1)), axis=1).T  # [N, size]
+        statistics = np.einsum("ib,ib->b", permuted, kernel @ permuted)
+        as_large += int((statistics >= observed - 1e-12).sum())
+    return observed, (1 + as_large) / (1 + permutations)
 
 
 def chi2_permutation(
@@ -78,23 +106,25 @@ def chi2_permutation(
 ) -> tuple[float, float]:
     """The chi-square statistic of the 2 x classes table of predicted-class counts (batch,
     reference) and its permutation p-value: exact in small samples, where the chi-square
-    distribution is not."""
+    distribution is not. A permutation's batch counts are a multivariate hypergeometric draw
+    from the pooled counts, drawn directly: memory permutations x classes, whatever the
+    batch size."""
     rng = np.random.default_rng(seed)
-    n = len(batch)
-    pooled = np.concatenate([batch, reference]).astype(np.int64)
-    observed = _chi2(np.bincount(batch, minlength=classes)[None], pooled, classes)[0]
-    shuffled = rng.permuted(np.tile(pooled, (permutations, 1)), axis=1)[:, :n]
-    offsets = (shuffled + classes * np.arange(permutations)[:, None]).ravel()
-    counts = np.bincount(offsets, minlength=permutations * classes).reshape(permutations, -1)
-    statistics = _chi2(counts, pooled, classes)
+    batch_counts = np.bincount(batch, minlength=classes)
+    total = batch_counts + np.bincount(reference, minlength=classes)
+    observed = _chi2(batch_counts[None], total)[0]
+    permuted = rng.multivariate_hypergeometric(total, len(batch), size=permutations)
+    statistics = _chi2(permuted, total)
     p_value = (1 + int((statistics >= observed - 1e-9).sum())) / (1 + permutations)
     return float(observed), p_value
 
 
-def _chi2(batch_counts: np.ndarray, pooled: np.ndarray, classes: int) -> np.ndarray:
-    """Pearson's statistic of each row of batch counts against the rest of `pooled`."""
-    total = np.bincount(pooled, minlength=classes).astype(np.float64)
-    n, m = batch_counts[0].sum(), len(pooled) - batch_counts[0].sum()
+def _chi2(batch_counts: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Pearson's statistic of each row of batch counts against the rest of the pooled counts
+    `total`."""
+    total = total.astype(np.float64)
+    n = batch_counts[0].sum()
+    m = total.sum() - n
     seen = total > 0
     observed_batch = batch_counts[:, seen].astype(np.float64)
     observed_reference = total[seen] - observed_batch
@@ -102,6 +132,16 @@ def _chi2(batch_counts: np.ndarray, pooled: np.ndarray, classes: int) -> np.ndar
     return ((observed_batch - expected_batch) ** 2 / expected_batch).sum(axis=1) + (
         (observed_reference - expected_reference) ** 2 / expected_reference
     ).sum(axis=1)
+
+
+def n_checks(reference: dict, batch: dict) -> int:
+    """How many p-valued checks `checks` makes for these signals."""
+    scalar = [k for k in batch if k not in ("embeddings", "predicted") and k in reference]
+    return len(scalar) + int(_has_embeddings(reference, batch)) + 1
+
+
+def _has_embeddings(reference: dict, batch: dict) -> bool:
+    return batch.get("embeddings") is not None and reference.get("embeddings") is not None
 
 
 def checks(reference: dict, batch: dict, classes: int, permutations: int, seed: int) -> list:
@@ -114,7 +154,7 @@ def checks(reference: dict, batch: dict, classes: int, permutations: int, seed: 
     for name in scalar:
         statistic, p_value = ks(batch[name], reference[name])
         found.append(_check(name, "ks", statistic, p_value))
-    if batch.get("embeddings") is not None and reference.get("embeddings") is not None:
+    if _has_embeddings(reference, batch):
         statistic, p_value = mmd_permutation(
             batch["embeddings"], reference["embeddings"], reference["bandwidth"], permutations, seed
         )

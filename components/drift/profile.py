@@ -1,17 +1,23 @@
 """The reference profile of a model version, made at export: what its data looked like, so
 continuous validation can tell when new images drift away from it.
 
-From the validation split (a seeded sample of at most monitor.reference_images; never the
-test split, which promotion holds out), per image: the image properties (brightness,
-contrast, sharpness, size and aspect of the raw file, each channel's mean and std), the
-model's confidence, entropy and predicted class, its penultimate-layer embeddings (the ONNX
-`embeddings` output) reduced by a PCA fitted on training images, and the reconstruction error
-of a small autoencoder trained on training images. One file, models/profile.npz (numpy
-arrays and a JSON header, no pickles), which register logs next to the model.
+The reference sample is images the model never saw: neither trained on (the training split)
+nor selected on (the validation split, which picked the best checkpoint and on which the model
+is more confident than on fresh images). It is the reference half of the test split (a seeded
+hash of each image's content decides, as for the splits), at most monitor.reference_images of
+it; the other half stays out of every reference, so false alarms can be measured on images
+the model never saw that are not in the reference either (bench/drift_power.py). Per image:
+the image properties (brightness, contrast, sharpness, size and aspect of the raw file, each
+channel's mean and std), the model's confidence, entropy and predicted class, its
+penultimate-layer embeddings (the ONNX `embeddings` output) reduced by a PCA fitted on training
+images, and the reconstruction error of a small autoencoder trained on training images. One
+file, models/profile.npz (numpy arrays and a JSON header, no pickles), which register logs
+next to the model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ from components.drift import autoencoder, drift
 from components.scoring.backends import ort_session
 
 FORMAT = 1
+REFERENCE_SPLIT = "test (reference half)"
 TRAIN_SAMPLE = 2000  # training images that fit the PCA and the autoencoder (seeded sample)
 
 
@@ -55,7 +62,7 @@ def run(cfg: Config, test_accuracy: float, onnx_path: Path = paths.ONNX) -> dict
     model = autoencoder.train(train_sample, cfg.monitor.autoencoder_epochs, cfg.seed)
     del train_sample
 
-    images, widths, heights = _reference_sample(cfg.monitor.reference_images, cfg.seed)
+    images, widths, heights = reference_sample(cfg.monitor.reference_images, cfg.seed)
     profile = Profile({}, {}, mean, components, scale, model)
     reference = signals(profile, session, images, widths, heights)
     reference["bandwidth"] = drift.median_bandwidth(reference["embeddings"], seed=cfg.seed)
@@ -66,7 +73,7 @@ def run(cfg: Config, test_accuracy: float, onnx_path: Path = paths.ONNX) -> dict
         "channels": meta["channels"],
         "image_size": meta["image_size"],
         "test_accuracy": test_accuracy,
-        "reference_split": "val",
+        "reference_split": REFERENCE_SPLIT,
         "n_reference": len(images),
         "n_train": len(rows),
         "pca_components": len(components),
@@ -122,23 +129,38 @@ def _pca(embeddings: np.ndarray, components: int):
     return mean, vt[:k], np.maximum(scale, 1e-6)
 
 
-def _reference_sample(limit: int, seed: int):
-    """A seeded sample of the validation split: images, and the raw sizes the manifest holds."""
+def in_reference_half(sha256: str, seed: int) -> bool:
+    """Whether a test-split image belongs to the half the reference profile samples from (a
+    seeded hash of its content, independent of the one that chose its split)."""
+    return hashlib.sha256(f"reference:{seed}:{sha256}".encode()).digest()[0] % 2 == 0
+
+
+def test_halves(seed: int):
+    """(the test split's rows in the reference half, the rows held out of every reference,
+    the split's manifest rows), in the order of the test split's shard."""
     import pandas as pd
 
-    images, _ = prepared.load_split("val")
-    manifest = pd.read_parquet(paths.MANIFEST, columns=["split", "width", "height"])
-    val = manifest[manifest["split"] == "val"]
-    if len(val) != len(images) or len(images) < 2:
+    manifest = pd.read_parquet(paths.MANIFEST, columns=["split", "sha256", "width", "height"])
+    test = manifest[manifest["split"] == "test"].reset_index(drop=True)
+    half = test["sha256"].map(lambda sha: in_reference_half(sha, seed)).to_numpy(bool)
+    return np.flatnonzero(half), np.flatnonzero(~half), test
+
+
+def reference_sample(limit: int, seed: int):
+    """A seeded sample of the test split's reference half: images, and the raw sizes the
+    manifest holds."""
+    images, _ = prepared.load_split("test")
+    half, _, test = test_halves(seed)
+    if len(test) != len(images) or len(half) < 2:
         raise UserError(
-            f"the validation split has {len(images)} images: the reference profile needs 2 "
-            f"or more (raise prepare.val_fraction or add images)"
+            f"the test split's reference half has {len(half)} images: the reference profile "
+            "needs 2 or more (raise prepare.test_fraction or add images)"
         )
-    rows = prepared.sample(len(images), limit, seed)
+    rows = half[prepared.sample(len(half), limit, seed)]
     return (
         np.asarray(images[rows]),
-        val["width"].to_numpy()[rows],
-        val["height"].to_numpy()[rows],
+        test["width"].to_numpy()[rows],
+        test["height"].to_numpy()[rows],
     )
 
 

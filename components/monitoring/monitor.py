@@ -53,18 +53,21 @@ def run(cfg: Config, data: str | None = None, model: str | None = None) -> dict:
     batch = monitor_data.read(cfg, data, meta["classes"], *spec)
 
     checks = [_data_check(batch), _usable_check(batch)]
-    tested = []
+    tested, permutations = [], {"used": cfg.monitor.permutations, "note": ""}
     if len(batch.images):
         signals = reference_profile.signals(
             profile, session, batch.images, batch.widths, batch.heights
         )
-        tested = drift.checks(
-            profile.reference, signals, len(meta["classes"]), cfg.monitor.permutations, cfg.seed
-        )
+        challenger = []
         if batch.labels is not None:
             accuracy, challenger = _labelled_checks(cfg, profile, signals, batch, data, meta)
             checks.append(accuracy)
-            tested += challenger
+        n_checks = drift.n_checks(profile.reference, signals) + len(challenger)
+        permutations = _permutations(cfg, n_checks)
+        tested = drift.checks(
+            profile.reference, signals, len(meta["classes"]), permutations["used"], cfg.seed
+        )
+        tested += challenger
     checks += drift.bonferroni(tested, cfg.monitor.false_alarm_rate)
     fired = [c["name"] for c in checks if not c["passed"]]
     report = {
@@ -73,6 +76,7 @@ def run(cfg: Config, data: str | None = None, model: str | None = None) -> dict:
         "checks": checks,
         "false_alarm_rate": cfg.monitor.false_alarm_rate,
         "n_tests": len(tested),
+        "permutations": permutations,
         "model": model_info,
         "batch": {
             "path": str(Path(data).expanduser().resolve()),
@@ -89,6 +93,17 @@ def run(cfg: Config, data: str | None = None, model: str | None = None) -> dict:
     report["mlflow_run_id"] = _log_run(cfg, report)
     paths.write_json(paths.MONITORING_REPORT, report)
     return report
+
+
+def _permutations(cfg: Config, n_checks: int) -> dict:
+    """The permutation count the MMD and class-prior tests need to be able to fire at this
+    threshold, and the line that says so when it is more than monitor.permutations."""
+    used, note = drift.permutations_for(
+        n_checks, cfg.monitor.false_alarm_rate, cfg.monitor.permutations
+    )
+    if note:
+        log.warning("lensflow monitor: %s", note)
+    return {"used": used, "note": note}
 
 
 def load_profile(model_uri: str) -> reference_profile.Profile:

@@ -1,6 +1,6 @@
 """promote: decide whether the version `register` made becomes `@champion`, and log why.
 
-Under the promotion lock (see promotion_log), the candidate and the current champion are scored
+Holding the promotion lease (see lease.py), the candidate and the current champion are scored
 by the same evaluator on the same raw files of the test split, each decoded for its own input
 spec, and the gates of params.yaml's `promote` section decide:
 - absolute: `min_accuracy`, `min_macro_f1` (the candidate's, re-scored here, never read from a
@@ -48,7 +48,7 @@ def run(cfg: Config, version: str | None = None) -> PromotionResult:
     with tracking.step_run(cfg, "promote"):
         import mlflow
 
-        with promotion_log.lock(name, cfg.promote.lock_timeout_s):
+        with promotion_log.lock(name, cfg.promote.lease_s) as held:
             promotion_log.settle_incomplete(cfg)
             champion = promotion_log.champion(name)
             promotion_log.pause("read")
@@ -57,7 +57,7 @@ def run(cfg: Config, version: str | None = None) -> PromotionResult:
                 promotion_log.client().set_model_version_tag(
                     name, candidate, "lensflow.gates", json.dumps(decision.gates)
                 )
-            record = promotion_log.decide(cfg, decision)
+            record = promotion_log.decide(cfg, decision, held)
         promoted = decision.to_version == candidate and champion != candidate
         report = {
             "name": name,

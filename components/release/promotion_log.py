@@ -1,15 +1,14 @@
-"""The promotion log and lock: every decision about `@champion` as a record in MLflow, and a
-mutex across every process that talks to the same tracking server.
+"""The promotion log: every decision about `@champion` as a record in MLflow, taken under the
+promotion lease (lease.py), a mutex across every process that talks to the same tracking server.
 
 MLflow keeps no alias history and has no compare-and-set on aliases, so:
 - a decision is one run in the experiment `<tracking.experiment>-promotions`, written before
   any alias moves (tag `lensflow.record: incomplete`) and marked `complete` after the last
   alias write. A record a crash left incomplete is settled by the next decision, under the
-  lock: `complete` when `@champion` did move to its version, else `aborted`;
-- read-decide-move runs while holding the lock `<registry.model_name>.promotion-lock`, a
-  registered model: MLflow's unique names let one process create it, the others get
-  RESOURCE_ALREADY_EXISTS and wait. Deleting it releases it. A lock whose holder is dead (same
-  host) or older than `promote.lock_timeout_s` is broken, with a warning.
+  lease: finished (`@challenger` set or cleared, `complete`) when `@champion` did move to its
+  version or the decision moved nothing, else `aborted`;
+- read-decide-move runs holding the lease, and the lease is checked (renewed) right before the
+  first alias write: a holder that lost it aborts its record and moves nothing.
 """
 
 from __future__ import annotations
@@ -18,21 +17,18 @@ import getpass
 import json
 import os
 import time
-import uuid
-import warnings
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from components.core import tracking
 from components.core.config import Config
 from components.core.errors import UserError
+from components.release import lease
 
 EXPERIMENT_SUFFIX = "-promotions"
-LOCK_SUFFIX = ".promotion-lock"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 RECORD = "lensflow.record"  # incomplete | complete | aborted
-LOCK_HOLDER = "lensflow.lock_holder"
 
 
 @dataclass
@@ -53,12 +49,18 @@ class Decision:
 
 
 def pause(point: str) -> None:
-    """Fault injection for tests: LENSFLOW_PROMOTE_PAUSE_AFTER=<point>:<seconds> sleeps there
-    (`read`: after reading @champion, inside the lock; `record`: after writing the decision
-    record, before any alias moves), so a test can kill the process or race another one."""
-    where, _, seconds = os.environ.get("LENSFLOW_PROMOTE_PAUSE_AFTER", "").partition(":")
-    if where == point:
-        time.sleep(float(seconds))
+    """Fault injection for tests: LENSFLOW_PROMOTE_PAUSE_AFTER=<point>:<seconds or a file>
+    sleeps there, or waits until the file exists (`read`: after reading @champion, holding the
+    lease; `record`: after writing the decision record, before any alias moves; `moved`: after
+    moving @champion), so a test can kill the process or race another one."""
+    where, _, until = os.environ.get("LENSFLOW_PROMOTE_PAUSE_AFTER", "").partition(":")
+    if where != point:
+        return
+    if until.replace(".", "", 1).isdigit():
+        time.sleep(float(until))
+        return
+    while not os.path.exists(until):
+        time.sleep(0.1)
 
 
 def client():
@@ -82,90 +84,87 @@ def pipeline_actor(cfg: Config) -> str:
 
 
 @contextmanager
-def lock(name: str, timeout_s: float):
-    """Hold `<name>.promotion-lock` across read-decide-move (see the module's docstring)."""
-    from mlflow.exceptions import MlflowException
-
-    mlflow_client, lock_name = client(), f"{name}{LOCK_SUFFIX}"
-    holder = uuid.uuid4().hex
-    tags = {LOCK_HOLDER: holder, **tracking.process_tags()}
-    while True:
-        try:
-            mlflow_client.create_registered_model(
-                lock_name, tags=tags, description=f"held while {name}'s @champion is decided"
-            )
-            break
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        _break_if_stale(mlflow_client, lock_name, timeout_s)
-        time.sleep(0.2)
+def lock(name: str, lease_s: float):
+    """Hold `<name>.promotion-lock` across read-decide-move; yields the Lease for `decide`."""
+    held = lease.Lease(client(), name, lease_s).acquire()
     try:
-        yield
+        yield held
     finally:
-        with suppress(MlflowException):
-            if mlflow_client.get_registered_model(lock_name).tags.get(LOCK_HOLDER) == holder:
-                mlflow_client.delete_registered_model(lock_name)
+        held.release()
 
 
-def _break_if_stale(mlflow_client, lock_name: str, timeout_s: float) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        held = mlflow_client.get_registered_model(lock_name)
-    except MlflowException:
-        return  # released meanwhile
-    age = time.time() - held.creation_timestamp / 1000
-    alive = tracking.process_alive(held.tags)
-    if alive is False or age > timeout_s:
-        why = "its process is gone" if alive is False else f"older than {timeout_s:g} s"
-        warnings.warn(
-            f"broke the stale promotion lock {lock_name} ({why}; held by pid "
-            f"{held.tags.get('lensflow.pid')} on {held.tags.get('lensflow.host')} for {age:.0f} s)",
-            stacklevel=3,
-        )
-        with suppress(MlflowException):
-            if mlflow_client.get_registered_model(lock_name).tags == held.tags:
-                mlflow_client.delete_registered_model(lock_name)
-
-
-def decide(cfg: Config, decision: Decision) -> str:
-    """Record the decision, then move the aliases (the last writes), then mark the record
-    complete. Call it holding the lock. Returns the record's run id."""
-    mlflow_client = client()
+def decide(cfg: Config, decision: Decision, held: lease.Lease) -> str:
+    """Record the decision, check the lease, move the aliases (the last writes), then mark the
+    record complete. Returns the record's run id; LeaseLost (the record aborted, no alias
+    moved) when the lease was lost."""
     record = _open_record(cfg, decision)
     pause("record")
+    try:
+        held.check()
+    except lease.LeaseLost as lost:
+        _close(record, "aborted", f"nothing moved: {lost}")
+        raise
     name = decision.model_name
     if decision.to_version and decision.to_version != decision.from_version:
-        mlflow_client.set_registered_model_alias(name, CHAMPION, decision.to_version)
-        if _alias(name, CHALLENGER) == decision.to_version:
-            mlflow_client.delete_registered_model_alias(name, CHALLENGER)
-    if decision.challenger:
-        mlflow_client.set_registered_model_alias(name, CHALLENGER, decision.challenger)
-    mlflow_client.set_tag(record, RECORD, "complete")
-    mlflow_client.set_terminated(record, "FINISHED")
+        client().set_registered_model_alias(name, CHAMPION, decision.to_version)
+    pause("moved")
+    _set_challenger(name, decision.to_version, decision.challenger)
+    _close(record, "complete")
     return record
 
 
-def settle_incomplete(cfg: Config) -> list[str]:
-    """Records a crash left incomplete (call it holding the lock): `complete` where @champion
-    points to their version (the move happened), `aborted` where it does not."""
+def _set_challenger(name: str, champion_now: str | None, challenger: str | None) -> None:
+    """The step after `@champion` moved: `@challenger` on the gated-out candidate, or off the
+    version that just became champion. Safe to repeat."""
+    if challenger:
+        client().set_registered_model_alias(name, CHALLENGER, challenger)
+    elif champion_now and _alias(name, CHALLENGER) == champion_now:
+        client().delete_registered_model_alias(name, CHALLENGER)
+
+
+def _close(record: str, state: str, settled: str = "") -> None:
     mlflow_client = client()
+    mlflow_client.set_tag(record, RECORD, state)
+    if settled:
+        mlflow_client.set_tag(record, "lensflow.settled", settled)
+    mlflow_client.set_terminated(record, "FINISHED" if state == "complete" else "KILLED")
+
+
+def settle_incomplete(cfg: Config) -> list[str]:
+    """Records a crash left incomplete, oldest first (call it holding the lease): where
+    @champion points to their version (the move happened) or they moved nothing, the steps
+    after the move are done again and they are `complete`; else `aborted`."""
     name = cfg.registry.model_name
     now = champion(name)
     settled = []
-    for run in _records(cfg, f"tags.`{RECORD}` = 'incomplete'"):
+    for run in reversed(_records(cfg, f"tags.`{RECORD}` = 'incomplete'")):
         tags = run.data.tags
-        moved = tags.get("lensflow.to_version") == (now or "")
-        changes = tags.get("lensflow.to_version") != tags.get("lensflow.from_version")
-        state = "complete" if moved or not changes else "aborted"
-        mlflow_client.set_tag(run.info.run_id, RECORD, state)
-        mlflow_client.set_tag(run.info.run_id, "lensflow.settled", "by the next decision")
-        mlflow_client.set_terminated(
-            run.info.run_id, "FINISHED" if state == "complete" else "KILLED"
-        )
+        to_version = tags.get("lensflow.to_version") or None
+        moved = to_version == now
+        if moved or to_version == (tags.get("lensflow.from_version") or None):
+            _set_challenger(name, to_version, tags.get("lensflow.challenger") or None)
+            _close(run.info.run_id, "complete", "finished by the next decision")
+        else:
+            _close(run.info.run_id, "aborted", "by the next decision: @champion never moved")
         settled.append(run.info.run_id)
     return settled
+
+
+def break_lock(cfg: Config, reason: str) -> dict:
+    """`lensflow promote --break-lock --reason`: a person clears the promotion lock; the act
+    goes into the promotion log (action `break-lock`, who held it as evidence)."""
+    _require_reason(reason)
+    name = cfg.registry.model_name
+    held = lease.break_by_hand(client(), name)
+    if held is None:
+        raise UserError(f"no promotion lock on {name} is held: nothing to break")
+    current = champion(name)
+    summary = f"broke the promotion lock held by pid {held['pid']} on {held['host']}"
+    decision = Decision(
+        name, "break-lock", current, current, None, person(), summary, reason, evidence=held
+    )
+    _close(_open_record(cfg, decision), "complete")
+    return {"summary": summary, **held}
 
 
 def history(cfg: Config, limit: int = 100) -> list[dict]:
@@ -282,7 +281,7 @@ def override(cfg: Config, version: str, reason: str, action: str = "override") -
     name = cfg.registry.model_name
     _require_reason(reason)
     require_version(name, version)
-    with lock(name, cfg.promote.lock_timeout_s):
+    with lock(name, cfg.promote.lease_s) as held:
         settle_incomplete(cfg)
         current = champion(name)
         if current == version:
@@ -294,7 +293,7 @@ def override(cfg: Config, version: str, reason: str, action: str = "override") -
             name, action, current, version, version, person(),
             f"@{CHAMPION} {_v(current)} -> {_v(version)} by hand", reason, gates,
         )  # fmt: skip
-        decide(cfg, decision)
+        decide(cfg, decision, held)
     return decision
 
 

@@ -18,12 +18,14 @@ from PIL import Image
 from cli import main as cli
 from components.core import config, paths
 from components.data import datasets, prepare, validate
+from components.drift import drift
 from components.drift import profile as reference_profile
 from components.evaluation import evaluate
 from components.monitoring import monitor
 from components.release import export, promote, registry
 from components.training import train
-from flows.monitoring import TRAINING_DEPLOYMENT
+from flows import retrain
+from flows.retrain import TRAINING_DEPLOYMENT
 from tests.conftest import tiny_project
 
 PER_CLASS = 10  # 100 images a batch
@@ -46,15 +48,24 @@ def champion(tmp_path_factory):
         yield {"root": root, "cfg": cfg, "mp": mp}
 
 
-def write_batch(root, corruption=None, severity=0.0, labelled=True, seed=7, rotate=0):
-    """PER_CLASS fresh shapes per class, corrupted as a camera would; `rotate` files every
-    image under another class's folder (wrong labels)."""
+def write_batch(
+    root,
+    corruption=None,
+    severity=0.0,
+    labelled=True,
+    seed=7,
+    rotate=0,
+    classes=None,
+    per=PER_CLASS,
+):
+    """`per` fresh shapes of each class (of the first `classes`: a label shift), corrupted as a
+    camera would; `rotate` files every image under another class's folder (wrong labels)."""
     from components.scoring import robustness
 
     rng = np.random.default_rng(seed)
     names = datasets.SHAPE_CLASSES
-    for k, name in enumerate(names):
-        for i in range(PER_CLASS):
+    for k, name in enumerate(names[:classes]):
+        for i in range(per):
             image = datasets.shape_image(name, rng).transpose(2, 0, 1)[None]
             if corruption:
                 image = robustness.corrupt(image, corruption, severity, rng)
@@ -64,15 +75,22 @@ def write_batch(root, corruption=None, severity=0.0, labelled=True, seed=7, rota
     return root
 
 
-def test_export_adds_embeddings_and_a_reference_profile_from_validation(champion):
+def test_export_adds_embeddings_and_a_reference_profile_the_model_never_saw(champion):
     proto = onnx.load(champion["root"] / paths.ONNX)
     assert [o.name for o in proto.graph.output] == ["logits", "probabilities", "embeddings"]
     parity = json.loads((champion["root"] / paths.EXPORT_REPORT).read_text())["onnx"]["parity"]
     assert parity["passed"] and parity["embeddings_max_abs_diff"] < 1e-4
     profile = reference_profile.load(champion["root"] / paths.PROFILE)
-    n_val = len(np.load(champion["root"] / paths.shard_labels("val")))
-    assert profile.meta["reference_split"] == "val" and profile.meta["n_reference"] == n_val
-    assert profile.reference["embeddings"].shape == (n_val, 8)
+    half, held_out, test = reference_profile.test_halves(champion["cfg"].seed)
+    assert len(half) >= 2 and len(held_out) >= 2 and len(half) + len(held_out) == len(test)
+    assert profile.meta["reference_split"] == "test (reference half)"
+    assert profile.meta["n_reference"] == len(half)
+    assert profile.reference["embeddings"].shape == (len(half), 8)
+    # its images: the test split's reference half, none trained or selected on
+    images = np.load(champion["root"] / paths.shard_images("test"))
+    brightness = drift.image_properties(images[half], [32] * len(half), [32] * len(half))
+    assert np.allclose(np.sort(brightness["brightness"]), np.sort(profile.reference["brightness"]))
+    assert not set(registry.trained_on()) & set(test["sha256"])  # lineage/trained_on.txt
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("lensflow-classifier", "champion")
     artifacts = [a.path for a in client.list_artifacts(version.run_id, "profile")]
@@ -100,7 +118,7 @@ def test_a_clean_held_out_batch_raises_no_alert(champion, tmp_path):
 
 @pytest.mark.parametrize(
     "corruption, severity, expected",
-    [("gaussian_noise", 32.0, "sharpness"), ("gaussian_blur", 1.5, "sharpness"),
+    [("gaussian_noise", 64.0, "embedding_mmd"), ("gaussian_blur", 1.5, "sharpness"),
      ("brightness", -75.0, "brightness")],
 )  # fmt: skip
 def test_a_corrupted_batch_raises_an_alert_naming_the_check(
@@ -125,7 +143,8 @@ def test_a_corrupted_batch_raises_an_alert_naming_the_check(
         report = monitor.run(champion["cfg"], str(batch))
     finally:
         server.shutdown()
-    assert report["alert"] and expected in report["fired"]
+    seen = {c["name"]: c["value"] for c in report["checks"]}
+    assert report["alert"] and expected in report["fired"], (seen[expected], report["fired"])
     assert report["webhook"]["status"] == "sent" and received[0]["fired"] == report["fired"]
 
 
@@ -135,6 +154,19 @@ def test_label_free_batch_runs_every_drift_check_and_no_accuracy_check(champion,
     assert not report["batch"]["labelled"] and report["batch"]["n_images"] == 100
     assert "accuracy" not in names and {"embedding_mmd", "class_prior"} <= names
     assert not report["alert"]
+
+
+def test_a_label_shift_fires_the_class_prior_check_itself_at_a_strict_rate(champion, tmp_path):
+    """Fresh shapes of two classes only, at false_alarm_rate 0.01 with 100 permutations asked
+    (a p-value floor of 1/101, above 0.01 / 16): the count is raised, and class_prior fires."""
+    strict = {"monitor.false_alarm_rate": 0.01, "monitor.permutations": 100}
+    cfg = config.with_values(champion["cfg"], strict)
+    batch = write_batch(tmp_path / "two", labelled=False, classes=2, per=25)
+    report = monitor.run(cfg, str(batch))
+    prior = next(c for c in report["checks"] if c["name"] == "class_prior")
+    assert not prior["passed"] and prior["value"] < prior["threshold"] == 0.01 / report["n_tests"]
+    assert 1 / (report["permutations"]["used"] + 1) < prior["threshold"]
+    assert report["permutations"]["note"].startswith("monitor.permutations=100 raised to ")
 
 
 def test_a_labelled_batch_where_the_champions_accuracy_falls(champion, tmp_path):
@@ -167,7 +199,7 @@ def test_lensflow_monitor_exit_codes_artifact_and_retraining(champion, tmp_path,
         artifact = client.read_artifacts(artifact_filter=keys)[-1]
     assert "| embedding_mmd |" in artifact.data
 
-    noisy = str(write_batch(tmp_path / "noisy", "gaussian_noise", 32.0, labelled=False))
+    noisy = str(write_batch(tmp_path / "noisy", "gaussian_noise", 64.0, labelled=False))
     retrain = ["--set", "monitor.on_alert=retrain"]
     assert cli.main(["monitor", "--data", noisy, *retrain]) == 1
     assert f"no deployment {TRAINING_DEPLOYMENT}" in capsys.readouterr().err
@@ -179,6 +211,7 @@ def test_lensflow_monitor_exit_codes_artifact_and_retraining(champion, tmp_path,
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(started["flow_run_id"])
     assert started["status"] == "started" and run.deployment_id == deployment_id
+    _the_retrain_guard(tmp_path, noisy, started["flow_run_id"])
 
     capsys.readouterr()
     assert cli.main(["monitor", "--data", str(tmp_path / "missing")]) == 2
@@ -239,3 +272,55 @@ def test_a_better_challenger_is_found_by_the_challenger_vs_champion_check(champi
         assert same["n_tests"] == report["n_tests"]  # both count the challenger's test
     finally:
         client.delete_registered_model_alias(name, "challenger")
+
+
+def _the_retrain_guard(tmp_path, noisy: str, first_run: str) -> None:
+    """After an alert on `noisy` started `first_run` (still scheduled: no worker runs it)."""
+    import logging
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed
+
+    on_alert = ["--set", "monitor.on_alert=retrain"]
+
+    def skipped(batch: str, *values: str) -> dict:
+        assert cli.main(["monitor", "--data", batch, *on_alert, *values]) == 1
+        outcome = json.loads(paths.MONITORING_REPORT.read_text())["retrain"]
+        assert outcome["status"] == "skipped" and outcome["at"], outcome
+        return outcome
+
+    def finish(flow_run_id: str) -> None:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Completed(), force=True)
+
+    for _ in range(2):  # the same drifted batch, monitored twice more
+        again = skipped(noisy)
+        assert again["flow_run_id"] == first_run and "this batch already started" in again["reason"]
+    blurred = str(write_batch(tmp_path / "blurred", "gaussian_blur", 1.5, labelled=False))
+    busy = skipped(blurred)
+    assert busy["flow_run_id"] == first_run and "in progress (one at a time)" in busy["reason"]
+    finish(first_run)
+    cooling = skipped(blurred)
+    assert "cool-down" in cooling["reason"]
+    assert "monitor.retrain_cooldown_s = 3600" in cooling["reason"]
+    no_cooldown = ["--set", "monitor.retrain_cooldown_s=0"]
+    assert cli.main(["monitor", "--data", blurred, *on_alert, *no_cooldown]) == 1
+    second = json.loads(paths.MONITORING_REPORT.read_text())["retrain"]
+    assert second["status"] == "started" and second["flow_run_id"] != first_run
+    finish(second["flow_run_id"])
+
+    # two alerts on one new batch at the same moment: one training run
+    cfg = config.with_values(config.load("params.yaml"), {"monitor.retrain_cooldown_s": 0})
+    outcomes, log = [None, None], logging.getLogger("test")
+    threads = [
+        threading.Thread(target=lambda i=i: outcomes.__setitem__(
+            i, retrain.start_training(cfg, "f" * 64, log)
+        ))
+        for i in range(2)
+    ]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(o["status"] for o in outcomes) == ["skipped", "started"], outcomes
+    assert outcomes[0]["flow_run_id"] == outcomes[1]["flow_run_id"]

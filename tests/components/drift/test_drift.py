@@ -1,4 +1,7 @@
-"""The drift statistics: valid p-values under no drift, small ones under drift."""
+"""The drift statistics: valid p-values under no drift, small ones under drift, enough
+permutations to fire, memory that grows with neither the batch nor the permutations."""
+
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -50,3 +53,41 @@ def test_image_properties_see_brightness_blur_and_raw_size():
     assert smooth["brightness"] == pytest.approx(np.full(5, 100 / 255))
     assert (noisy["aspect"] == 2).all() and (noisy["size"] == np.sqrt(800)).all()
     assert {"channel_mean_2", "channel_std_2"} <= set(noisy)
+
+
+def test_too_few_permutations_for_the_threshold_are_raised_with_one_line_naming_both_keys():
+    used, note = drift.permutations_for(16, 0.01, 100)
+    threshold = 0.01 / 16
+    assert 1 / (used + 1) <= threshold / drift.FLOOR_MARGIN < 1 / used
+    assert "monitor.permutations=100 raised to 7999" in note and "\n" not in note
+    assert "monitor.false_alarm_rate / 16 checks = 0.000625" in note
+    assert drift.permutations_for(16, 0.05, 2000) == (2000, "")  # the defaults need none
+
+
+def test_the_class_prior_test_of_a_200k_image_batch_stays_under_100_mb():
+    rng = np.random.default_rng(3)
+    batch = rng.integers(0, 10, size=200_000)
+    reference = rng.integers(0, 10, size=1_000)
+    tracemalloc.start()
+    try:
+        statistic, p_value = drift.chi2_permutation(batch, reference, 10, 2000, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100e6, f"{peak / 1e6:.0f} MB"
+    assert 0 < p_value <= 1 and statistic >= 0
+
+
+def test_mmd_permutations_cost_time_not_memory():
+    rng = np.random.default_rng(4)
+    batch, reference = rng.normal(size=(500, 8)), rng.normal(size=(500, 8))
+
+    def peak(permutations: int) -> int:
+        tracemalloc.start()
+        try:
+            drift.mmd_permutation(batch, reference, 3.0, permutations, 0)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert peak(4000) - peak(64) < 2e6  # [1000 x 4000] arrays would be 32 MB each

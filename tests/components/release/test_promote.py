@@ -1,5 +1,5 @@
 """promote on tiny real data against a real sqlite MLflow store: the gates, ties, class sets,
-leakage, the promotion log, rollback, lineage, a crash and a race (real processes).
+leakage, the promotion log, rollback, lineage, crashes, the lease and a race (real processes).
 
 Versions are made cheaply from the one trained model: a checkpoint nudged by 1e-6 is another
 version with the same predictions (a tie); an ONNX whose head favours one class is worse."""
@@ -24,7 +24,7 @@ from cli import main as cli
 from components.core import config, paths
 from components.core.errors import UserError
 from components.data import prepare
-from components.release import promote, promotion_log, registry
+from components.release import lease, promote, promotion_log, registry
 from components.training import train, tuned
 from tests.components.conftest import trained_copy
 from tests.conftest import REPO, tiny_project
@@ -277,14 +277,14 @@ def test_lineage_is_what_training_used_under_use_tuned(project, capsys):
     assert "lineage@champion: " in capsys.readouterr().err
 
 
-def _promote_in_a_process(project, name: str, version: str, pause: str):
+def _promote_in_a_process(project, name: str, version: str, pause: str, *values: str):
     code = (
         "import sys; from components.core import config; from components.release import promote; "
         "promote.run(config.load('params.yaml', sys.argv[2:]), version=sys.argv[1])"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "LENSFLOW_PROMOTE_PAUSE_AFTER": pause}
     return subprocess.Popen(
-        [sys.executable, "-c", code, version, f"registry.model_name={name}"],
+        [sys.executable, "-c", code, version, f"registry.model_name={name}", *values],
         cwd=project["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
@@ -294,6 +294,30 @@ def _wait_for(condition, seconds: float = 120):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
+
+
+def _registered(name: str):
+    """The registered model `name` (a lock, a clock), or None."""
+    try:
+        return promotion_log.client().get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _lock_pid(name: str) -> int | None:
+    held = _registered(f"{name}{lease.LOCK_SUFFIX}")
+    return int(held.tags["lensflow.pid"]) if held else None
+
+
+def _challenger(name: str) -> str | None:
+    return promotion_log._alias(name, "challenger")
+
+
+def _stop(*processes) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
 
 
 def test_a_crash_between_record_and_alias_move_leaves_the_champion(project):
@@ -306,8 +330,7 @@ def test_a_crash_between_record_and_alias_move_leaves_the_champion(project):
         _wait_for(lambda: len(promotion_log.history(cfg)) == 2 or process.poll() is not None)
         assert process.poll() is None, process.stdout.read()
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        _stop(process)
     assert champion("crash") == first
     (record, _) = promotion_log.history(cfg)
     assert record["record"] == "incomplete" and record["to_version"] == second
@@ -320,25 +343,138 @@ def test_a_crash_between_record_and_alias_move_leaves_the_champion(project):
     assert [e["record"] for e in log] == ["complete", "aborted", "complete"]
 
 
-def test_two_promotions_at_once_have_one_winner(project):
-    cfg = cfg_for("race")
-    register(project, cfg, nudge=6, favour=4.0)
+def test_kills_after_the_decision_are_finished_by_the_next_one_challenger_included(project):
+    cfg = cfg_for("settle")
+    first = register(project, cfg, nudge=9, favour=4.0)
+    assert promote.run(cfg).promoted
+    second = register(project, cfg)
+    # a "keep" killed before its @challenger was set: finished, @challenger set
+    kept = _promote_in_a_process(project, "settle", second, "record:300", "promote.min_accuracy=1")
+    try:
+        _wait_for(lambda: len(promotion_log.history(cfg)) == 2 or kept.poll() is not None)
+        assert kept.poll() is None, kept.stdout.read()
+    finally:
+        _stop(kept)
+    assert _challenger("settle") is None
+    with promotion_log.lock("settle", 60):
+        promotion_log.settle_incomplete(cfg)
+    assert _challenger("settle") == second
+    assert promotion_log.history(cfg)[0]["record"] == "complete"
+
+    # a promote killed after moving @champion, before clearing @challenger: finished, cleared
+    moved = _promote_in_a_process(project, "settle", second, "moved:300")
+    try:
+        _wait_for(lambda: champion("settle") == second or moved.poll() is not None)
+        assert moved.poll() is None, moved.stdout.read()
+    finally:
+        _stop(moved)
+    assert _challenger("settle") == second and promotion_log.history(cfg)[0]["record"] == (
+        "incomplete"
+    )
+    with pytest.warns(UserWarning, match="its process is gone"):
+        assert not promote.run(cfg, version=second).promoted  # already champion: keep
+    assert champion("settle") == second and _challenger("settle") is None
+    log = promotion_log.history(cfg)
+    assert [(e["action"], e["record"]) for e in log] == [
+        ("keep", "complete"), ("promote", "complete"), ("keep", "complete"),
+        ("promote", "complete"),
+    ]  # fmt: skip
+    assert first == log[-1]["to_version"]
+
+
+def test_a_renewing_holder_keeps_the_lock_and_the_second_decision_waits(project, tmp_path):
+    """A holds the lease past lease_s while it renews; B, started meanwhile, writes nothing
+    until A lets go, then decides on the champion A left."""
+    lease_s = "promote.lease_s=10"  # renewed every 3.3 s: a loaded 2-core runner stays inside
+    cfg = cfg_for("race", **{"promote.lease_s": 10.0})
+    first = register(project, cfg, nudge=6, favour=4.0)
     assert promote.run(cfg).promoted
     a, b = register(project, cfg, nudge=7), register(project, cfg, nudge=8)  # tie each other
-    processes = [_promote_in_a_process(project, "race", v, "read:3") for v in (a, b)]
-    for process in processes:
-        assert process.wait(timeout=180) == 0, process.stdout.read()
-    log = promotion_log.history(cfg)[:2]
-    assert sorted(e["action"] for e in log) == ["keep", "promote"]
-    winner = next(e["to_version"] for e in log if e["action"] == "promote")
-    loser = ({a, b} - {winner}).pop()
-    assert champion("race") == winner
-    kept = next(e for e in log if e["action"] == "keep")
-    assert kept["from_version"] == winner and kept["candidate"] == loser  # re-decided
+    go_on = tmp_path / "a-may-go-on"
+    holder = _promote_in_a_process(project, "race", a, f"read:{go_on}", lease_s)
+    waiter = None
+    try:
+        _wait_for(lambda: _lock_pid("race") == holder.pid or holder.poll() is not None)
+        waiter = _promote_in_a_process(project, "race", b, "", lease_s)
+        _wait_for(lambda: _registered("race.promotion-clock") or waiter.poll() is not None)
+        deadline = time.monotonic() + 1.5 * 10.0  # B waits on A's lock for 1.5 leases
+        while time.monotonic() < deadline:
+            assert holder.poll() is None and waiter.poll() is None
+            assert _lock_pid("race") == holder.pid
+            assert len(promotion_log.history(cfg)) == 1 and champion("race") == first
+            assert _challenger("race") is None
+            time.sleep(1.0)
+        go_on.touch()
+        for process in (holder, waiter):
+            assert process.wait(timeout=180) == 0, process.stdout.read()
+    finally:
+        _stop(holder, *([waiter] if waiter else []))
+    log = promotion_log.history(cfg)
+    assert [(e["action"], e["candidate"], e["from_version"], e["to_version"]) for e in log] == [
+        ("keep", b, a, a), ("promote", a, first, a), ("promote", first, None, first),
+    ]  # fmt: skip
+    assert champion("race") == a and _challenger("race") == b
+    assert _registered("race.promotion-lock") is None
+
+
+def test_a_killed_holder_loses_its_lock_once_its_lease_ends(project):
+    cfg = cfg_for("lease", **{"promote.lease_s": 2.0})
+    register(project, cfg, nudge=10, favour=4.0)
+    assert promote.run(cfg).promoted
+    second = register(project, cfg)
+    holder = _promote_in_a_process(project, "lease", second, "read:300", "promote.lease_s=2")
+    try:
+        _wait_for(lambda: _lock_pid("lease") == holder.pid or holder.poll() is not None)
+        time.sleep(1.0)  # a renewal or two
+    finally:
+        _stop(holder)
+    # as if it ran on another host: whether it lives cannot be told, only its lease can
     client = promotion_log.client()
-    assert str(client.get_model_version_by_alias("race", "challenger").version) == loser
+    client.set_registered_model_tag("lease.promotion-lock", "lensflow.host", "another-host")
+    with pytest.warns(UserWarning, match=r"its 2 s lease ran out") as warned:
+        assert promote.run(cfg).promoted
+    idle_s = float(str(warned[0].message).rpartition("last renewed ")[2].split(" s")[0])
+    assert idle_s >= 2
+    assert [e["action"] for e in promotion_log.history(cfg)] == ["promote", "promote"]
+
+
+def test_a_lost_lease_refuses_the_alias_move_and_break_lock_is_logged(project, tmp_path, capsys):
+    cfg = cfg_for("lost")
+    first = register(project, cfg, nudge=11, favour=4.0)
+    assert promote.run(cfg).promoted
+    second = register(project, cfg)
+    go_on = tmp_path / "go-on"
+    holder = _promote_in_a_process(project, "lost", second, f"record:{go_on}")
+    sets = ["--set", "registry.model_name=lost"]
+    try:
+        _wait_for(lambda: len(promotion_log.history(cfg)) == 2 or holder.poll() is not None)
+        assert cli.main(["promote", "--break-lock", "--reason", "stuck", *sets]) == 0
+        assert "broke the promotion lock held by pid" in capsys.readouterr().out
+        go_on.touch()
+        assert holder.wait(timeout=120) == 1
+        assert "lost the promotion lock lost.promotion-lock" in holder.stdout.read()
+    finally:
+        _stop(holder)
+    assert champion("lost") == first and _challenger("lost") is None
+    log = promotion_log.history(cfg)
+    assert [(e["action"], e["record"]) for e in log] == [
+        ("break-lock", "complete"), ("promote", "aborted"), ("promote", "complete"),
+    ]  # fmt: skip
+    assert log[0]["reason"] == "stuck" and log[0]["actor"].startswith("person:")
+    for argv, message in [
+        (["promote", "--break-lock", "--reason", "x"], "no promotion lock on lost is held"),
+        (["promote", "--break-lock", "--reason", " "], "--reason: say why"),
+        (["promote", "--reason", "x"], "VERSION: say which version"),
+        (["promote", second, "--break-lock", "--reason", "x"], "--break-lock: give no VERSION"),
+    ]:
+        assert cli.main([*argv, *sets]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"lensflow: error: {message}"), err
+    assert len(promotion_log.history(cfg)) == 3
 
 
 def test_the_moved_min_accuracy_key_says_where_it_went():
     with pytest.raises(UserError, match="registry.min_accuracy moved to promote.min_accuracy"):
         config.from_dict({"registry": {"min_accuracy": 0.5}})
+    with pytest.raises(UserError, match="promote.lock_timeout_s is now promote.lease_s"):
+        config.from_dict({"promote": {"lock_timeout_s": 600}})
