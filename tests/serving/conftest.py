@@ -74,6 +74,7 @@ def start_server(root: Path, port: int, *settings: str) -> subprocess.Popen:
         "PYTHONPATH": str(REPO),
         "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
     }
+    settings = ("serve.workers=1", *settings)  # one process unless a test asks for more
     overrides = [arg for setting in settings for arg in ("--set", setting)]
     command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), *overrides]
     process = subprocess.Popen(
