@@ -95,6 +95,8 @@ def build(service: Service) -> Starlette:
             body = _error(exc.status, exc.message, model.version if model else None)
         except ClientDisconnect:  # nobody to answer: counted, not logged
             status, body = CLIENT_GONE, b""
+        except asyncio.CancelledError:  # serve.shutdown_timeout passed while its body trickled
+            status, body = 503, _error(503, "the server is shutting down")
         except Exception:  # a bug or a model that fails at run time: counted, logged
             log.exception("POST /predict failed")
             status, body = 500, _error(500, "internal error (logged by the server)")

@@ -179,14 +179,15 @@ def _download(name: str, version: str, want_int8: bool) -> tuple[bytes, dict | N
         "int8": "not asked (serve.int8 / --int8)",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(
-            mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)
-        )
+        location = _concrete(client, client.get_model_version_download_uri(name, version))
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp))
         model = _onnx_bytes(next(folder.rglob("*.onnx")))
         if want_int8:
             if tags.get("lensflow.int8") == "shipped":
-                int8 = f"runs:/{found.run_id}/int8/{paths.ONNX_INT8.name}"
-                model = _onnx_bytes(mlflow.artifacts.download_artifacts(int8, dst_path=tmp))
+                int8 = _concrete(client, f"runs:/{found.run_id}/int8/{paths.ONNX_INT8.name}")
+                model = _onnx_bytes(
+                    mlflow.artifacts.download_artifacts(artifact_uri=int8, dst_path=tmp)
+                )
                 info.update(variant="int8", int8="served")
             else:
                 info["int8"] = f"not shipped with version {version}: serving fp32"
@@ -203,11 +204,25 @@ def _golden(client, run_id: str, tmp: str) -> dict | None:
     folder = str(Path(paths.GOLDEN_ARTIFACT).parent)
     if paths.GOLDEN_ARTIFACT not in {f.path for f in client.list_artifacts(run_id, folder)}:
         return None
-    golden_file = mlflow.artifacts.download_artifacts(
-        f"runs:/{run_id}/{paths.GOLDEN_ARTIFACT}", dst_path=tmp
-    )
+    golden_uri = _concrete(client, f"runs:/{run_id}/{paths.GOLDEN_ARTIFACT}")
+    golden_file = mlflow.artifacts.download_artifacts(artifact_uri=golden_uri, dst_path=tmp)
     with np.load(golden_file) as npz:
         return {key: npz[key] for key in ("images", "probabilities")}
+
+
+def _concrete(client, uri: str) -> str:
+    """The storage location behind a runs:/ or models:/ URI. MLflow's runs:/ repository turns
+    any failed download (a 503, a refused connection) into "does not exist", which would make
+    a passing outage look like a missing artifact; the store's own repository says what
+    happened."""
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+    if uri.startswith("models:/"):
+        model_id, _, path = uri.removeprefix("models:/").partition("/")
+        location = client.get_logged_model(model_id).artifact_location.rstrip("/")
+        return f"{location}/{path}" if path else location
+    return uri
 
 
 def _onnx_bytes(path) -> bytes:
