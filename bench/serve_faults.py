@@ -1,6 +1,7 @@
 """`lensflow serve` under faults, with normal clients (wrk, concurrency 4, digits PNGs):
   - quiet, then with 256 slow connections open (each sent POST headers with Content-Length
-    1000 and one body byte, then waits): requests/s ratio and p99;
+    1000 and one body byte, then waits), taking turns for a few rounds (the median round of
+    each): requests/s ratio, p99 and server CPU per request;
   - with one 4096² RGB PNG request per second interleaved: p99 of the small requests;
   - with the registry (a real `mlflow server` the service follows @champion through) stopped
     (SIGSTOP) for 30 s: failed requests, and what /model said meanwhile.
@@ -8,7 +9,7 @@ One worker (`--workers 1`), so that the numbers are the mechanisms', not the cor
 The project is serve_load.py's (trained and registered digits, twice). Prints one JSON line;
 without wrk it prints why it skipped.
 
-    python bench/serve_faults.py [--seconds 10] [--project DIR]
+    python bench/serve_faults.py [--seconds 10] [--rounds 3] [--project DIR]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serve_load import _bodies, _free_port, _parse, _project, _stop, _wrk
+from serve_load import _bodies, _cpu_seconds, _free_port, _parse, _project, _stop, _wrk
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_CONNECTIONS = 256
@@ -39,6 +40,7 @@ TARGETS = {"slow_ratio": 0.9, "p99_ms": 50.0, "big_p99_ms": 50.0, "outage_failur
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="per wrk run (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="quiet/slow rounds (default 3)")
     parser.add_argument("--project", help="serve_load.py's project folder, reused if present")
     args = parser.parse_args()
     wrk = shutil.which("wrk")
@@ -52,10 +54,10 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         env = _project(root)
         bodies = _bodies(root, env)
-        print(json.dumps(_run(root, env, bodies, args.seconds, wrk)))
+        print(json.dumps(_run(root, env, bodies, args.seconds, args.rounds, wrk)))
 
 
-def _run(root: Path, env: dict, bodies: dict, seconds: int, wrk: str) -> dict:
+def _run(root: Path, env: dict, bodies: dict, seconds: int, rounds: int, wrk: str) -> dict:
     load_before = os.getloadavg()[0]
     registry = _mlflow_server(root, env)
     port = _free_port()
@@ -63,11 +65,7 @@ def _run(root: Path, env: dict, bodies: dict, seconds: int, wrk: str) -> dict:
     serve = _serve(root, serve_env, port)
     try:
         _wrk(root, port, bodies["png"], "png", 4, 2).communicate()  # warm-up
-        quiet = _parse(_wrk(root, port, bodies["png"], "png", 4, seconds).communicate()[0])
-        slow = _slow_clients(port, SLOW_CONNECTIONS)
-        with_slow = _parse(_wrk(root, port, bodies["png"], "png", 4, seconds).communicate()[0])
-        for connection in slow:
-            connection.close()
+        quiet, with_slow = _slow_rounds(root, serve, port, bodies, seconds, rounds)
         with_big = _with_big_requests(root, port, bodies, seconds)
         outage = _outage(root, port, bodies, registry["process"], OUTAGE_SECONDS)
     finally:
@@ -132,6 +130,27 @@ def _wait(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
                 break
             time.sleep(0.3)
     raise RuntimeError(f"{url} never answered")
+
+
+def _slow_rounds(root: Path, serve, port: int, bodies: dict, seconds: int, rounds: int):
+    """(quiet, with slow connections): the median round of each, the two taking turns."""
+    runs = {"quiet": [], "slow": []}
+    for _ in range(rounds):
+        runs["quiet"].append(_measured(root, serve, port, bodies, seconds))
+        slow = _slow_clients(port, SLOW_CONNECTIONS)
+        runs["slow"].append(_measured(root, serve, port, bodies, seconds))
+        for connection in slow:
+            connection.close()
+    median = {k: sorted(r, key=lambda x: x["requests_per_s"])[len(r) // 2] for k, r in runs.items()}
+    return median["quiet"], median["slow"]
+
+
+def _measured(root: Path, serve, port: int, bodies: dict, seconds: int) -> dict:
+    cpu_before = _cpu_seconds(serve)
+    result = _parse(_wrk(root, port, bodies["png"], "png", 4, seconds).communicate()[0])
+    cpu = _cpu_seconds(serve) - cpu_before
+    per_request = round(1000 * cpu / max(result["requests"], 1), 3)
+    return {**result, "server_cpu_ms_per_request": per_request}
 
 
 def _slow_clients(port: int, count: int) -> list[socket.socket]:
