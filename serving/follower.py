@@ -109,6 +109,8 @@ class RegistryStatus:
         self.last_ok: float | None = None
         self.error: str | None = None
         self.down_since: float | None = None
+        if not followed:  # a pinned version or a file: no lookups, nothing to report
+            metrics.registry_up.set(float("nan"))
 
     def answered(self) -> None:
         now = time.time()

@@ -59,7 +59,8 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.registry_up = Gauge(
-            "lensflow_registry_up", "1 if the last alias lookup answered, 0 if it failed",
+            "lensflow_registry_up",
+            "1: the last alias lookup answered; 0: it failed; NaN: no alias is followed",
             registry=r, multiprocess_mode="min",
         )  # fmt: skip
         self.registry_last_ok = Gauge(

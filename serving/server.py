@@ -18,12 +18,14 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 
 from components.core.config import Config
 from components.core.errors import UserError
 from serving.model import Source, parse
 
 log = logging.getLogger("lensflow.serve")
+STARTUP_SECONDS = 10.0
 
 
 def run(cfg: Config, model_uri: str | None) -> int:
@@ -35,13 +37,14 @@ def run(cfg: Config, model_uri: str | None) -> int:
     _short_registry_requests(settings.registry_timeout_seconds)
     where = f"http://{settings.host}:{settings.port}"
     print(f"lensflow serve: {source.uri} on {where} ({workers} workers)", flush=True)
+    code = 0
     if workers == 1:
         _serve(cfg, source, listener)
     else:
         listener.close()  # a listening socket nobody accepts on would still get connections
-        _supervise(cfg, source, workers)
+        code = _supervise(cfg, source, workers)
     print("lensflow serve: stopped", flush=True)
-    return 0
+    return code
 
 
 def worker_count(workers: int | str) -> int:
@@ -81,14 +84,16 @@ def _serve(cfg: Config, source: Source, listener: socket.socket) -> None:
     service.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _supervise(cfg: Config, source: Source, workers: int) -> None:
-    """Fork the workers, restart one that dies unasked, pass SIGTERM/SIGINT on, wait for all."""
+def _supervise(cfg: Config, source: Source, workers: int) -> int:
+    """Fork the workers, restart one that dies unasked, pass SIGTERM/SIGINT on, wait for all.
+    A worker that dies within STARTUP_SECONDS of its start stops them all (exit code 1):
+    restarting it would only fail again."""
     metrics_dir = tempfile.TemporaryDirectory(prefix="lensflow-serve-metrics-")
     if "prometheus_client" in sys.modules:  # it picks its value store when first imported
         raise RuntimeError("prometheus_client was imported before its multiprocess dir was set")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
-    children: set[int] = set()
-    stopping = False
+    children: dict[int, float] = {}  # pid -> when it started
+    stopping, code = False, 0
 
     def stop(signum, frame):
         nonlocal stopping
@@ -99,15 +104,22 @@ def _supervise(cfg: Config, source: Source, workers: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop)
     for _ in range(workers):
-        children.add(_fork_worker(cfg, source))
+        children[_fork_worker(cfg, source)] = time.monotonic()
     while children:
         pid, status = os.wait()
-        children.discard(pid)
+        started = children.pop(pid)
         _mark_dead(pid)
-        if not stopping:
-            log.error("worker %d ended (status %d); starting another", pid, status)
-            children.add(_fork_worker(cfg, source))
+        if stopping:
+            continue
+        if time.monotonic() - started < STARTUP_SECONDS:
+            log.error("worker %d ended at its start (status %d); stopping", pid, status)
+            code = 1
+            stop(signal.SIGTERM, None)
+            continue
+        log.error("worker %d ended (status %d); starting another", pid, status)
+        children[_fork_worker(cfg, source)] = time.monotonic()
     metrics_dir.cleanup()
+    return code
 
 
 def _fork_worker(cfg: Config, source: Source) -> int:

@@ -10,6 +10,7 @@ artifacts), 3 (a run without golden inputs), 4 (an int8 variant shipped with it)
 from __future__ import annotations
 
 import http.client
+import math
 import os
 import signal
 import threading
@@ -164,6 +165,7 @@ def test_a_flaky_artifact_store_delays_a_pinned_version_and_never_skips_its_gold
     assert len(proxy.failed) == 4 and sum("golden" in path for path in proxy.failed) == 2
     assert info["served"]["golden"]["status"] == "passed" and info["refused"] is None
     assert _metric(port, "lensflow_model_load_failures_total") == 4
+    assert math.isnan(_metric(port, "lensflow_registry_up"))  # pinned: no alias to look up
     assert request(port, "POST", "/predict", _png(store), PNG)[1]["model_version"] == "1"
 
 
