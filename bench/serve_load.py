@@ -7,8 +7,10 @@ In a temporary project it trains, exports and registers the digits classifier tw
   - mlflow models serve   the JSON tensor it requires ({"inputs": [[[[...]]]]}), same champion
   - bare                  a dozen lines of Starlette: decode the PNG, run the same ONNX file
 each at concurrency 1, 4 and 16 (one wrk thread), the three servers taking turns for a few
-rounds. Then the failed requests while the alias flips between the two versions every second
-under load (hot swaps). Prints one JSON line; without wrk (Debian's package `wrk`) it prints
+rounds. Then `lensflow serve --workers 2` against `--workers 1` at concurrency 16, taking turns
+for the same rounds (requests/s and server CPU per request of each, the median round). Then the
+failed requests while the alias flips between the two versions every second under load (hot
+swaps), with two workers. Prints one JSON line; without wrk (Debian's package `wrk`) it prints
 why it skipped.
 
     python bench/serve_load.py [--seconds 4] [--rounds 3] [--project DIR]
@@ -34,7 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 4, 16)
 N_IMAGES = 100
 SWAP_SECONDS = 12
-TARGETS = {"vs_mlflow": 2.0, "vs_bare": 0.8, "p99_ms": 50.0, "swap_failures": 0}
+TARGETS = {
+    "vs_mlflow": 2.0, "vs_bare": 0.8, "p99_ms": 50.0, "swap_failures": 0, "workers_2_vs_1": 1.25
+}  # fmt: skip
+WORKERS_CONCURRENCY = 16
 LUA = """
 local bodies = {}
 for path in io.lines(os.getenv("BENCH_BODIES")) do
@@ -88,8 +93,9 @@ def main() -> None:
         bodies = _bodies(root, env)
         load_before = os.getloadavg()[0]
         results = _measure(root, env, bodies, args.seconds, args.rounds)
+        workers = _workers(root, env, bodies, args.seconds, args.rounds)
         swap = _hot_swap(root, env, bodies, SWAP_SECONDS)
-    print(json.dumps(_summary(results, swap, load_before, args.seconds, wrk)))
+    print(json.dumps(_summary(results, workers, swap, load_before, args.seconds, wrk)))
 
 
 def _project(root: Path) -> dict:
@@ -153,10 +159,12 @@ def _bodies(root: Path, env: dict) -> dict:
     return {"png": root / "pngs.txt", "json": root / "tensors.txt"}
 
 
-def _start(root: Path, env: dict, name: str, port: int, poll: float = 10.0) -> subprocess.Popen:
+def _start(
+    root: Path, env: dict, name: str, port: int, poll: float = 10.0, workers: int = 1
+) -> subprocess.Popen:
     if name == "lensflow":
         command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port),
-                   "--poll-seconds", str(poll)]  # fmt: skip
+                   "--poll-seconds", str(poll), "--workers", str(workers)]  # fmt: skip
     elif name == "mlflow":
         command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
                    "models:/lensflow-classifier@champion", "--env-manager", "local",
@@ -261,12 +269,44 @@ def _measure(root: Path, env: dict, bodies: dict, seconds: int, rounds: int) -> 
     }
 
 
+def _workers(root: Path, env: dict, bodies: dict, seconds: int, rounds: int) -> dict:
+    """`--workers 1` and `--workers 2` at WORKERS_CONCURRENCY, taking turns; the median round
+    of each, and the ratio of their requests/s."""
+    counts = (1, 2)
+    ports = {n: _free_port() for n in counts}
+    processes, runs = {}, {n: [] for n in counts}
+    try:
+        for n in counts:
+            processes[n] = _start(root, env, "lensflow", ports[n], workers=n)
+            _wrk(root, ports[n], bodies["png"], "png", 4, 2).communicate()  # warm-up
+        for _ in range(rounds):
+            for n in counts:
+                cpu_before = _cpu_seconds(processes[n])
+                load = _wrk(root, ports[n], bodies["png"], "png", WORKERS_CONCURRENCY, seconds)
+                result = _parse(load.communicate()[0])
+                cpu = _cpu_seconds(processes[n]) - cpu_before
+                result["server_cpu_ms_per_request"] = round(
+                    1000 * cpu / max(result["requests"], 1), 3
+                )
+                runs[n].append(result)
+    finally:
+        for process in processes.values():
+            _stop(process)
+    median = {
+        f"workers_{n}": sorted(r, key=lambda x: x["requests_per_s"])[len(r) // 2]
+        for n, r in runs.items()
+    }
+    ratio = median["workers_2"]["requests_per_s"] / max(median["workers_1"]["requests_per_s"], 1)
+    return {**median, "concurrency": WORKERS_CONCURRENCY, "ratio_2_vs_1": round(ratio, 2)}
+
+
 def _hot_swap(root: Path, env: dict, bodies: dict, seconds: int) -> dict:
-    """wrk at concurrency 4 while @champion flips between versions 1 and 2 every second."""
+    """wrk at concurrency 4 while @champion flips between versions 1 and 2 every second, with
+    two workers (each follows the alias on its own)."""
     import mlflow
 
     port = _free_port()
-    process = _start(root, env, "lensflow", port, poll=0.2)
+    process = _start(root, env, "lensflow", port, poll=0.2, workers=2)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = mlflow.MlflowClient()
     try:
@@ -283,11 +323,13 @@ def _hot_swap(root: Path, env: dict, bodies: dict, seconds: int) -> dict:
     finally:
         _stop(process)
     exit_code = process.returncode
-    return {"alias_flips": flips, "swaps": int(float(swaps)) - 1, **result,
+    return {"alias_flips": flips, "swaps_both_workers": int(float(swaps)) - 2, **result,
             "failed": result["errors"], "exit_code_after_sigterm": exit_code}  # fmt: skip
 
 
-def _summary(results: dict, swap: dict, load_before: float, seconds: int, wrk: str) -> dict:
+def _summary(
+    results: dict, workers: dict, swap: dict, load_before: float, seconds: int, wrk: str
+) -> dict:
     ours = results["lensflow"]
     ratios = {
         f"vs_{other}": {
@@ -302,6 +344,7 @@ def _summary(results: dict, swap: dict, load_before: float, seconds: int, wrk: s
         and min(ratios["vs_bare"].values()) >= TARGETS["vs_bare"]
         and worst_p99 <= TARGETS["p99_ms"]
         and swap["failed"] == TARGETS["swap_failures"]
+        and workers["ratio_2_vs_1"] >= TARGETS["workers_2_vs_1"]
     )
     cpu = {
         name: {c: r["server_cpu_ms_per_request"] for c, r in by_c.items()}
@@ -318,6 +361,7 @@ def _summary(results: dict, swap: dict, load_before: float, seconds: int, wrk: s
         "lensflow_worst_p99_ms": worst_p99,
         # requests/s move with whatever else runs on a shared machine; CPU per request hardly
         "server_cpu_ms_per_request": cpu,
+        "workers": workers,
         "hot_swap": swap,
         "targets": TARGETS,
         "meets_targets": meets,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from cli.arguments import MODEL_HELP, add_params, positive_int
 
 
@@ -17,6 +19,10 @@ def add_commands(sub) -> None:
     serve.add_argument(
         "--int8", action="store_true", help="serve the int8 variant where shipped (serve.int8)"
     )
+    serve.add_argument(
+        "--workers", type=_workers, metavar="N", help="processes on the port; auto = the cores "
+        "(serve.workers, default auto)",
+    )  # fmt: skip
     serve.set_defaults(command=cmd_serve)
 
     predict = sub.add_parser("predict", help="batch scoring: files and folders -> Parquet + CSV")
@@ -35,10 +41,16 @@ def _int8_override(args) -> list[str]:
 def _serve_overrides(args) -> list[str]:
     overrides = [
         f"serve.{key}={getattr(args, key)}"
-        for key in ("host", "port", "poll_seconds")
+        for key in ("host", "port", "poll_seconds", "workers")
         if getattr(args, key) is not None
     ]
     return overrides + _int8_override(args)
+
+
+def _workers(text: str) -> str:
+    if text == "auto" or (text.isascii() and text.isdigit() and int(text) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1 or auto")
 
 
 def cmd_serve(args, cfg) -> int:

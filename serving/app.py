@@ -2,116 +2,106 @@
 
 Each request reads `service.model` once and uses that model to the end, so a swap (one
 attribute assignment) never mixes two versions in one answer and never fails a request.
-Inference runs on the event loop's own thread: for small models a thread hop costs more than
-the model. Work in progress is bounded by serve.max_in_flight; past it a request gets 503
-with Retry-After at once, before its body is read.
+
+A request passes three gates, each answering at once when full or late rather than queueing:
+bodies still being read are bounded by serve.max_reading and must arrive within
+serve.body_timeout_seconds (408); only then does the request count against
+serve.max_in_flight, so slow uploads cannot lock complete requests out. Small requests
+(at most INLINE_PIXELS) are decoded and scored on the event loop's own thread, where a thread
+hop would cost more than the model; bigger ones go to a pool of serve.pool_threads threads
+(Pillow and ONNX Runtime release the GIL), so /health and small requests keep answering.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from components.core.params_operations import Serve
 from serving import images
 from serving.batching import MicroBatcher
+from serving.follower import RegistryStatus
 from serving.images import BadRequest
-from serving.model import ServedModel
+from serving.metrics import Metrics
+from serving.model import ServedModel, Source
 
 log = logging.getLogger("lensflow.serve")
-LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-
-
-class Metrics:
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "lensflow_requests", "HTTP requests", ["endpoint", "status"], registry=r
-        )
-        self.errors = Counter(
-            "lensflow_request_errors", "requests answered 4xx/5xx", ["endpoint", "status"],
-            registry=r,
-        )  # fmt: skip
-        self.latency = Histogram(
-            "lensflow_request_seconds", "time to answer", ["endpoint"], buckets=LATENCY_BUCKETS,
-            registry=r,
-        )  # fmt: skip
-        self.images = Counter("lensflow_images", "images classified", registry=r)
-        self.in_flight = Gauge("lensflow_in_flight", "requests in progress", registry=r)
-        self.version = Gauge("lensflow_model_version", "version served (-1: none)", registry=r)
-        self.version.set(-1)
-        self.swaps = Counter("lensflow_model_swaps", "versions swapped in", registry=r)
-        self.refusals = Counter(
-            "lensflow_model_refusals", "versions refused (load or golden check)", registry=r
-        )
-        self.refused = Gauge(
-            "lensflow_model_refused_info", "the last refused version and why",
-            ["version", "reason"], registry=r,
-        )  # fmt: skip
+INLINE_PIXELS = 256 * 256  # a request up to this many pixels in all runs on the event loop
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection before the answer
 
 
 class Service:
     """What the endpoints share: the model served now, the last refusal, the counters."""
 
-    def __init__(self, settings: Serve, source_uri: str):
+    def __init__(self, settings: Serve, source: Source):
         self.settings = settings
-        self.source_uri = source_uri
+        self.source_uri = source.uri
         self.model: ServedModel | None = None
         self.refused: dict | None = None
+        self.retrying: dict | None = None
         self.in_flight = 0
+        self.reading = 0
         self.metrics = Metrics()
-        self.metrics.in_flight.set_function(lambda: self.in_flight)
+        self.registry = RegistryStatus(self.metrics, followed=source.alias is not None)
         self.batcher = MicroBatcher(settings.batch_max, settings.batch_wait_ms / 1000)
+        self.pool = ThreadPoolExecutor(settings.pool_threads, thread_name_prefix="lensflow-work")
 
     def swap(self, model: ServedModel) -> None:
         self.model = model  # one reference assignment: atomic for every reader
+        self.retrying = None
         self.metrics.swaps.inc()
         self.metrics.version.set(float(model.version) if model.version.isdigit() else 0)
         log.info("serving version %s (%s)", model.version, model.info.get("variant", "fp32"))
 
     def refuse(self, version: str, reason: str) -> None:
         self.refused = {"version": version, "reason": reason, "at": _now()}
+        self.retrying = None
         self.metrics.refusals.inc()
-        self.metrics.refused.clear()
-        self.metrics.refused.labels(version, reason[:200]).set(1)
+        self.metrics.refused_version(version, reason)
         kept = self.model.version if self.model else "none"
         log.error("version %s refused, still serving %s: %s", version, kept, reason)
 
+    def load_failed(self, version: str, reason: str, attempts: int, delay: float) -> None:
+        self.retrying = {"version": version, "reason": reason, "attempts": attempts, "at": _now()}
+        self.metrics.load_failures.inc()
+        log.warning("version %s: %s; retrying in %.1f s (attempt %d)", version, reason, delay,
+                    attempts)  # fmt: skip
+
+    def busy(self, message: str) -> BadRequest:
+        return BadRequest(503, message, {"Retry-After": str(self.settings.retry_after_seconds)})
+
 
 def build(service: Service) -> Starlette:
-    settings, metrics = service.settings, service.metrics
+    metrics = service.metrics
 
     async def predict(request: Request) -> Response:
         start = time.perf_counter()
         model = service.model
-        status, body, headers = 200, None, None
-        if service.in_flight >= settings.max_in_flight:
-            status, body = 503, _error(503, f"{service.in_flight} requests in progress, retry")
-            headers = {"Retry-After": str(settings.retry_after_seconds)}
-        elif model is None:
-            status, body = 503, _error(503, "no model loaded yet (see /model)")
-            headers = {"Retry-After": str(settings.retry_after_seconds)}
-        else:
-            service.in_flight += 1
-            try:
-                body = await _classify(request, model, service)
-            except BadRequest as exc:
-                status, body = exc.status, _error(exc.status, exc.message, model.version)
-            except Exception:  # a bug or a model that fails at run time: counted, logged
-                log.exception("POST /predict failed")
-                status, body = 500, _error(500, "internal error (logged by the server)")
-            finally:
-                service.in_flight -= 1
+        status, headers = 200, {}
+        try:
+            body = await _answer(request, model, service)
+        except BadRequest as exc:
+            status, headers = exc.status, exc.headers
+            body = _error(exc.status, exc.message, model.version if model else None)
+        except ClientDisconnect:  # nobody to answer: counted, not logged
+            status, body = CLIENT_GONE, b""
+        except asyncio.CancelledError:  # serve.shutdown_timeout passed while its body trickled
+            status, body = 503, _error(503, "the server is shutting down")
+        except Exception:  # a bug or a model that fails at run time: counted, logged
+            log.exception("POST /predict failed")
+            status, body = 500, _error(500, "internal error (logged by the server)")
+        if not getattr(request.state, "body_in", False):
+            headers["Connection"] = "close"  # the rest of the body is not worth reading
         metrics.requests.labels("/predict", status).inc()
         if status >= 400:
             metrics.errors.labels("/predict", status).inc()
@@ -130,10 +120,13 @@ def build(service: Service) -> Starlette:
     async def model_info(request: Request) -> Response:
         model = service.model
         served = {"version": model.version, **model.info} if model else None
-        return _json({"source": service.source_uri, "served": served, "refused": service.refused})
+        return _json({
+            "source": service.source_uri, "served": served, "refused": service.refused,
+            "retrying": service.retrying, "registry": service.registry.as_dict(),
+        })  # fmt: skip
 
     async def prometheus(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4")
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return Response(_error(exc.status_code, exc.detail), exc.status_code, exc.headers,
@@ -155,15 +148,41 @@ def build(service: Service) -> Starlette:
     return Starlette(routes=routes, exception_handlers=handlers, lifespan=service.batcher.lifespan)
 
 
-async def _classify(request: Request, model: ServedModel, service: Service) -> bytes:
+async def _answer(request: Request, model: ServedModel | None, service: Service) -> bytes:
     settings = service.settings
+    if model is None:
+        raise service.busy("no model loaded yet (see /model)")
     k = _top_k(request, settings, len(model.classes))
-    files = await _read_files(request, settings)
-    arrays = [
-        images.decode(data, model.channels, settings.max_pixels, name) for name, data in files
-    ]
-    probabilities = [await service.batcher.predict(model, array) for array in arrays]
-    service.metrics.images.inc(len(arrays))
+    content_type = request.headers.get("content-type", "")
+    kind = _content_kind(content_type)
+    body = await _read_body(request, service)
+    if service.in_flight >= settings.max_in_flight:
+        raise service.busy(f"{service.in_flight} requests in progress, retry")
+    service.in_flight += 1
+    service.metrics.in_flight.inc()
+    try:
+        files = _files(body, kind, content_type, settings)
+        return await _classify(files, model, k, service)
+    finally:
+        service.in_flight -= 1
+        service.metrics.in_flight.dec()
+
+
+async def _classify(files: list, model: ServedModel, k: int, service: Service) -> bytes:
+    opened = _open_all(files, service.settings)
+    pixels = sum(image.width * image.height for image in opened)
+    if pixels <= INLINE_PIXELS:
+        arrays = [
+            images.to_array(image, data, model.channels, name)
+            for image, (name, data) in zip(opened, files, strict=True)
+        ]
+        probabilities = [await service.batcher.predict(model, array) for array in arrays]
+    else:
+        loop = asyncio.get_running_loop()
+        probabilities = await loop.run_in_executor(
+            service.pool, _decode_and_score, model, opened, files
+        )
+    service.metrics.images.inc(len(files))
     predictions = []
     for (name, _), p in zip(files, probabilities, strict=True):
         order = np.argsort(-p)[:k]
@@ -172,14 +191,49 @@ async def _classify(request: Request, model: ServedModel, service: Service) -> b
     return json.dumps({"model_version": model.version, "predictions": predictions}).encode()
 
 
-async def _read_files(request: Request, settings: Serve) -> list[tuple[str, bytes]]:
-    content_type = request.headers.get("content-type", "")
+def _open_all(files: list[tuple[str, bytes]], settings: Serve) -> list:
+    """Every image with its header read; the request's pixels checked before any decoding."""
+    opened = []
+    try:
+        for name, data in files:
+            opened.append(images.open_image(data, settings.max_pixels, name))
+        pixels = sum(image.width * image.height for image in opened)
+        if pixels > settings.max_request_pixels:
+            raise BadRequest(
+                413, f"{len(files)} images of {pixels:,} pixels in all, over "
+                f"serve.max_request_pixels ({settings.max_request_pixels:,})",
+            )  # fmt: skip
+    except BadRequest:
+        for image in opened:
+            image.close()
+        raise
+    return opened
+
+
+def _decode_and_score(model: ServedModel, opened: list, files: list) -> list[np.ndarray]:
+    """On a pool thread: one image decoded at a time, so one decoded array is held at once."""
+    probabilities = []
+    for index, (image, (name, data)) in enumerate(zip(opened, files, strict=True)):
+        try:
+            array = images.to_array(image, data, model.channels, name)
+        except BadRequest:
+            for rest in opened[index + 1 :]:
+                rest.close()
+            raise
+        probabilities.append(model.predict(array)[0])
+    return probabilities
+
+
+def _content_kind(content_type: str) -> str:
     kind = content_type.split(";")[0].strip().lower()
     if kind != "multipart/form-data" and not kind.startswith("image/"):
         raise BadRequest(
             415, f"Content-Type {kind or 'missing'}: send image/* bytes or multipart/form-data"
         )
-    body = await _read_body(request, settings.max_upload_bytes)
+    return kind
+
+
+def _files(body: bytes, kind: str, content_type: str, settings: Serve) -> list:
     if not body:
         raise BadRequest(400, "the request body is empty")
     files = (
@@ -192,17 +246,34 @@ async def _read_files(request: Request, settings: Serve) -> list[tuple[str, byte
     return files
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
+async def _read_body(request: Request, service: Service) -> bytes:
+    """The whole body within serve.body_timeout_seconds, counted among the bodies being read."""
+    settings = service.settings
+    limit = settings.max_upload_bytes
     too_large = f"the body is over serve.max_upload_bytes ({limit:,} bytes)"
-    if declared.isdigit() and int(declared) > limit:
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, too_large)  # refused before reading a byte of it
+    if service.reading >= settings.max_reading:
+        raise service.busy(f"{service.reading} request bodies being read, retry")
+    service.reading += 1
+    service.metrics.reading.inc()
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(413, too_large)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(settings.body_timeout_seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BadRequest(413, too_large)
+                chunks.append(chunk)
+    except TimeoutError:
+        seconds = settings.body_timeout_seconds
+        raise BadRequest(408, f"the body did not arrive within {seconds:g} s "
+                         "(serve.body_timeout_seconds)") from None  # fmt: skip
+    finally:
+        service.reading -= 1
+        service.metrics.reading.dec()
+    request.state.body_in = True
     return b"".join(chunks)
 
 
@@ -210,7 +281,7 @@ def _top_k(request: Request, settings: Serve, n_classes: int) -> int:
     text = request.query_params.get("top_k")
     if text is None:
         return min(settings.top_k, n_classes)
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise BadRequest(400, f"top_k={text!r}: expected a whole number >= 1")
     return min(int(text), n_classes)
 

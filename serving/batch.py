@@ -5,14 +5,14 @@ It lives beside the service, not in components/, because it is the service's pat
 HTTP: the same model loading (alias resolved, golden check, int8 when asked) and the same
 decoding, so a file gets the same probabilities from `lensflow predict` as from POST /predict.
 Files that cannot be read or decoded are skipped and listed (path, reason), never dropped
-silently.
+silently. Files stream: their headers are read first (sizes, for batching), then each is
+decoded just before its batch is scored, so memory does not grow with the number of files.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +22,10 @@ from components.core import paths as project_paths
 from components.core.config import Config
 from components.core.errors import UserError
 from serving import images
-from serving.model import Refused, alias_version, load, parse
+from serving.model import Refused, Transient, alias_version, load, parse
 
 COLUMNS = ("path", "class", "confidence", "model_version")
-BATCH = 64
+BATCH_PIXELS = 64 * 224 * 224  # pixels decoded and scored together (~10 MB for RGB)
 
 
 @dataclass(frozen=True)
@@ -41,20 +41,20 @@ class BatchResult:
 def run(cfg: Config, inputs: list[str], model_uri: str | None, out: str | Path) -> BatchResult:
     files = _files(inputs)
     model = _model(cfg, model_uri)
-    arrays, skipped = {}, []
-    for file in files:
+    skipped, shapes = [], {}
+    for file in files:  # headers only: each file's size, so that same-sized images batch
         try:
-            data = Path(file).read_bytes()
-            arrays[file] = images.decode(data, model.channels, cfg.serve.max_pixels, file)
-        except OSError as exc:
-            skipped.append((file, f"cannot be read: {exc.strerror or exc}"))
-        except images.BadRequest as exc:
-            skipped.append((file, exc.message.removeprefix(f"{file}: ")))
-    probabilities = _predict(model, arrays)
+            with images.open_image(Path(file).read_bytes(), cfg.serve.max_pixels, file) as image:
+                shapes[file] = (image.height, image.width)
+        except (OSError, images.BadRequest) as exc:
+            skipped.append((file, _reason(file, exc)))
+    probabilities = dict(_predict(model, shapes, cfg.serve.max_pixels, skipped))
     rows = [
         (file, model.classes[int(p.argmax())], round(float(p.max()), 6), model.version)
-        for file, p in probabilities.items()
+        for file in files
+        if (p := probabilities.get(file)) is not None
     ]
+    skipped.sort()
     return _write(Path(out), rows, skipped, model.version)
 
 
@@ -95,27 +95,42 @@ def _model(cfg: Config, model_uri: str | None):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(tracking.tracking_uri())
     source = parse(model_uri or f"models:/{cfg.registry.model_name}@champion")
-    version = alias_version(source) if source.alias else (source.version or "file")
+    try:
+        version = alias_version(source) if source.alias else (source.version or "file")
+    except Exception as exc:
+        raise UserError(f"{source.uri}: the registry did not answer ({exc})") from None
     if version is None:
         raise UserError(f"{source.uri}: no such model version or alias in the registry")
     try:
         return load(source, version, cfg.serve)
-    except Refused as exc:
+    except (Refused, Transient) as exc:
         raise UserError(f"{source.uri}: {exc}") from None
 
 
-def _predict(model, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Images of one size run together, BATCH at a time; returned in the files' order."""
-    by_shape = defaultdict(list)
-    for file, array in arrays.items():
-        by_shape[array.shape].append(file)
-    out = {}
-    for group in by_shape.values():
-        for i in range(0, len(group), BATCH):
-            part = group[i : i + BATCH]
-            batch = model.predict(np.concatenate([arrays[f] for f in part]))
-            out.update(zip(part, batch, strict=True))
-    return {file: out[file] for file in arrays}
+def _predict(model, shapes: dict[str, tuple], max_pixels: int, skipped: list):
+    """(file, probabilities) of each file, decoded one at a time in order of size and scored
+    BATCH_PIXELS at most together: memory is one batch, whatever the number of files."""
+    batch, names, pixels = [], [], 0
+    for file in sorted(shapes, key=lambda f: (shapes[f], f)):
+        try:
+            array = images.decode(Path(file).read_bytes(), model.channels, max_pixels, file)
+        except (OSError, images.BadRequest) as exc:
+            skipped.append((file, _reason(file, exc)))
+            continue
+        if batch and (batch[0].shape != array.shape or pixels >= BATCH_PIXELS):
+            yield from zip(names, model.predict(np.concatenate(batch)), strict=True)
+            batch, names, pixels = [], [], 0
+        batch.append(array)
+        names.append(file)
+        pixels += array.shape[2] * array.shape[3]
+    if batch:
+        yield from zip(names, model.predict(np.concatenate(batch)), strict=True)
+
+
+def _reason(file: str, exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        return f"cannot be read: {exc.strerror or exc}"
+    return exc.message.removeprefix(f"{file}: ")
 
 
 def _write(out: Path, rows: list, skipped: list, version: str) -> BatchResult:

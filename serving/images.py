@@ -23,16 +23,23 @@ SUPPORTED = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 
 
 class BadRequest(Exception):
-    """A request the service refuses: an HTTP status (400, 413, 415) and one line saying why."""
+    """A request the service refuses: an HTTP status (400, 413, 415, ...), one line saying
+    why, and any headers the answer needs (Retry-After)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 def decode(data: bytes, channels: int, max_pixels: int, name: str = "image") -> np.ndarray:
     """uint8 [1, channels, height, width] of one encoded image, or BadRequest."""
+    return to_array(open_image(data, max_pixels, name), data, channels, name)
+
+
+def open_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
+    """The image with only its header read: its size is known, nothing is decoded yet."""
     kind = imagefacts.sniff_format(data)
     if not kind:
         raise BadRequest(
@@ -44,22 +51,31 @@ def decode(data: bytes, channels: int, max_pixels: int, name: str = "image") -> 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
             image = Image.open(io.BytesIO(data), formats=[kind])
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours
+        raise BadRequest(413, f"{name}: {exc} (serve.max_pixels {max_pixels:,})") from None
     except Exception:  # PIL raises many types for a broken header
         reason = f"{name}: starts like a {kind} file, but its header cannot be read"
         raise BadRequest(400, reason) from None
+    if image.width * image.height > max_pixels:
+        image.close()
+        raise BadRequest(
+            413,
+            f"{name}: {image.width}x{image.height} is {image.width * image.height:,} "
+            f"pixels, over serve.max_pixels ({max_pixels:,})",
+        )
+    return image
+
+
+def to_array(image: Image.Image, data: bytes, channels: int, name: str) -> np.ndarray:
+    """Decode an opened image (and close it) to uint8 [1, channels, height, width]."""
     with image:
-        if image.width * image.height > max_pixels:
-            raise BadRequest(
-                413,
-                f"{name}: {image.width}x{image.height} is {image.width * image.height:,} "
-                f"pixels, over serve.max_pixels ({max_pixels:,})",
-            )
         try:
             image.load()
             if imagefacts.orientation(image) != 1:
                 image = ImageOps.exif_transpose(image)
             converted = imagefacts.to_channels(image, channels, imagefacts.bit_depth(image, data))
         except Exception as exc:  # truncated or corrupt data: PIL's types vary by format
+            kind = image.format or "image"
             raise BadRequest(400, f"{name}: {kind} data cannot be decoded ({exc})") from None
     array = np.asarray(converted).reshape(converted.height, converted.width, channels)
     return np.ascontiguousarray(array.transpose(2, 0, 1))[None]

@@ -1,6 +1,8 @@
 """The model the service answers with: an ONNX Runtime session of one registry version, checked
 on the golden inputs registered with it (export writes them, register logs them) before it may
-serve. A version that fails to load or to match its golden probabilities raises Refused."""
+serve. A failure that may pass (the network, an HTTP 5xx, I/O) raises Transient: try again
+later. One that will not (golden mismatch, a file ONNX Runtime rejects, no class list, a
+version the registry does not have) raises Refused."""
 
 from __future__ import annotations
 
@@ -21,6 +23,24 @@ LINEAGE_TAGS = ("git.commit", "git.dirty", "data.md5", "params.hash", "prefect.f
 
 class Refused(Exception):
     """A version that cannot be served; the message says why."""
+
+
+class Transient(Exception):
+    """A version that could not be loaded this time (network, 5xx, I/O): retry it later."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An OSError (requests' errors among them) or an MLflow error of HTTP status 5xx (MLflow
+    wraps a refused connection or a timeout as INTERNAL_ERROR), here or in its causes."""
+    from mlflow.exceptions import MlflowException
+
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return True
+        if isinstance(exc, MlflowException) and exc.get_http_status_code() >= 500:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -63,14 +83,17 @@ def parse(uri: str) -> Source:
 
 
 def alias_version(source: Source) -> str | None:
-    """The version the alias points to now (None: no such alias yet)."""
+    """The version the alias points to now (None: no such alias yet). A registry that does
+    not answer raises."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
         found = mlflow.MlflowClient().get_model_version_by_alias(source.name, source.alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
     return str(found.version)
 
 
@@ -88,7 +111,8 @@ def session(model: bytes | str, threads: int):
 
 
 def load(source: Source, version: str | None, settings: Serve) -> ServedModel:
-    """Load one version (or the .onnx file), check it on its golden inputs, or raise Refused."""
+    """Load one version (or the .onnx file), check it on its golden inputs, or raise Refused
+    (it will not serve) or Transient (try again later)."""
     try:
         if source.file:
             model, golden, info = Path(source.file).read_bytes(), None, {"model": source.file}
@@ -102,8 +126,9 @@ def load(source: Source, version: str | None, settings: Serve) -> ServedModel:
         channels = int(meta.get("channels", ort_session.get_inputs()[0].shape[1]))
     except Refused:
         raise
-    except Exception as exc:  # a missing artifact, a file ONNX Runtime rejects, ...
-        raise Refused(f"version {version} cannot be loaded: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # an unreachable store, a missing artifact, a bad file, ...
+        reason = f"version {version} cannot be loaded: {type(exc).__name__}: {exc}"
+        raise (Transient if is_transient(exc) else Refused)(reason) from None
     if not classes:
         raise Refused(f"version {version}: its ONNX metadata names no classes")
     info["golden"] = check_golden(ort_session, golden, info.get("variant", "fp32"), settings)
@@ -139,7 +164,6 @@ def check_golden(ort_session, golden: dict | None, variant: str, settings: Serve
 
 def _download(name: str, version: str, want_int8: bool) -> tuple[bytes, dict | None, dict]:
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     found = client.get_model_version(name, version)
@@ -155,25 +179,50 @@ def _download(name: str, version: str, want_int8: bool) -> tuple[bytes, dict | N
         "int8": "not asked (serve.int8 / --int8)",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(
-            mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)
-        )
+        location = _concrete(client, client.get_model_version_download_uri(name, version))
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp))
         model = _onnx_bytes(next(folder.rglob("*.onnx")))
         if want_int8:
             if tags.get("lensflow.int8") == "shipped":
-                int8 = f"runs:/{found.run_id}/int8/{paths.ONNX_INT8.name}"
-                model = _onnx_bytes(mlflow.artifacts.download_artifacts(int8, dst_path=tmp))
+                int8 = _concrete(client, f"runs:/{found.run_id}/int8/{paths.ONNX_INT8.name}")
+                model = _onnx_bytes(
+                    mlflow.artifacts.download_artifacts(artifact_uri=int8, dst_path=tmp)
+                )
                 info.update(variant="int8", int8="served")
             else:
                 info["int8"] = f"not shipped with version {version}: serving fp32"
-        try:
-            golden_uri = f"runs:/{found.run_id}/{paths.GOLDEN_ARTIFACT}"
-            golden_file = mlflow.artifacts.download_artifacts(golden_uri, dst_path=tmp)
-            with np.load(golden_file) as npz:
-                golden = {key: npz[key] for key in ("images", "probabilities")}
-        except (MlflowException, OSError):
-            golden = None
+        golden = _golden(client, found.run_id, tmp)
     return model, golden, info
+
+
+def _golden(client, run_id: str, tmp: str) -> dict | None:
+    """The golden inputs logged with the version's run; None only when none were logged (a
+    version registered before they existed). A listing or download that fails raises: the
+    check is retried, never skipped."""
+    import mlflow
+
+    folder = str(Path(paths.GOLDEN_ARTIFACT).parent)
+    if paths.GOLDEN_ARTIFACT not in {f.path for f in client.list_artifacts(run_id, folder)}:
+        return None
+    golden_uri = _concrete(client, f"runs:/{run_id}/{paths.GOLDEN_ARTIFACT}")
+    golden_file = mlflow.artifacts.download_artifacts(artifact_uri=golden_uri, dst_path=tmp)
+    with np.load(golden_file) as npz:
+        return {key: npz[key] for key in ("images", "probabilities")}
+
+
+def _concrete(client, uri: str) -> str:
+    """The storage location behind a runs:/ or models:/ URI. MLflow's runs:/ repository turns
+    any failed download (a 503, a refused connection) into "does not exist", which would make
+    a passing outage look like a missing artifact; the store's own repository says what
+    happened."""
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+    if uri.startswith("models:/"):
+        model_id, _, path = uri.removeprefix("models:/").partition("/")
+        location = client.get_logged_model(model_id).artifact_location.rstrip("/")
+        return f"{location}/{path}" if path else location
+    return uri
 
 
 def _onnx_bytes(path) -> bytes:

@@ -1,5 +1,10 @@
-"""`lensflow serve`: one uvicorn worker running the Starlette app, and a thread that follows
-the registry alias (serve.poll_seconds) and swaps in each new version that passes its checks.
+"""`lensflow serve`: serve.workers processes on one port, each a uvicorn server running the
+Starlette app and a Follower thread that keeps its model current (serving/follower.py).
+
+One worker serves on the socket bound here. Several are forked from this process before any
+thread starts; each binds the port with SO_REUSEPORT, so the kernel spreads connections evenly
+over them (one shared listening socket lets whichever worker wakes first take most of them).
+This process then only supervises: it restarts a worker that dies and passes SIGTERM on.
 
 SIGTERM (and Ctrl-C): uvicorn stops accepting, lets the requests in flight finish (at most
 serve.shutdown_timeout seconds), ends the lifespan; then the process exits 0.
@@ -12,73 +17,59 @@ import os
 import signal
 import socket
 import sys
-import threading
+import tempfile
+import time
 
 from components.core.config import Config
 from components.core.errors import UserError
-from serving.app import Service, build
-from serving.model import Refused, Source, alias_version, load, parse
+from serving.model import Source, parse
 
 log = logging.getLogger("lensflow.serve")
-
-
-class Follower(threading.Thread):
-    """Loads the version the source points to, then (for an alias) looks it up every
-    poll_seconds; a new version is loaded and checked off the request path, then swapped in."""
-
-    def __init__(self, service: Service, source: Source):
-        super().__init__(name="lensflow-follower", daemon=True)
-        self.service = service
-        self.source = source
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while True:
-            try:
-                self.refresh()
-            except Exception:  # the registry is unreachable for a while: keep serving
-                log.exception(
-                    "looking up %s failed; still serving what was loaded", self.source.uri
-                )
-            if self.source.alias is None or self.stop.wait(self.service.settings.poll_seconds):
-                return
-
-    def refresh(self) -> None:
-        source, service = self.source, self.service
-        version = alias_version(source) if source.alias else (source.version or "file")
-        if version is None:
-            log.info("%s: no such alias yet", source.uri)
-            return
-        served = service.model.version if service.model else None
-        refused = service.refused["version"] if service.refused else None
-        if version in (served, refused):
-            return
-        log.info("%s -> version %s: loading and checking it", source.uri, version)
-        try:
-            model = load(source, version, service.settings)
-        except Refused as exc:
-            service.refuse(str(version), str(exc))
-            return
-        service.swap(model)
+STARTUP_SECONDS = 10.0
 
 
 def run(cfg: Config, model_uri: str | None) -> int:
+    settings = cfg.serve
+    source = parse(model_uri or f"models:/{cfg.registry.model_name}@champion")
+    workers = worker_count(settings.workers)
+    listener = _listen(settings.host, settings.port, reuse_port=workers > 1)
+    _log_to_stderr()
+    _short_registry_requests(settings.registry_timeout_seconds)
+    where = f"http://{settings.host}:{settings.port}"
+    print(f"lensflow serve: {source.uri} on {where} ({workers} workers)", flush=True)
+    code = 0
+    if workers == 1:
+        _serve(cfg, source, listener)
+    else:
+        listener.close()  # a listening socket nobody accepts on would still get connections
+        code = _supervise(cfg, source, workers)
+    print("lensflow serve: stopped", flush=True)
+    return code
+
+
+def worker_count(workers: int | str) -> int:
+    if workers == "auto":
+        return len(os.sched_getaffinity(0))
+    return int(workers)
+
+
+def _serve(cfg: Config, source: Source, listener: socket.socket) -> None:
     import mlflow
     import uvicorn
 
     from components.core import tracking
+    from serving.app import Service, build
+    from serving.follower import Follower
+    from serving.protocol import with_header_deadline
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     settings = cfg.serve
-    source = parse(model_uri or f"models:/{cfg.registry.model_name}@champion")
-    listener = _listen(settings.host, settings.port)
-    _log_to_stderr()
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    service = Service(settings, source.uri)
+    service = Service(settings, source)
     follower = Follower(service, source)
     follower.start()
     config = uvicorn.Config(
         build(service),
+        http=with_header_deadline(settings.header_timeout_seconds),
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=settings.shutdown_timeout,
@@ -88,14 +79,83 @@ def run(cfg: Config, model_uri: str | None) -> int:
     # graceful shutdown: ignored then, so that shutdown ends the command with exit code 0.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
-    print(f"lensflow serve: {source.uri} on http://{settings.host}:{settings.port}", flush=True)
     uvicorn.Server(config).run(sockets=[listener])
     follower.stop.set()
-    print("lensflow serve: stopped", flush=True)
-    return 0
+    service.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _supervise(cfg: Config, source: Source, workers: int) -> int:
+    """Fork the workers, restart one that dies unasked, pass SIGTERM/SIGINT on, wait for all.
+    A worker that dies within STARTUP_SECONDS of its start stops them all (exit code 1):
+    restarting it would only fail again."""
+    metrics_dir = tempfile.TemporaryDirectory(prefix="lensflow-serve-metrics-")
+    if "prometheus_client" in sys.modules:  # it picks its value store when first imported
+        raise RuntimeError("prometheus_client was imported before its multiprocess dir was set")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
+    children: dict[int, float] = {}  # pid -> when it started
+    stopping, code = False, 0
+
+    def stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
+    for _ in range(workers):
+        children[_fork_worker(cfg, source)] = time.monotonic()
+    while children:
+        pid, status = os.wait()
+        started = children.pop(pid)
+        _mark_dead(pid)
+        if stopping:
+            continue
+        if time.monotonic() - started < STARTUP_SECONDS:
+            log.error("worker %d ended at its start (status %d); stopping", pid, status)
+            code = 1
+            stop(signal.SIGTERM, None)
+            continue
+        log.error("worker %d ended (status %d); starting another", pid, status)
+        children[_fork_worker(cfg, source)] = time.monotonic()
+    metrics_dir.cleanup()
+    return code
+
+
+def _fork_worker(cfg: Config, source: Source) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        settings = cfg.serve
+        _serve(cfg, source, _listen(settings.host, settings.port, reuse_port=True))
+    except BaseException:
+        log.exception("worker %d failed", os.getpid())
+        code = 1
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
+
+
+def _mark_dead(pid: int) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # its live gauges (in flight, version) leave /metrics
+
+
+def _short_registry_requests(timeout_seconds: int) -> None:
+    """MLflow's client retries a failing request for about 4 minutes by default, which would
+    hide an outage and stall the follower: the service's requests give up after one try of
+    serve.registry_timeout_seconds, and the follower's next poll is the retry."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_seconds)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """The listening socket, bound here so a taken port is one clear error. Its protocol is
     IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on such sockets, and with
     Nagle on every response waits ~40 ms for the client's delayed ACK."""
@@ -103,6 +163,8 @@ def _listen(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listener.bind((host, port))
         listener.listen(2048)
     except OSError as exc:
@@ -112,7 +174,9 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _log_to_stderr() -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    )
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False

@@ -178,6 +178,7 @@ class MlflowServer:
     backend_store: str
     artifacts: Path
     log: Path
+    pid: int = 0  # its process group leader: os.killpg(pid, SIGSTOP) stops it, workers too
 
 
 @contextmanager
@@ -199,7 +200,9 @@ def mlflow_server(backend_store: str, folder: Path, timeout: float = 180.0):
             env={**os.environ, **env},
             start_new_session=True,  # its own group: stopping it stops its workers too
         )
-    server = MlflowServer(f"http://127.0.0.1:{port}", backend_store, folder / "artifacts", log)
+    server = MlflowServer(
+        f"http://127.0.0.1:{port}", backend_store, folder / "artifacts", log, process.pid
+    )
     try:
         _wait_healthy(server, process, timeout)
         yield server

@@ -3,7 +3,7 @@ predict), schedule (the Prefect deployments) and monitor (continuous validation)
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -30,12 +30,34 @@ class Serve(Section):
     """Per image, read from its header before decoding (413)."""
     max_images: int = Field(32, ge=1)
     """Images per request (413)."""
+    max_request_pixels: int = Field(4 * 4096 * 4096, ge=1)
+    """Per request, the pixels of all its images together, read from their headers before
+    any is decoded (413)."""
     max_in_flight: int = Field(64, ge=1)
-    """Requests in progress at once; the next one gets 503 with `Retry-After` at once."""
+    """Requests being decoded and scored at once, counted once their body is in; the next one
+    gets 503 with `Retry-After` at once."""
+    max_reading: int = Field(1024, ge=1)
+    """Requests whose body is still being read; the next one gets 503 with `Retry-After` at
+    once. Separate from `max_in_flight`, so slow uploads cannot starve complete requests."""
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    """A connection whose request line and headers are not all in this long after it opened
+    (or after its previous answer) is closed."""
+    body_timeout_seconds: float = Field(30.0, gt=0)
+    """A request whose body is not all in this long after its headers gets 408."""
     retry_after_seconds: int = Field(1, ge=0)
     """The `Retry-After` of a 503."""
     threads: int = Field(1, ge=1)
     """ONNX Runtime intra-op threads per inference."""
+    pool_threads: int = Field(2, ge=1)
+    """Threads that decode and score the requests too big to run on the event loop (over
+    65,536 pixels), so that `/health` and small requests keep answering meanwhile."""
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Processes serving one port, each following the alias (`--workers`); `auto` = the
+    CPU cores this process may use."""
+    registry_timeout_seconds: int = Field(5, ge=1)
+    """Each registry and artifact request of the service (alias lookups, downloads) gives up
+    after this long, without MLflow's own retries: a failed lookup is retried at the next
+    poll, a failed download with backoff."""
     batch_max: int = Field(1, ge=1)
     """Micro-batching: up to this many same-sized images of concurrent requests run as one
     batch; 1 = off."""

@@ -119,3 +119,8 @@ def test_the_mlflow_service_runs_the_server_command_of_infra_stack():
     environment = _environment(service)
     assert environment.items() >= env.items()
     assert environment["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+
+
+def test_the_serve_service_is_healthy_only_once_ready():
+    healthcheck = _compose()["services"]["serve"]["healthcheck"]
+    assert "/ready" in " ".join(healthcheck["test"])

@@ -67,23 +67,28 @@ def _scale_weights(path: Path) -> None:
     onnx.save(proto, path)
 
 
-def start_server(root: Path, port: int, *settings: str) -> subprocess.Popen:
-    """`lensflow serve` as a real process in `root`, once it answers /ready."""
+def start_server(
+    root: Path, port: int, *settings: str, tracking_uri: str = "", args=(), ready: bool = True
+) -> subprocess.Popen:
+    """`lensflow serve` as a real process in `root` (its sqlite registry unless tracking_uri
+    says otherwise), returned once it answers /ready (or, ready=False, once it answers)."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
+        "MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{root}/mlflow.db",
     }
+    settings = ("serve.workers=1", *settings)  # one process unless a test asks for more
     overrides = [arg for setting in settings for arg in ("--set", setting)]
-    command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), *overrides]
+    command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), *overrides, *args]
     process = subprocess.Popen(
         command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    wanted = (200,) if ready else (200, 503)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
         try:
-            if request(port, "GET", "/ready")[0] == 200:
+            if request(port, "GET", "/ready")[0] in wanted:
                 return process
         except OSError:
             pass

@@ -1,6 +1,8 @@
 """`lensflow serve` as a real process on a free loopback port, against a real sqlite registry:
-every 4xx path, a hot swap under load, a broken version refused, a full queue, SIGTERM.
-The tests run in file order on one server; the SIGTERM test ends it."""
+every 4xx path, limits applied before reading or decoding, slow clients, a client that goes
+away, a hot swap under load, a broken version refused, SIGTERM. The tests run in file order on
+one server; the SIGTERM test ends it. They wait by polling what the server reports (/model,
+/metrics, a refused connection), never by sleeping."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from tests.components.data.test_validation_corpus import png_header_only
 from tests.servers import free_port
 from tests.serving.conftest import request, start_server
 
@@ -23,8 +26,12 @@ LIMITS = (
     "serve.poll_seconds=0.2",
     "serve.max_upload_bytes=100000",
     "serve.max_pixels=1000000",
+    "serve.max_request_pixels=2000000",
     "serve.max_images=4",
     "serve.max_in_flight=3",
+    "serve.max_reading=5",
+    "serve.header_timeout_seconds=2",
+    "serve.body_timeout_seconds=5",
     "serve.retry_after_seconds=2",
 )
 
@@ -87,6 +94,7 @@ def test_predicts_raw_bytes_and_multipart_with_the_version(server):
         (400, b"\x89PNG\r\n\x1a\n" + b"\0" * 40, PNG, "header cannot be read"),
         (400, "NO_FILE", MULTIPART, "no file"),
         (400, "BAD_TOP_K", PNG, "top_k"),
+        (400, "SUPERSCRIPT_TOP_K", PNG, "top_k"),
         (413, b"\x89PNG\r\n\x1a\n" + b"\0" * 100_001, PNG, "max_upload_bytes"),
         (413, "BIG_PNG", PNG, "max_pixels"),
         (413, "FIVE_IMAGES", MULTIPART, "max_images"),
@@ -94,12 +102,14 @@ def test_predicts_raw_bytes_and_multipart_with_the_version(server):
 )
 def test_every_bad_request_gets_one_json_error(server, status, body, headers, says):
     png = server["pngs"][0]
-    path = "/predict?top_k=0" if body == "BAD_TOP_K" else "/predict"
+    path = {"BAD_TOP_K": "/predict?top_k=0", "SUPERSCRIPT_TOP_K": "/predict?top_k=%C2%B2"}
+    path = path.get(body, "/predict") if isinstance(body, str) else "/predict"
     body = {
         "TRUNCATED": png[: len(png) // 2],
         "NO_FILE": b'--lensflowtest\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n'
         b"--lensflowtest--\r\n",
         "BAD_TOP_K": png,
+        "SUPERSCRIPT_TOP_K": png,
         "BIG_PNG": _png(1001, 1000),
         "FIVE_IMAGES": _multipart([(f"{i}.png", png) for i in range(5)]),
     }.get(body, body)
@@ -157,13 +167,15 @@ def test_hot_swap_under_load_then_a_broken_version_is_refused(server):
     port, name = server["port"], server["name"]
     client = mlflow.MlflowClient()
     with Load(port, server["pngs"][0]) as load:
-        time.sleep(0.5)
+        _until(lambda: len(load.results) >= 10)
         client.set_registered_model_alias(name, "champion", "3")
         _wait_for(port, lambda info: info["served"]["version"] == "3")
-        time.sleep(0.5)
+        swapped = len(load.results)
+        _until(lambda: len(load.results) >= swapped + 10)
         client.set_registered_model_alias(name, "champion", "2")  # fails its golden check
         info = _wait_for(port, lambda info: info["refused"] is not None)
-        time.sleep(0.5)
+        refused = len(load.results)
+        _until(lambda: len(load.results) >= refused + 10)
     assert info["served"]["version"] == "3" and info["refused"]["version"] == "2"
     assert "golden check failed" in info["refused"]["reason"]
     statuses = {status for status, _ in load.results}
@@ -176,12 +188,46 @@ def test_hot_swap_under_load_then_a_broken_version_is_refused(server):
     assert request(port, "POST", "/predict", server["pngs"][0], PNG)[1]["model_version"] == "3"
 
 
-def _slow_upload(port: int, png: bytes) -> socket.socket:
-    """A request whose body is half sent: it holds a place among the requests in flight."""
+def _until(condition, seconds: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not met within {seconds} s")
+
+
+def _metric_or_0(port: int, name: str) -> float:
+    text = request(port, "GET", "/metrics")[1]
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)), 0)
+
+
+def _reading(port: int, count: int) -> None:
+    """Wait until the server says `count` request bodies are being read."""
+    _until(lambda: _metric(port, "lensflow_reading") == count, what=f"{count} bodies reading")
+
+
+def _raw(port: int, data: bytes) -> socket.socket:
     connection = socket.create_connection(("127.0.0.1", port))
-    head = "POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
-    connection.sendall(f"{head}Content-Length: {len(png)}\r\n\r\n".encode() + png[:10])
+    connection.sendall(data)
     return connection
+
+
+def _slow_upload(port: int, png: bytes) -> socket.socket:
+    """A request whose body is half sent: its headers are in, its body is not."""
+    head = "POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+    return _raw(port, f"{head}Content-Length: {len(png)}\r\n\r\n".encode() + png[:10])
+
+
+def _answer(connection: socket.socket, seconds: float = 30) -> tuple[str, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    start = time.monotonic()
+    connection.settimeout(seconds)
+    answer = b""
+    while chunk := connection.recv(65536):
+        answer += chunk
+    connection.close()
+    return answer.decode(), time.monotonic() - start
 
 
 def _finish(connection: socket.socket, png: bytes) -> str:
@@ -197,16 +243,74 @@ def _finish(connection: socket.socket, png: bytes) -> str:
     return answer.decode()
 
 
-def test_a_full_queue_answers_503_with_retry_after_at_once(server):
+def test_a_body_over_the_limit_is_refused_from_its_headers_before_it_is_read(server):
+    head = b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+    connection = _raw(server["port"], head + b"Content-Length: 1000000000\r\n\r\n")
+    answer, seconds = _answer(connection, seconds=5)  # and then closes: no body is awaited
+    assert answer.startswith("HTTP/1.1 413") and "max_upload_bytes" in answer
+    assert seconds < 1
+
+
+def test_pixel_bombs_are_refused_from_their_headers_before_decoding(server):
+    """Header-only PNGs: decoding any of them would fail (400); the answer is the 413."""
+    port = server["port"]
+    for side in (10_000, 100_000):  # under and over Pillow's own bomb limit (179M pixels)
+        status, error, _ = request(port, "POST", "/predict", png_header_only(side, side), PNG)
+        assert status == 413 and "serve.max_pixels" in error["error"]["message"]
+    three = _multipart([(f"{i}.png", png_header_only(1000, 1000)) for i in range(3)])
+    status, error, _ = request(port, "POST", "/predict", three, MULTIPART)
+    assert status == 413 and "serve.max_request_pixels" in error["error"]["message"]
+    status, error, _ = request(port, "POST", "/predict", png_header_only(1000, 1000), PNG)
+    assert status == 400 and "cannot be decoded" in error["error"]["message"]
+
+
+def test_slow_uploads_do_not_lock_out_complete_requests(server):
     port, png = server["port"], server["pngs"][0]
     waiting = [_slow_upload(port, png) for _ in range(3)]  # serve.max_in_flight=3
-    time.sleep(0.5)
+    _reading(port, 3)
+    start = time.monotonic()
+    assert request(port, "POST", "/predict", png, PNG)[0] == 200
+    assert time.monotonic() - start < 1
+    assert _metric(port, "lensflow_in_flight") == 0
+    assert all(_finish(c, png).startswith("HTTP/1.1 200") for c in waiting)
+
+
+def test_bodies_being_read_have_their_own_bound_503_with_retry_after(server):
+    port, png = server["port"], server["pngs"][0]
+    waiting = [_slow_upload(port, png) for _ in range(5)]  # serve.max_reading=5
+    _reading(port, 5)
     start = time.monotonic()
     status, body, headers = request(port, "POST", "/predict", png, PNG)
     assert status == 503 and headers["retry-after"] == "2" and time.monotonic() - start < 1
-    assert "in progress" in body["error"]["message"]
+    assert "5 request bodies being read" in body["error"]["message"]
     assert all(_finish(c, png).startswith("HTTP/1.1 200") for c in waiting)
     assert request(port, "POST", "/predict", png, PNG)[0] == 200
+
+
+def test_headers_and_bodies_have_deadlines(server):
+    port, png = server["port"], server["pngs"][0]
+    errors_408 = 'lensflow_request_errors_total{endpoint="/predict",status="408"}'
+    before = _metric_or_0(port, errors_408)
+    headers_only = _raw(port, b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Ty")
+    answer, seconds = _answer(headers_only)  # serve.header_timeout_seconds=2: closed
+    assert answer == "" and 1.5 < seconds < 10
+    answer, seconds = _answer(_slow_upload(port, png))  # serve.body_timeout_seconds=5
+    assert answer.startswith("HTTP/1.1 408") and "body_timeout_seconds" in answer
+    assert 4.5 < seconds < 15
+    assert _metric(port, errors_408) == before + 1
+
+
+def test_a_client_that_goes_away_is_counted_499_never_5xx(server):
+    port, png = server["port"], server["pngs"][0]
+    gone = 'lensflow_request_errors_total{endpoint="/predict",status="499"}'
+    before = _metric_or_0(port, gone)
+    connection = _slow_upload(port, png)
+    _reading(port, 1)
+    connection.close()
+    _until(lambda: _metric_or_0(port, gone) == before + 1, what="a 499 counted")
+    server_errors = 'lensflow_request_errors_total{endpoint="/predict",status="500"}'
+    assert _metric_or_0(port, server_errors) == 0
+    assert _metric(port, "lensflow_reading") == 0  # the server log's check is in the SIGTERM test
 
 
 def test_batch_scoring_gives_the_service_answers_and_lists_unreadable_files(server, tmp_path):
@@ -241,15 +345,23 @@ def test_batch_scoring_gives_the_service_answers_and_lists_unreadable_files(serv
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(server):
     port, png, process = server["port"], server["pngs"][0], server["process"]
     waiting = [_slow_upload(port, png) for _ in range(2)]
-    time.sleep(0.5)
+    _reading(port, 2)
     process.send_signal(signal.SIGTERM)
-    time.sleep(1.0)
-    with pytest.raises(OSError):  # no longer accepting
-        request(port, "GET", "/health")
+    _until(lambda: _refused(port), what="connections refused after SIGTERM")
     answers = [_finish(c, png) for c in waiting]
     assert all(a.startswith("HTTP/1.1 200") and '"model_version": "3"' in a for a in answers)
     assert process.wait(timeout=30) == 0
-    assert "Traceback" not in process.stdout.read()
+    log = process.stdout.read()  # all the server logged, the client that went away included
+    assert "Traceback" not in log
+    assert all("version 2 refused" in line for line in log.splitlines() if " ERROR " in line)
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def test_the_registered_signature_takes_images_of_any_size(registered):
