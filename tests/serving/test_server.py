@@ -313,6 +313,37 @@ def test_a_client_that_goes_away_is_counted_499_never_5xx(server):
     assert _metric(port, "lensflow_reading") == 0  # the server log's check is in the SIGTERM test
 
 
+def test_past_max_in_flight_a_complete_request_gets_503_at_once(registered):
+    """Requests held in a 3 s micro-batch window are in flight (their bodies are in): the
+    fourth finds serve.max_in_flight=3 taken."""
+    port, png = free_port(), next((registered["root"] / "data/raw/shapes").rglob("*.png"))
+    settings = ("serve.max_in_flight=3", "serve.batch_max=8", "serve.batch_wait_ms=3000")
+    process = start_server(registered["root"], port, *settings)
+    try:
+        answers = []
+        posts = [
+            threading.Thread(
+                target=lambda: answers.append(
+                    request(port, "POST", "/predict", png.read_bytes(), PNG)[0]
+                )  # fmt: skip
+            )
+            for _ in range(3)
+        ]
+        for post in posts:
+            post.start()
+        _until(lambda: _metric(port, "lensflow_in_flight") == 3, what="3 requests in flight")
+        start = time.monotonic()
+        status, body, headers = request(port, "POST", "/predict", png.read_bytes(), PNG)
+        assert status == 503 and "3 requests in progress" in body["error"]["message"]
+        assert time.monotonic() - start < 1 and "retry-after" in headers
+        for post in posts:
+            post.join()
+        assert answers == [200, 200, 200]
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_batch_scoring_gives_the_service_answers_and_lists_unreadable_files(server, tmp_path):
     from cli import main as cli
 
