@@ -344,6 +344,34 @@ def test_past_max_in_flight_a_complete_request_gets_503_at_once(registered):
         process.wait()
 
 
+def test_health_answers_while_a_big_request_decodes(registered):
+    """16 RGB images of 2048² (64M pixels, ~200 MB decoded in turn) go to the pool: /health
+    keeps answering meanwhile, as it could not if they decoded on the event loop."""
+    port = free_port()
+    process = start_server(registered["root"], port)
+    ramp = np.add.outer(np.arange(2048), np.arange(2048)) % 256
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([ramp, ramp.T, 255 - ramp], -1).astype(np.uint8)).save(buffer, "PNG")
+    body = _multipart([(f"{i}.png", buffer.getvalue()) for i in range(16)])
+    try:
+        answer, waits = [], []
+        big = threading.Thread(
+            target=lambda: answer.append(request(port, "POST", "/predict", body, MULTIPART))
+        )
+        big.start()
+        _until(lambda: _metric(port, "lensflow_in_flight") == 1, what="the big request in flight")
+        while big.is_alive():
+            start = time.monotonic()
+            assert request(port, "GET", "/health")[0] == 200
+            waits.append(time.monotonic() - start)
+        big.join()
+        assert answer[0][0] == 200 and len(answer[0][1]["predictions"]) == 16
+        assert len(waits) >= 5 and max(waits) < 0.5, waits
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_batch_scoring_gives_the_service_answers_and_lists_unreadable_files(server, tmp_path):
     from cli import main as cli
 
