@@ -318,7 +318,8 @@ def test_past_max_in_flight_a_complete_request_gets_503_at_once(registered):
     fourth finds serve.max_in_flight=3 taken."""
     port, png = free_port(), next((registered["root"] / "data/raw/shapes").rglob("*.png"))
     settings = ("serve.max_in_flight=3", "serve.batch_max=8", "serve.batch_wait_ms=3000")
-    process = start_server(registered["root"], port, *settings)
+    good = ["--model", f"models:/{registered['name']}/3"]  # whatever @champion is by now
+    process = start_server(registered["root"], port, *settings, args=good)
     try:
         answers = []
         posts = [
@@ -347,8 +348,8 @@ def test_past_max_in_flight_a_complete_request_gets_503_at_once(registered):
 def test_health_answers_while_a_big_request_decodes(registered):
     """16 RGB images of 2048² (64M pixels, ~200 MB decoded in turn) go to the pool: /health
     keeps answering meanwhile, as it could not if they decoded on the event loop."""
-    port = free_port()
-    process = start_server(registered["root"], port)
+    port, good = free_port(), ["--model", f"models:/{registered['name']}/3"]
+    process = start_server(registered["root"], port, args=good)
     ramp = np.add.outer(np.arange(2048), np.arange(2048)) % 256
     buffer = io.BytesIO()
     Image.fromarray(np.stack([ramp, ramp.T, 255 - ramp], -1).astype(np.uint8)).save(buffer, "PNG")
