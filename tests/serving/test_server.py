@@ -313,6 +313,66 @@ def test_a_client_that_goes_away_is_counted_499_never_5xx(server):
     assert _metric(port, "lensflow_reading") == 0  # the server log's check is in the SIGTERM test
 
 
+def test_past_max_in_flight_a_complete_request_gets_503_at_once(registered):
+    """Requests held in a 3 s micro-batch window are in flight (their bodies are in): the
+    fourth finds serve.max_in_flight=3 taken."""
+    port, png = free_port(), next((registered["root"] / "data/raw/shapes").rglob("*.png"))
+    settings = ("serve.max_in_flight=3", "serve.batch_max=8", "serve.batch_wait_ms=3000")
+    good = ["--model", f"models:/{registered['name']}/3"]  # whatever @champion is by now
+    process = start_server(registered["root"], port, *settings, args=good)
+    try:
+        answers = []
+        posts = [
+            threading.Thread(
+                target=lambda: answers.append(
+                    request(port, "POST", "/predict", png.read_bytes(), PNG)[0]
+                )  # fmt: skip
+            )
+            for _ in range(3)
+        ]
+        for post in posts:
+            post.start()
+        _until(lambda: _metric(port, "lensflow_in_flight") == 3, what="3 requests in flight")
+        start = time.monotonic()
+        status, body, headers = request(port, "POST", "/predict", png.read_bytes(), PNG)
+        assert status == 503 and "3 requests in progress" in body["error"]["message"]
+        assert time.monotonic() - start < 1 and "retry-after" in headers
+        for post in posts:
+            post.join()
+        assert answers == [200, 200, 200]
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_health_answers_while_a_big_request_decodes(registered):
+    """16 RGB images of 2048² (64M pixels, ~200 MB decoded in turn) go to the pool: /health
+    keeps answering meanwhile, as it could not if they decoded on the event loop."""
+    port, good = free_port(), ["--model", f"models:/{registered['name']}/3"]
+    process = start_server(registered["root"], port, args=good)
+    ramp = np.add.outer(np.arange(2048), np.arange(2048)) % 256
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([ramp, ramp.T, 255 - ramp], -1).astype(np.uint8)).save(buffer, "PNG")
+    body = _multipart([(f"{i}.png", buffer.getvalue()) for i in range(16)])
+    try:
+        answer, waits = [], []
+        big = threading.Thread(
+            target=lambda: answer.append(request(port, "POST", "/predict", body, MULTIPART))
+        )
+        big.start()
+        _until(lambda: _metric(port, "lensflow_in_flight") == 1, what="the big request in flight")
+        while big.is_alive():
+            start = time.monotonic()
+            assert request(port, "GET", "/health")[0] == 200
+            waits.append(time.monotonic() - start)
+        big.join()
+        assert answer[0][0] == 200 and len(answer[0][1]["predictions"]) == 16
+        assert len(waits) >= 5 and max(waits) < 0.5, waits
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_batch_scoring_gives_the_service_answers_and_lists_unreadable_files(server, tmp_path):
     from cli import main as cli
 
