@@ -202,6 +202,13 @@ def _in_copy(trained_project, tmp_path) -> tuple[Path, dict]:
     return project, env
 
 
+def _as_in_a_terminal() -> None:
+    """Both signals at their default, as a terminal's foreground command gets them: a test run
+    started in the background (`make test &`, nohup) would pass them on ignored."""
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     ("signum", "code", "said"),
     [(signal.SIGINT, 130, ""), (signal.SIGHUP, 129, "lensflow: stopped by SIGHUP")],
@@ -220,6 +227,7 @@ def test_ctrl_c_and_sighup_stop_training_with_their_exit_codes(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_as_in_a_terminal,
     )
     try:
         deadline = time.monotonic() + 300
