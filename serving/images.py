@@ -20,6 +20,9 @@ from PIL import Image, ImageOps
 from components.data import imagefacts
 
 SUPPORTED = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+# open_image checks serve.max_pixels itself, from the header; Pillow's warning (at 89 M pixels)
+# would only add noise. Set once here: a catch_warnings() per image costs more than the check.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class BadRequest(Exception):
@@ -48,9 +51,7 @@ def open_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Image
             f"its bytes start with {data[:8]!r}",
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
-            image = Image.open(io.BytesIO(data), formats=[kind])
+        image = Image.open(io.BytesIO(data), formats=[kind])
     except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours
         raise BadRequest(413, f"{name}: {exc} (serve.max_pixels {max_pixels:,})") from None
     except Exception:  # PIL raises many types for a broken header
