@@ -39,8 +39,12 @@ demo: setup
 	lensflow data
 	lensflow run
 
+# Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one of them: a
+# module's shared fixture is built once. Most tests wait on subprocesses and servers, so two
+# workers keep both cores of a 2-core machine busy.
+TEST_WORKERS ?= 2
 test: setup
-	python -m pytest -q
+	python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	ruff check cli components flows infra serving tests bench docs

@@ -79,8 +79,9 @@ def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 
         time.sleep(0.5)
 
 
-def _stop(process: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
-    """SIGTERM (unless it has exited); its exit code and output."""
+def _stop(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    """SIGTERM (unless it has exited); its exit code and output. A Prefect worker may take
+    tens of seconds to end its heartbeat and its subprocesses on a loaded machine."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=timeout)
