@@ -32,12 +32,35 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailed as exc:
         print(f"lensflow: gate failed: {redact(str(exc))}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        refused = _refused_by_mlflow(exc)
+        if refused is None:
+            raise
+        print(f"lensflow: error: {redact(refused)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as stop:
         interrupt.stop_children(stop)
         if isinstance(stop, interrupt.Terminated):
             print(f"lensflow: stopped by {stop}", file=sys.stderr)
             return 128 + stop.signum
         return 130
+
+
+def _refused_by_mlflow(exc: BaseException | None) -> str | None:
+    """An MLflow server's 401 or 403 (here or in the causes) as one line naming the account;
+    None for any other error."""
+    errors = sys.modules.get("mlflow.exceptions")
+    while errors is not None and exc is not None:
+        if isinstance(exc, errors.MlflowException) and exc.get_http_status_code() in (401, 403):
+            account = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            who = f"account {account!r}" if account else "a client without an account"
+            return (
+                f"the MLflow server refused {who} (HTTP {exc.get_http_status_code()}): "
+                f"{exc.message.splitlines()[0][:200]}; which command needs which account: "
+                "docs/team.md, Accounts and permissions"
+            )
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _config(args: argparse.Namespace):

@@ -1,9 +1,10 @@
 """`lensflow` commands that keep a project running: monitor (continuous validation), the local
-servers (stack) and the Prefect deployments (schedule, deploy)."""
+servers (stack), MLflow accounts (account) and the Prefect deployments (schedule, deploy)."""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -35,7 +36,21 @@ def add_commands(sub) -> None:
         "--timeout", type=float, default=180.0, metavar="SECONDS",
         help="up: how long to wait for both servers to answer (default: %(default)s)",
     )  # fmt: skip
+    stack.add_argument(
+        "--auth", action="store_true", help="up: MLflow accounts and a Prefect auth string, "
+        "their secrets in .lensflow/auth/ (docs/team.md)",
+    )  # fmt: skip
     stack.set_defaults(command=cmd_stack)
+
+    account = sub.add_parser(
+        "account", help="MLflow accounts of a server with authentication (as its admin)"
+    )
+    account.add_argument("action", choices=("add", "password"), help="add one, or give it a "
+                         "new password (the admin's too)")  # fmt: skip
+    account.add_argument("name", metavar="NAME")
+    account.add_argument("--role", choices=("pipeline", "serving"), help="add: its grants")
+    add_params(account)  # serving: the experiment and registered model it may read
+    account.set_defaults(command=cmd_account)
 
     schedule = sub.add_parser(
         "schedule", help="serve the Prefect deployments on their schedules (params: schedule)"
@@ -77,7 +92,13 @@ def cmd_stack(args, cfg) -> int:
     from infra import stack
 
     if args.action == "up":
-        servers, started = stack.up(args.mlflow_port, args.prefect_port, args.timeout)
+        auth = None
+        if args.auth:  # `serving` may read params.yaml's experiment and model
+            from components.core import config
+
+            cfg = config.load("params.yaml")
+            auth = (cfg.tracking.experiment, cfg.registry.model_name)
+        servers, started = stack.up(args.mlflow_port, args.prefect_port, args.timeout, auth)
         print(f"# {'started' if started else 'already running'}: MLflow UI "
               f"{servers['mlflow'].url}, Prefect UI {servers['prefect'].url}")  # fmt: skip
         print("\n".join(stack.exports(servers)))
@@ -95,6 +116,33 @@ def cmd_stack(args, cfg) -> int:
         running = f"pid {state['pid']}" if state["running"] else f"pid {state['pid']} gone"
         print(f"{name}: {state['url']} {running}, {health} (log {state['log']})")
     return 0 if all(s["running"] and s["healthy"] for s in servers.values()) else 1
+
+
+def cmd_account(args, cfg) -> int:
+    """As the environment's MLflow account (the admin): a new account with a generated
+    password and the grants of its role, or a new password; the password goes into
+    .lensflow/auth/NAME (0600), never to the terminal."""
+    from components.core import tracking
+    from components.core.errors import UserError
+    from infra import accounts
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]*", args.name):
+        raise UserError(f"account name {args.name!r}: letters, digits and _ . @ - only")
+    if args.action == "add" and args.role is None:
+        raise UserError("account add: say which grants it gets: --role pipeline|serving")
+    admin = accounts.Admin.login(tracking.tracking_uri())
+    if args.action == "add" and admin.exists(args.name):
+        raise UserError(f"account {args.name!r} exists: lensflow account password {args.name}")
+    if args.action == "password" and not admin.exists(args.name):
+        raise UserError(f"no account {args.name!r}: lensflow account add {args.name} --role …")
+    password = accounts.generate()
+    admin.set_password(args.name, password)
+    if args.action == "add":
+        admin.grant_role(args.name, args.role, cfg.tracking.experiment, cfg.registry.model_name)
+    where = accounts.write_secret(accounts.AUTH_DIR / args.name, password)
+    done = f"added with role {args.role}" if args.action == "add" else "has a new password"
+    print(f"account {args.name} {done}; its password is in {where} (only you can read it)")
+    return 0
 
 
 def cmd_schedule(args, cfg) -> int:

@@ -28,6 +28,32 @@ from components.core.params_operations import DeploymentSchedule
 
 LIVE_POLL_SECONDS = 60  # Prefect's own threshold: a deployment not polled for this is NOT_READY
 
+# The process pool's base job template: a flow run's `job_variables` fill the worker's job
+# configuration, and a worker runs its command with the worker's environment (database
+# password, S3 keys). This one fixes the command (None: the worker's own `python -m
+# prefect.engine`), environment and working folder (the deployment's pull step sets it), and
+# refuses every variable it does not name (additionalProperties: false): a flow run may name
+# its process and set its labels and output streaming, nothing else.
+POOL_TEMPLATE = {
+    "job_configuration": {
+        "command": None,
+        "env": {},
+        "labels": "{{ labels }}",
+        "name": "{{ name }}",
+        "stream_output": "{{ stream_output }}",
+        "working_dir": None,
+    },
+    "variables": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "name": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "stream_output": {"type": "boolean", "default": True},
+        },
+    },
+}
+
 
 @dataclass(frozen=True)
 class Definition:
@@ -255,25 +281,30 @@ def deploy(found: list[Definition], project: Path, pool: str) -> None:
 
 
 def ensure_process_pool(pool: str) -> None:
-    """Create the process work pool `pool` unless it exists."""
+    """The process work pool `pool` with POOL_TEMPLATE: created when missing, its template
+    set when it has another (an older lensflow's, or one edited in the UI)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            kind = client.read_work_pool(pool).type
+            found = client.read_work_pool(pool)
         except ObjectNotFound:
             try:
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                client.create_work_pool(
+                    WorkPoolCreate(name=pool, type="process", base_job_template=POOL_TEMPLATE)
+                )
             except ObjectAlreadyExists:  # another command made it just now
                 pass
             return
-    if kind != "process":
-        raise UserError(
-            f"work pool {pool!r} exists with type {kind!r}; lensflow deploy needs a process "
-            "pool: choose another with --pool"
-        )
+        if found.type != "process":
+            raise UserError(
+                f"work pool {pool!r} exists with type {found.type!r}; lensflow deploy needs a "
+                "process pool: choose another with --pool"
+            )
+        if found.base_job_template != POOL_TEMPLATE:
+            client.update_work_pool(pool, WorkPoolUpdate(base_job_template=POOL_TEMPLATE))
 
 
 def api_url() -> str | None:

@@ -2,13 +2,15 @@
 detached processes of the project (`lensflow stack up|down|status`).
 
 State (PIDs, ports, log files) lives in `.lensflow/stack.json`; logs in `.lensflow/logs/`.
-Nothing here imports MLflow or Prefect: the servers are their own commands.
+`up --auth`: MLflow with its accounts (infra/accounts.py) and Prefect with an auth string,
+their secrets in `.lensflow/auth/` (files only the user can read).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,6 +24,7 @@ import psutil
 
 from components.core import processes
 from components.core.errors import UserError
+from infra import accounts
 
 HOST = "127.0.0.1"
 STATE_DIR = Path(".lensflow")
@@ -39,6 +42,7 @@ class Server:
     started: float  # seconds after boot (components/core/processes.py): a reused PID is not ours
     port: int
     log: str
+    auth: bool = False  # started by `up --auth`
 
     @property
     def url(self) -> str:
@@ -82,32 +86,64 @@ class Server:
 
 
 def exports(servers: dict[str, Server]) -> list[str]:
-    return [
+    """The shell lines that point lensflow at the servers; with auth, as the `pipeline`
+    account and with Prefect's auth string, read from their files by the shell (no secret
+    is printed)."""
+    lines = [
         f"export MLFLOW_TRACKING_URI={servers['mlflow'].url}",
         f"export PREFECT_API_URL={servers['prefect'].url}/api",
     ]
+    if servers["mlflow"].auth:
+        folder = accounts.AUTH_DIR.resolve()
+        lines[1:1] = [
+            "export MLFLOW_TRACKING_USERNAME=pipeline",
+            f'export MLFLOW_TRACKING_PASSWORD="$(cat {shlex.quote(str(folder / "pipeline"))})"',
+        ]
+        lines.append(
+            f'export PREFECT_API_AUTH_STRING="$(cat {shlex.quote(str(folder / "prefect"))})"'
+        )
+    return lines
 
 
 def up(
-    mlflow_port: int | None = None, prefect_port: int | None = None, timeout: float = 180.0
+    mlflow_port: int | None = None,
+    prefect_port: int | None = None,
+    timeout: float = 180.0,
+    auth: tuple[str, str] | None = None,
 ) -> tuple[dict[str, Server], bool]:
     """Start both servers unless they already run; wait until both answer. Returns the
-    servers and whether they were started now."""
+    servers and whether they were started now. `auth` (experiment, registered model):
+    with authentication, the accounts `pipeline` and `serving` granted on those."""
     running = read_state()
     if running and all(server.process() for server in running.values()):
+        if running["mlflow"].auth != (auth is not None):
+            have = "with" if running["mlflow"].auth else "without"
+            raise UserError(
+                f"the stack runs {have} authentication: lensflow stack down, then up again"
+            )
         return running, False
     if running:  # one of them died: stop what is left, start both afresh
         down()
     ports = {"mlflow": _port("mlflow", mlflow_port), "prefect": _port("prefect", prefect_port)}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    servers = {name: _start(name, port) for name, port in ports.items()}
+    servers = {name: _start(name, port, auth is not None) for name, port in ports.items()}
     _write_state(servers)
     try:
         _wait_healthy(servers, timeout)
+        if auth is not None:
+            admin = accounts.Admin.login(
+                servers["mlflow"].url, password=accounts.read_secret(_secret("admin"))
+            )
+            passwords = {role: accounts.secret(_secret(role)) for role in accounts.ROLES}
+            accounts.bootstrap(admin, passwords, *auth)
     except BaseException:  # not up in time, or Ctrl-C while waiting: leave nothing running
         down()
         raise
     return servers, True
+
+
+def _secret(name: str) -> Path:
+    return accounts.AUTH_DIR / name
 
 
 def status() -> dict[str, dict]:
@@ -170,29 +206,41 @@ def _port(name: str, wanted: int | None) -> int:
         return sock.getsockname()[1]
 
 
-def _command(name: str, port: int) -> tuple[list[str], dict[str, str]]:
+def _command(name: str, port: int, auth: bool) -> tuple[list[str], dict[str, str]]:
     project = Path.cwd()
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    if name == "mlflow":
-        artifacts = project / "mlartifacts"
-        command, server_env = mlflow_server(
-            f"sqlite:///{project / 'mlflow.db'}", str(artifacts), port, local_root=artifacts
+    if name == "prefect":
+        auth_string = accounts.secret(_secret("prefect")) if auth else None
+        return prefect_server_command(port, project / PREFECT_HOME, auth_string=auth_string)
+    artifacts = project / "mlartifacts"
+    command, server_env = mlflow_server(
+        f"sqlite:///{project / 'mlflow.db'}", str(artifacts), port, local_root=artifacts, auth=auth
+    )
+    if auth:  # the users in .lensflow/auth/users.db; passwords made on the first `up --auth`
+        config = accounts.write_config(
+            _secret("basic_auth.ini"), f"sqlite:///{(_secret('users.db')).resolve()}"
         )
-        return command, {**env, **server_env}
-    return prefect_server_command(port, project / PREFECT_HOME)
+        server_env |= accounts.server_env(
+            config.resolve(), accounts.secret(_secret("admin")), accounts.secret(_secret("key"))
+        )
+    return command, {**env, **server_env}
 
 
 def prefect_server_command(
-    port: int, home: Path, database_url: str | None = None
+    port: int, home: Path, database_url: str | None = None, auth_string: str | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """`prefect server start` on HOST:port and its environment: its own PREFECT_HOME, and its
-    database at `database_url` (e.g. postgresql+asyncpg://…) or else sqlite in that home."""
+    """`prefect server start` on HOST:port and its environment: its own PREFECT_HOME, its
+    database at `database_url` (e.g. postgresql+asyncpg://…) or else sqlite in that home, and
+    with `auth_string` only clients that send it (PREFECT_API_AUTH_STRING) get in."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(home)}
     # the UI calls 4200 unless told where its API is
     env["PREFECT_UI_API_URL"] = f"http://{HOST}:{port}/api"
     env.pop("PREFECT_API_URL", None)  # a server of its own, not a client of another
+    env.pop("PREFECT_API_AUTH_STRING", None)
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    if auth_string:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
     return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
             "--port", str(port)], env  # fmt: skip
 
@@ -204,6 +252,7 @@ def mlflow_server(
     host: str = HOST,
     allowed_hosts: str | None = None,
     local_root: Path | None = None,
+    auth: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
     """The `mlflow server` command of every lensflow tracking server (this stack, the team
     stack of docker-compose.yml, the tests on PostgreSQL) and the environment it adds: a
@@ -215,7 +264,10 @@ def mlflow_server(
     at this folder's file: URI, which lensflow without a server reads and writes as well, so
     the stack and the direct mode share a project in either order. Without it they get
     `mlflow-artifacts:/…` locations, which only a server resolves (a team's clients have no
-    access to its bucket). Experiments made that way still work through the server."""
+    access to its bucket). Experiments made that way still work through the server.
+
+    `auth`: MLflow's own authentication (`--app-name basic-auth`); the caller adds the
+    environment of infra.accounts.server_env."""
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", backend_store,
@@ -226,12 +278,14 @@ def mlflow_server(
         command += ["--default-artifact-root", local_root.resolve().as_uri()]
     if allowed_hosts:
         command += ["--allowed-hosts", allowed_hosts]
+    if auth:
+        command += ["--app-name", "basic-auth"]
     # job execution starts a job runner with many workers that stops slowly (STACK.md)
     return command, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def _start(name: str, port: int) -> Server:
-    command, env = _command(name, port)
+def _start(name: str, port: int, auth: bool = False) -> Server:
+    command, env = _command(name, port, auth)
     log = LOG_DIR / f"{name}.log"
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -243,7 +297,7 @@ def _start(name: str, port: int) -> Server:
             start_new_session=True,  # outlives this command; Ctrl-C in the shell spares it
         )
     started = processes.started_after_boot(psutil.Process(process.pid))
-    return Server(name, process.pid, started, port, str(log))
+    return Server(name, process.pid, started, port, str(log), auth)
 
 
 def _wait_healthy(servers: dict[str, Server], timeout: float) -> None:

@@ -8,12 +8,20 @@ authentication for the user `lensflow`. As root the server binaries refuse to ru
 as the `postgres` user, in a data directory that user owns (not pytest's tmp_path: under root
 that is mode 0700 inside root's folder). Where PostgreSQL is not installed the tests that need
 it skip with the reason, unless LENSFLOW_REQUIRE_POSTGRES=1 (set by .ci/run) makes them fail.
+
+Prefect: `prefect server start` with an auth string, as the team stack runs it: its clients
+get the string from `client_env()` / `settings()`.
+
+nginx: Debian's package, with a self-signed certificate, in front of any of them with the
+team stack's own configuration (infra/nginx/lensflow.conf.template); tests that need it skip
+with the reason where it is not installed.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -109,6 +117,7 @@ def postgres_server():
 class PrefectServer:
     port: int
     log: Path
+    auth_string: str  # PREFECT_SERVER_API_AUTH_STRING: a client without it gets 401
 
     @property
     def api_url(self) -> str:
@@ -116,39 +125,48 @@ class PrefectServer:
 
     def client_env(self, **extra: str) -> dict[str, str]:
         """The environment of a subprocess that uses this server (a `lensflow` command, a
-        worker): this worktree's code first on PYTHONPATH, PREFECT_API_URL set."""
+        worker): this worktree's code first on PYTHONPATH, PREFECT_API_URL and
+        PREFECT_API_AUTH_STRING set."""
         repo = str(Path(__file__).resolve().parents[1])
         path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-        return {**os.environ, "PYTHONPATH": path, "PREFECT_API_URL": self.api_url, **extra}
+        return {
+            **os.environ,
+            "PYTHONPATH": path,
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_API_AUTH_STRING": self.auth_string,
+            **extra,
+        }
 
     @contextmanager
     def settings(self):
         """In this process: Prefect clients talk to this server while inside."""
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-        with temporary_settings({PREFECT_API_URL: self.api_url}):
+        values = {PREFECT_API_URL: self.api_url, PREFECT_API_AUTH_STRING: self.auth_string}
+        with temporary_settings(values):
             yield
 
 
 @contextmanager
 def prefect_server(database_url: str, folder: Path, timeout: float = 120.0):
     """`prefect server start` on a free loopback port with its database at `database_url`
-    (postgresql+asyncpg://…), its PREFECT_HOME in `folder`; stopped on exit."""
+    (postgresql+asyncpg://…), its PREFECT_HOME in `folder`, a new auth string; stopped on
+    exit."""
     import signal
     import time
     import urllib.request
 
     from infra.stack import prefect_server_command
 
-    port, log = free_port(), folder / "prefect-server.log"
-    command, env = prefect_server_command(port, folder / "home", database_url)
+    port, log, auth_string = free_port(), folder / "prefect-server.log", secrets.token_urlsafe()
+    command, env = prefect_server_command(port, folder / "home", database_url, auth_string)
     env["PREFECT_UI_ENABLED"] = "false"  # no UI build at start: the tests use the API only
     with log.open("w") as out:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,
         )  # fmt: skip
-    server = PrefectServer(port, log)
+    server = PrefectServer(port, log, auth_string)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -182,13 +200,17 @@ class MlflowServer:
 
 
 @contextmanager
-def mlflow_server(backend_store: str, folder: Path, timeout: float = 180.0):
+def mlflow_server(
+    backend_store: str, folder: Path, timeout: float = 180.0, auth_env: dict | None = None
+):
     """`mlflow server` on `backend_store`, artifacts served from folder/artifacts, its log in
-    folder/mlflow.log; stopped (with its workers) on exit."""
+    folder/mlflow.log; stopped (with its workers) on exit. `auth_env`: with authentication
+    (--app-name basic-auth), this environment (infra.accounts.server_env)."""
     from infra.stack import mlflow_server as command_of
 
     port = free_port()
-    command, env = command_of(backend_store, str(folder / "artifacts"), port)
+    command, env = command_of(backend_store, str(folder / "artifacts"), port, auth=bool(auth_env))
+    env = {**env, **(auth_env or {})}
     log = folder / "mlflow.log"
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -228,3 +250,76 @@ def _wait_healthy(server: MlflowServer, process: subprocess.Popen, timeout: floa
             tail = server.log.read_text()[-3000:]
             raise RuntimeError(f"mlflow server did not come up on {server.url}: {tail}")
         time.sleep(0.3)
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+
+
+def self_signed(folder: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A self-signed certificate for `name` and 127.0.0.1 and its key, as a lab makes them
+    (docs/team.md): (certificate, key)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@contextmanager
+def nginx_proxy(folder: Path, values: dict[str, str], timeout: float = 30.0):
+    """nginx on a free loopback port with the team stack's proxy configuration, its ${…}
+    filled from `values` (host names, upstreams) and a self-signed certificate for
+    localhost. Yields (port, certificate). Skips where nginx is not installed."""
+    from string import Template
+
+    binary = nginx_binary()
+    if binary is None:
+        pytest.skip("nginx is not installed (Debian: apt-get install nginx)")
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = self_signed(folder)
+    port = free_port()
+    template = Path(__file__).resolve().parents[1] / "infra/nginx/lensflow.conf.template"
+    filled = {
+        "PROXY_LISTEN": f"127.0.0.1:{port}", "NGINX_RESOLVER": "127.0.0.1",
+        "TLS_CERTIFICATE": str(cert), "TLS_CERTIFICATE_KEY": str(key), **values,
+    }  # fmt: skip
+    (folder / "lensflow.conf").write_text(Template(template.read_text()).safe_substitute(filled))
+    temp = "\n".join(
+        f"  {kind}_temp_path {folder / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (folder / "nginx.conf").write_text(
+        f"worker_processes 1;\npid {folder / 'nginx.pid'};\nerror_log {folder / 'error.log'};\n"
+        f"events {{}}\nhttp {{\n  access_log {folder / 'access.log'};\n{temp}\n"
+        f"  include {folder / 'lensflow.conf'};\n}}\n"
+    )
+    command = [binary, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e",
+               str(folder / "error.log"), "-g", "daemon off;"]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                log = folder / "error.log"
+                pytest.fail(
+                    f"nginx did not start: {log.read_text()[-2000:] if log.exists() else ''}"
+                )
+            time.sleep(0.1)
+        yield port, cert
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

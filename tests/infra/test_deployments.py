@@ -245,6 +245,54 @@ def test_deploy_runs_the_training_deployment_on_a_worker(prefect_server, deploy_
     assert (deploy_project / "reports" / "registry.json").exists()  # worked in the project
 
 
+def test_the_prefect_server_answers_only_clients_with_its_auth_string(prefect_server):
+    """Every test here talks to it with the string (client_env, settings): the worker above
+    completed its deployment run holding it."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    def post(headers: dict) -> int:
+        request = urllib.request.Request(
+            f"{prefect_server.api_url}/flows/filter", b"{}", headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    json_type = {"Content-Type": "application/json"}
+    assert post(json_type) == 401
+    wrong = base64.b64encode(b"not-the-string").decode()
+    assert post({**json_type, "Authorization": f"Basic {wrong}"}) == 401
+    right = base64.b64encode(prefect_server.auth_string.encode()).decode()
+    assert post({**json_type, "Authorization": f"Basic {right}"}) == 200
+
+
+@pytest.mark.parametrize(
+    "job_variables",
+    [{"command": "touch /tmp/lensflow-owned"}, {"env": {"PYTHONPATH": "/tmp"}},
+     {"working_dir": "/tmp"}],
+)  # fmt: skip
+def test_the_pool_template_refuses_a_run_that_sets_the_command(
+    prefect_server, deployed, job_variables
+):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from flows.deployments import POOL_TEMPLATE
+
+    with prefect_server.settings():
+        with get_client(sync_client=True) as client:
+            assert client.read_work_pool("lensflow").base_job_template == POOL_TEMPLATE
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            run_deployment(TRAINING, job_variables=job_variables, timeout=0)
+    assert refused.value.response.status_code == 422
+    assert "Additional properties are not allowed" in refused.value.response.text
+
+
 def test_retrain_trigger_creates_a_training_flow_run(prefect_server, deployed):
     """The monitoring flow's retrain policy: run_deployment(..., timeout=0) returns at once."""
     from prefect.client.orchestration import get_client

@@ -269,3 +269,46 @@ def test_after_down_the_direct_mode_runs_on_what_the_stack_made(stack):
     for run in direct:
         local = Path(run.info.artifact_uri.removeprefix("file://"))
         assert local.is_relative_to(project / "mlartifacts"), run.info.artifact_uri
+
+
+def test_up_with_auth_keeps_its_secrets_in_files_only_the_user_reads(tmp_path, monkeypatch):
+    """What `lensflow stack up --auth` starts, without starting it: MLflow with its accounts
+    (the same auth config as the team stack's), Prefect with an auth string, the secrets in
+    .lensflow/auth/ (0600 in a 0700 folder), and export lines that read them from there."""
+    import stat
+
+    monkeypatch.chdir(tmp_path)
+    command, env = lensflow_stack._command("mlflow", 5000, auth=True)
+    assert command[-2:] == ["--app-name", "basic-auth"]
+    folder = tmp_path / ".lensflow/auth"
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == str(folder / "basic_auth.ini")
+    assert "NO_PERMISSIONS" in (folder / "basic_auth.ini").read_text()
+    prefect_command, prefect_env = lensflow_stack._command("prefect", 4200, auth=True)
+    secrets = {
+        "admin": env["MLFLOW_AUTH_ADMIN_PASSWORD"],
+        "key": env["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+        "prefect": prefect_env["PREFECT_SERVER_API_AUTH_STRING"],
+    }
+    assert len(set(secrets.values())) == 3 and min(map(len, secrets.values())) >= 32
+    for name, secret in secrets.items():
+        assert (folder / name).read_text() == secret
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    again = lensflow_stack._command("mlflow", 5000, auth=True)[1]
+    assert again["MLFLOW_AUTH_ADMIN_PASSWORD"] == secrets["admin"]  # made once, then kept
+
+    servers = {
+        name: lensflow_stack.Server(name, 1, 0.0, port, "log", auth=True)
+        for name, port in (("mlflow", 5000), ("prefect", 4200))
+    }
+    (folder / "pipeline").write_text("pipeline-password")
+    exports = "\n".join(lensflow_stack.exports(servers))
+    assert "export MLFLOW_TRACKING_USERNAME=pipeline" in exports
+    assert f'MLFLOW_TRACKING_PASSWORD="$(cat {folder / "pipeline"})"' in exports
+    assert f'PREFECT_API_AUTH_STRING="$(cat {folder / "prefect"})"' in exports
+    assert not any(secret in exports for secret in [*secrets.values(), "pipeline-password"])
+    shell = subprocess.run(
+        ["bash", "-c", f"{exports}\necho $MLFLOW_TRACKING_PASSWORD $PREFECT_API_AUTH_STRING"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert shell.stdout.split() == ["pipeline-password", secrets["prefect"]]
