@@ -32,7 +32,7 @@ from components.release import promotion_log, registry, rollout, rollout_log
 from tests.servers import free_port
 from tests.serving.conftest import _as_another_checkpoint, request, start_server
 
-SERVE = ("serve.rollout=canary", "serve.poll_seconds=0.2", "serve.rollout_flush_seconds=0.3")
+SERVE = ("serve.rollout=canary", "serve.poll_seconds=0.2", "serve.rollout_flush_seconds=2")
 CONTROL = ("rollout.min_pairs=8", "rollout.ramp=[0.5,1.0]", "rollout.ramp_labels=6",
            "rollout.max_labels=60", "promote.lease_s=10")  # fmt: skip
 PNG = {"Content-Type": "image/png"}
@@ -50,7 +50,7 @@ def rollout_server(registered, tmp_path_factory):
     port = free_port()
     process = start_server(registered["root"], port, *settings, "serve.workers=2")
     yield {**registered, "port": port, "process": process, "log": Path(log_dir),
-           "control": control, "traffic": _test_split(), "answered": []}  # fmt: skip
+           "control": control, "traffic": _test_split(), "answered": [], "labelled": 0}  # fmt: skip
     if process.poll() is None:
         process.kill()
     process.wait()
@@ -122,24 +122,33 @@ def _label(server, answers: list[dict]) -> dict:
     status, body, _ = request(server["port"], "POST", "/feedback", json.dumps(items).encode(),
                               {"Content-Type": "application/json"})  # fmt: skip
     assert status == 200, body
+    server["labelled"] += body["recorded"]
     return body
+
+
+def _step(server, cfg) -> dict:
+    """One controller pass once the log holds every label sent and its pair (a worker
+    writes its pairs every serve.rollout_flush_seconds)."""
+    _until(lambda: rollout.status(cfg)["evidence"]["labelled"] >= server["labelled"],
+           what="the labelled pairs in the log")  # fmt: skip
+    return rollout.step(cfg)
 
 
 def _until_decided(server, cfg, version: str, rounds: int = 6) -> dict:
     """Controller passes, with 8 more labelled requests before each while it runs."""
-    now = rollout.step(cfg)
+    now = _step(server, cfg)
     for _ in range(rounds):
         if now["state"] != "running":
             return now
         _label(server, _serve_traffic(server, 8, version))
-        now = rollout.step(cfg)
+        now = _step(server, cfg)
     return now
 
 
 def test_a_worse_challenger_is_rolled_back_and_feedback_is_checked(rollout_server):
     server, cfg, name = rollout_server, rollout_server["control"], rollout_server["name"]
     port = server["port"]
-    started = rollout.start(cfg, "4", "the shifted model")
+    started, server["labelled"] = rollout.start(cfg, "4", "the shifted model"), 0
     assert started["state"] == "running" and started["challenger"] == "4"
     _both_workers_follow(port, "4")
     answers = _serve_traffic(server, 24, "4")
@@ -178,9 +187,10 @@ def test_a_better_challenger_is_ramped_and_promoted(rollout_server, capsys):
     promotion_log.override(cfg, "4", "the test's worse champion")
     _until(lambda: request(server["port"], "GET", "/model")[1]["served"]["version"] == "4")
     rollout.start(cfg, "3")
+    server["labelled"] = 0
     _both_workers_follow(server["port"], "3")
     _label(server, _serve_traffic(server, 12, "3"))
-    assert rollout.step(cfg)["canary_step"] == 1  # ramped after rollout.ramp_labels labels
+    assert _step(server, cfg)["canary_step"] == 1  # ramped after rollout.ramp_labels labels
     _until(  # client-3's key hashes to 0.97: the challenger answers it only at 100 %
         lambda: _serve_traffic(server, 4, "3")[3]["by"] == "challenger", what="ramp to 100 %"
     )
@@ -204,6 +214,7 @@ def test_an_identical_challenger_is_never_decided_and_sigterm_loses_no_pair(
     _until(lambda: request(server["port"], "GET", "/model")[1]["served"]["version"] == "3")
     cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"max_labels": 24})})
     rollout.start(cfg, "1")
+    server["labelled"] = 0
     _both_workers_follow(server["port"], "1")
     answers = _serve_traffic(server, 26, "1")
     labels = tmp_path / "labels.csv"
@@ -212,11 +223,13 @@ def test_an_identical_challenger_is_never_decided_and_sigterm_loses_no_pair(
     sets = ["--set", f"serve.port={server['port']}", "--set", f"serve.rollout_dir={server['log']}"]
     assert main(["feedback", str(labels), *sets]) == 0
     assert "26 recorded" in capsys.readouterr().out
-    assert rollout.step(cfg)["state"] == "ended"  # 26 labels >= rollout.max_labels, no decision
-    assert promotion_log.champion(name) == "3"
+    _serve_traffic(server, 6, "1")  # answered, their pairs still buffered: then SIGTERM
     server["process"].send_signal(signal.SIGTERM)
     assert server["process"].wait(60) == 0
     logged = set(rollout_log.read(server["log"], "pairs")["request_id"])
     assert {a["id"] for a in server["answered"]} <= logged  # no pair lost (hot swaps, SIGTERM)
+    server["labelled"] += 26
+    assert _step(server, cfg)["state"] == "ended"  # 26 labels >= rollout.max_labels, no decision
+    assert promotion_log.champion(name) == "3"
     assert main(["rollout", "status", *sets]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "ended"
