@@ -160,11 +160,13 @@ def _bodies(root: Path, env: dict) -> dict:
 
 
 def _start(
-    root: Path, env: dict, name: str, port: int, poll: float = 10.0, workers: int = 1
-) -> subprocess.Popen:
+    root: Path, env: dict, name: str, port: int, poll: float = 10.0, workers: int = 1,
+    settings: tuple[str, ...] = (), log_name: str = "",
+) -> subprocess.Popen:  # fmt: skip
     if name == "lensflow":
         command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port),
-                   "--poll-seconds", str(poll), "--workers", str(workers)]  # fmt: skip
+                   "--poll-seconds", str(poll), "--workers", str(workers),
+                   *[arg for setting in settings for arg in ("--set", setting)]]  # fmt: skip
     elif name == "mlflow":
         command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
                    "models:/lensflow-classifier@champion", "--env-manager", "local",
@@ -174,7 +176,7 @@ def _start(
         env = {**env, "BARE_ONNX": str(root / "models/model.onnx")}
         command = [sys.executable, "-m", "uvicorn", "bare_app:app", "--host", "127.0.0.1",
                    "--port", str(port), "--no-access-log", "--log-level", "warning"]  # fmt: skip
-    log = open(root / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+    log = open(root / f"{log_name or name}.log", "w")  # noqa: SIM115 (closed with the process)
     process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=log)
     ready = "/ready" if name == "lensflow" else "/ping" if name == "mlflow" else "/predict"
     deadline = time.monotonic() + 120

@@ -80,7 +80,9 @@ def cmd_rollback(args, cfg) -> int:
 
 
 def cmd_lineage(args, cfg) -> int:
-    from components.release import promotion_log
+    from components.release import promotion_log, rollout
 
-    print(json.dumps(promotion_log.lineage(cfg, args.ref), indent=2))
+    info = promotion_log.lineage(cfg, args.ref)
+    info["rollouts"] = rollout.of_version(cfg, info["name"], info["version"])
+    print(json.dumps(info, indent=2))
     return 0

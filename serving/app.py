@@ -15,12 +15,13 @@ hop would cost more than the model; bigger ones go to a pool of serve.pool_threa
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -28,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from components.core.params_operations import Serve
-from serving import images
+from serving import feedback, images
 from serving.batching import MicroBatcher
 from serving.follower import RegistryStatus
 from serving.images import BadRequest
@@ -55,6 +56,7 @@ class Service:
         self.registry = RegistryStatus(self.metrics, followed=source.alias is not None)
         self.batcher = MicroBatcher(settings.batch_max, settings.batch_wait_ms / 1000)
         self.pool = ThreadPoolExecutor(settings.pool_threads, thread_name_prefix="lensflow-work")
+        self.rollout = None  # serving/rollout.py's Rollout when serve.rollout is on
 
     def swap(self, model: ServedModel) -> None:
         self.model = model  # one reference assignment: atomic for every reader
@@ -130,6 +132,7 @@ def build(service: Service) -> Starlette:
         return _json({
             "source": service.source_uri, "served": served, "refused": service.refused,
             "retrying": service.retrying, "registry": service.registry.as_dict(),
+            "rollout": _rollout_info(service.rollout),
         })  # fmt: skip
 
     async def prometheus(request: Request) -> Response:
@@ -150,6 +153,7 @@ def build(service: Service) -> Starlette:
         Route("/ready", ready),
         Route("/model", model_info),
         Route("/metrics", prometheus),
+        Route("/feedback", feedback.endpoint(service, _read_body, _json), methods=["POST"]),
     ]
     handlers = {HTTPException: http_error, Exception: server_error}
     return Starlette(routes=routes, exception_handlers=handlers, lifespan=service.batcher.lifespan)
@@ -169,25 +173,40 @@ async def _answer(request: Request, model: ServedModel | None, service: Service)
     service.metrics.in_flight.inc()
     try:
         files = _files(body, kind, content_type, settings)
-        return await _classify(files, model, k, service)
+        return await _classify(files, model, k, service, request, body)
     finally:
         service.in_flight -= 1
         service.metrics.in_flight.dec()
 
 
-async def _classify(files: list, model: ServedModel, k: int, service: Service) -> bytes:
-    opened = _open_all(files, service.settings)
-    pixels = sum(image.width * image.height for image in opened)
-    if pixels <= INLINE_PIXELS:
-        arrays = [
-            images.to_array(image, data, model.channels, name)
-            for image, (name, data) in zip(opened, files, strict=True)
-        ]
-        probabilities = [await service.batcher.predict(model, array) for array in arrays]
-    else:
-        loop = asyncio.get_running_loop()
-        probabilities = await loop.run_in_executor(
-            service.pool, _decode_and_score, model, opened, files
+async def _classify(files: list, champion: ServedModel, k: int, service: Service,
+                    request: Request, body: bytes) -> bytes:  # fmt: skip
+    """Score with the model that answers (the champion, or in a canary the challenger, which
+    falls back to the champion when it fails); hand a paired request to the rollout."""
+    request_id = uuid.uuid4().hex
+    rollout = service.rollout
+    model, other, role = champion, None, "champion"
+    if rollout is not None:
+        key = request.headers.get(service.settings.canary_key_header)
+        model, other, role = rollout.pick(champion, key or hashlib.sha256(body).hexdigest())
+    paired = other is not None and rollout.sampled(request_id) and other.channels == model.channels
+    start = time.perf_counter()
+    try:
+        probabilities, arrays = await _score(files, model, service, keep=paired)
+    except BadRequest:
+        raise
+    except Exception as exc:
+        if role != "challenger":
+            raise
+        log.warning("challenger %s failed, the champion answers: %s", model.version, exc)
+        start, failed = time.perf_counter(), model
+        model, role, paired = champion, "champion", False
+        probabilities, arrays = await _score(files, model, service, keep=True)
+        rollout.failed(_job(request_id, role, model, failed, arrays, probabilities, start, files,
+                            service), f"{type(exc).__name__}: {exc}"[:300])  # fmt: skip
+    if paired:
+        rollout.submit(
+            _job(request_id, role, model, other, arrays, probabilities, start, files, service)
         )
     service.metrics.images.inc(len(files))
     predictions = []
@@ -196,7 +215,37 @@ async def _classify(files: list, model: ServedModel, k: int, service: Service) -
         order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
         top = [{"class": model.classes[i], "probability": round(values[i], 6)} for i in order]
         predictions.append({"image": name, "top_k": top})
-    return json.dumps({"model_version": model.version, "predictions": predictions}).encode()
+    answer = {"request_id": request_id, "model_version": model.version}
+    if rollout is not None:
+        answer["answered_by"] = role
+        rollout.metrics.answers.labels(role).inc()
+    return json.dumps({**answer, "predictions": predictions}).encode()
+
+
+async def _score(files: list, model: ServedModel, service: Service, keep: bool) -> tuple:
+    """(probabilities per image, the decoded arrays when `keep` else [])."""
+    opened = _open_all(files, service.settings)
+    pixels = sum(image.width * image.height for image in opened)
+    if pixels <= INLINE_PIXELS:
+        arrays = [
+            images.to_array(image, data, model.channels, name)
+            for image, (name, data) in zip(opened, files, strict=True)
+        ]
+        probabilities = [await service.batcher.predict(model, array) for array in arrays]
+        return probabilities, arrays if keep else []
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(service.pool, _decode_and_score, model, opened, files, keep)
+
+
+def _job(request_id, role, model, other, arrays, probabilities, start, files, service):
+    from serving.rollout import Job
+
+    contents = [data for _, data in files]
+    return Job(
+        request_id, role, model, other, arrays, probabilities, time.perf_counter() - start,
+        [hashlib.sha256(data).hexdigest() for data in contents],
+        contents if service.settings.log_images else None,
+    )  # fmt: skip
 
 
 def _open_all(files: list[tuple[str, bytes]], settings: Serve) -> list:
@@ -218,9 +267,10 @@ def _open_all(files: list[tuple[str, bytes]], settings: Serve) -> list:
     return opened
 
 
-def _decode_and_score(model: ServedModel, opened: list, files: list) -> list[np.ndarray]:
-    """On a pool thread: one image decoded at a time, so one decoded array is held at once."""
-    probabilities = []
+def _decode_and_score(model: ServedModel, opened: list, files: list, keep: bool) -> tuple:
+    """On a pool thread: one image decoded at a time, so one decoded array is held at once
+    (all of them when `keep`: a paired request's other model scores them too)."""
+    probabilities, kept = [], []
     for index, (image, (name, data)) in enumerate(zip(opened, files, strict=True)):
         try:
             array = images.to_array(image, data, model.channels, name)
@@ -229,7 +279,9 @@ def _decode_and_score(model: ServedModel, opened: list, files: list) -> list[np.
                 rest.close()
             raise
         probabilities.append(model.predict(array)[0])
-    return probabilities
+        if keep:
+            kept.append(array)
+    return probabilities, kept
 
 
 def _content_kind(content_type: str) -> str:
@@ -292,6 +344,17 @@ def _top_k(request: Request, settings: Serve, n_classes: int) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise BadRequest(400, f"top_k={text!r}: expected a whole number >= 1")
     return min(int(text), n_classes)
+
+
+def _rollout_info(rollout) -> dict | None:
+    if rollout is None:
+        return None
+    challenger = rollout.slot.model
+    return {
+        "mode": rollout.mode, "challenger": challenger.version if challenger else None,
+        "canary_fraction": rollout.slot.fraction if rollout.mode == "canary" else None,
+        "refused": rollout.slot.refused, "waiting_to_pair": rollout.pending,
+    }  # fmt: skip
 
 
 def _error(status: int, message: str, version: str | None = None) -> bytes:

@@ -32,11 +32,19 @@ def run(cfg: Config, model_uri: str | None) -> int:
     settings = cfg.serve
     source = parse(model_uri or f"models:/{cfg.registry.model_name}@champion")
     workers = worker_count(settings.workers)
+    if settings.rollout != "off":
+        from components.release import rollout_log
+
+        rollout_dir = rollout_log.folder(cfg)  # a folder inside the project: refused here
+        if source.alias is None:
+            raise UserError("serve.rollout: follow an alias (--model models:/NAME@ALIAS)")
     listener = _listen(settings.host, settings.port, reuse_port=workers > 1)
     _log_to_stderr()
     _short_registry_requests(settings.registry_timeout_seconds)
     where = f"http://{settings.host}:{settings.port}"
     print(f"lensflow serve: {source.uri} on {where} ({workers} workers)", flush=True)
+    if settings.rollout != "off":
+        print(f"lensflow serve: rollout {settings.rollout}, pair log in {rollout_dir}", flush=True)
     code = 0
     if workers == 1:
         _serve(cfg, source, listener)
@@ -67,6 +75,7 @@ def _serve(cfg: Config, source: Source, listener: socket.socket) -> None:
     service = Service(settings, source)
     follower = Follower(service, source)
     follower.start()
+    challenger = _start_rollout(cfg, service, source)
     config = uvicorn.Config(
         build(service),
         http=with_header_deadline(settings.header_timeout_seconds),
@@ -81,7 +90,25 @@ def _serve(cfg: Config, source: Source, listener: socket.socket) -> None:
         signal.signal(signum, signal.SIG_IGN)
     uvicorn.Server(config).run(sockets=[listener])
     follower.stop.set()
+    if challenger is not None:
+        challenger.stop.set()
+        service.rollout.close()  # the last pairs written before the worker exits
     service.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _start_rollout(cfg: Config, service, source: Source):
+    """serve.rollout on: the pair log and a Follower of `@challenger`."""
+    if cfg.serve.rollout == "off":
+        return None
+    from components.release import rollout_log
+    from serving.rollout import ChallengerFollower, Rollout
+
+    root = rollout_log.folder(cfg)
+    service.rollout = Rollout(cfg.serve, root, service.metrics.registry)
+    challenger = Source(f"models:/{source.name}@challenger", name=source.name, alias="challenger")
+    follower = ChallengerFollower(service.rollout.slot, challenger)
+    follower.start()
+    return follower
 
 
 def _supervise(cfg: Config, source: Source, workers: int) -> int:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.core import credentials
 from components.core.errors import UserError
-from components.core.params_operations import Monitor, Schedule, Serve
+from components.core.params_operations import Monitor, Rollout, Schedule, Serve
 from components.core.params_pipeline import (
     Augment,
     Data,
@@ -53,6 +53,7 @@ class Config(Section):
     tune: Tune = Tune()
     compare: Compare = Compare()
     serve: Serve = Serve()
+    rollout: Rollout = Rollout()
     schedule: Schedule = Schedule()
     monitor: Monitor = Monitor()
 

@@ -71,6 +71,68 @@ class Serve(Section):
     int8_min_agreement: float = Field(0.9, ge=0, le=1)
     """An int8 variant is served only if its top-1 classes on the golden inputs agree this
     often."""
+    rollout: Literal["off", "shadow", "canary"] = "off"
+    """`shadow`: `@challenger` is also loaded and scores requests off the response path;
+    `canary`: it answers a sticky fraction of the traffic, which `lensflow rollout watch`
+    ramps (see Live rollouts)."""
+    shadow_fraction: float = Field(1.0, ge=0, le=1)
+    """The fraction of requests (chosen by a hash of their id) scored by both models and
+    written to the pair log; lower costs less CPU and gives the test fewer pairs."""
+    rollout_dir: str | None = None
+    """The pair log's folder, each worker writing in a sub-folder of its own; not inside
+    the project. `null`: `$XDG_STATE_HOME/lensflow/rollouts/<registry.model_name>`
+    (`~/.local/state/...`). `lensflow rollout watch` reads the same folder."""
+    rollout_flush_seconds: float = Field(1.0, gt=0)
+    """Pairs and labels buffered in a worker are written as a new Parquet part this often."""
+    rollout_part_rows: int = Field(10_000, ge=1)
+    """… or as soon as this many rows are buffered (a part never grows after it is written)."""
+    rollout_max_pending: int = Field(64, ge=1)
+    """Requests waiting for the off-path model; past this one is not paired (counted in
+    `lensflow_rollout_skipped`), so the off-path model never holds memory or the answer."""
+    canary_key_header: str = "X-Client-Key"
+    """Canary: the request header whose value keeps one client on one model; without it a
+    hash of the request body decides."""
+    log_images: bool = False
+    """Write each paired image's bytes into the pair log too (off: only its SHA-256)."""
+
+    @field_validator("rollout", mode="before")
+    @classmethod
+    def _off(cls, value):
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
+
+class Rollout(Section):
+    """`lensflow rollout start|status|stop|watch`: the sequential test that decides a live
+    rollout of `@challenger` from labelled pairs (see Live rollouts)."""
+
+    alpha: float = Field(0.05, gt=0, lt=1)
+    """The chance, over a whole rollout of two equally accurate models checked after every
+    label, that the test declares either one better (mSPRT: valid at any stopping time)."""
+    prior: float = Field(1.0, gt=0)
+    """The mSPRT mixture Beta(prior, prior) over the share of discordant pairs the challenger
+    wins: 1 is uniform; larger values look for smaller differences, more slowly for large
+    ones."""
+    min_pairs: int = Field(30, ge=1)
+    """Labelled pairs before any decision."""
+    max_labels: int = Field(5000, ge=1)
+    """Labelled pairs after which the rollout ends with no decision (the champion stays)."""
+    max_hours: float = Field(72.0, gt=0)
+    """Hours after its start after which the rollout ends with no decision."""
+    ramp: list[float] = Field(default_factory=lambda: [0.05, 0.25, 0.5])
+    """Canary: the fractions of traffic the challenger answers, in order; it is promoted
+    only from the last one."""
+    ramp_labels: int = Field(50, ge=1)
+    """Canary: labelled pairs at one step before the next (sooner when the test already
+    favours the challenger)."""
+    poll_seconds: float = Field(10.0, gt=0)
+    """How often `lensflow rollout watch` reads the log and tests."""
+
+    @field_validator("ramp")
+    @classmethod
+    def _fractions(cls, ramp: list[float]) -> list[float]:
+        if not ramp or any(not 0 < f <= 1 for f in ramp) or ramp != sorted(ramp):
+            raise ValueError("expected increasing fractions in (0, 1], e.g. [0.05, 0.25, 0.5]")
+        return ramp
 
 
 class DeploymentSchedule(Section):

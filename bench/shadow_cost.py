@@ -1,0 +1,101 @@
+"""What shadow mode costs `lensflow serve`: requests/s and p99 of the champion's answers at
+concurrency 4 (wrk), with serve.rollout off, shadow at serve.shadow_fraction 1.0, and shadow
+at 0.25, one worker each, taking turns for a few rounds (the median round of each).
+
+The project is bench/serve_load.py's (digits, versions 1 and 2 the same model, @champion on
+2); here @challenger is version 1, so the challenger's compute is real and every paired
+request is written to the pair log (a temporary folder). Prints one JSON line; without wrk
+it prints why it skipped.
+
+    python bench/shadow_cost.py [--seconds 4] [--rounds 3] [--project DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve_load import _bodies, _free_port, _parse, _project, _start, _stop, _wrk  # noqa: E402
+
+CONCURRENCY = 4
+TARGETS = {"p99_increase": 0.10, "requests_per_s_drop": 0.50}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--project", help="serve_load.py's project folder, reused when there")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print(json.dumps({"bench": "shadow_cost", "skipped": "wrk not found: apt-get install wrk"}))
+        return
+    with tempfile.TemporaryDirectory(prefix="lensflow-shadow-bench-") as tmp:
+        root = Path(args.project or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        env = _project(root)
+        bodies = _bodies(root, env)
+        import mlflow
+
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        mlflow.MlflowClient().set_registered_model_alias("lensflow-classifier", "challenger", "1")
+        with tempfile.TemporaryDirectory(prefix="lensflow-pair-log-") as log_dir:
+            modes = {
+                "off": (),
+                "shadow_1.0": ("serve.rollout=shadow", f"serve.rollout_dir={log_dir}/a"),
+                "shadow_0.25": ("serve.rollout=shadow", "serve.shadow_fraction=0.25",
+                                f"serve.rollout_dir={log_dir}/b"),
+            }  # fmt: skip
+            runs = _measure(root, env, bodies["png"], modes, args.seconds, args.rounds)
+            folders = {"shadow_1.0": "a", "shadow_0.25": "b"}
+            pairs = {m: _pair_count(Path(log_dir) / d) for m, d in folders.items()}
+    base = runs["off"]
+    summary = {
+        mode: {**run, "p99_increase": round(run["p99_ms"] / base["p99_ms"] - 1, 3),
+               "requests_per_s_drop": round(1 - run["requests_per_s"] / base["requests_per_s"], 3)}
+        for mode, run in runs.items()
+    }  # fmt: skip
+    full = summary["shadow_1.0"]
+    print(json.dumps({
+        "bench": "shadow_cost", "concurrency": CONCURRENCY, "cpus": os.cpu_count(),
+        "load_average_before": round(os.getloadavg()[0], 2), "results": summary,
+        "pairs_logged": pairs, "targets": TARGETS,
+        "meets_targets": full["p99_increase"] <= TARGETS["p99_increase"]
+        and full["requests_per_s_drop"] <= TARGETS["requests_per_s_drop"],
+    }))  # fmt: skip
+
+
+def _measure(root: Path, env: dict, bodies: Path, modes: dict, seconds: int, rounds: int):
+    ports = {mode: _free_port() for mode in modes}
+    processes, runs = {}, {mode: [] for mode in modes}
+    try:
+        for mode, settings in modes.items():
+            processes[mode] = _start(root, env, "lensflow", ports[mode], workers=1,
+                                     settings=settings, log_name=f"lensflow-{mode}")  # fmt: skip
+            _wrk(root, ports[mode], bodies, "png", CONCURRENCY, 2).communicate()  # warm-up
+        for _ in range(rounds):
+            for mode in modes:
+                load = _wrk(root, ports[mode], bodies, "png", CONCURRENCY, seconds)
+                runs[mode].append(_parse(load.communicate()[0]))
+    finally:
+        for process in processes.values():
+            _stop(process)
+    return {m: sorted(r, key=lambda x: x["requests_per_s"])[len(r) // 2] for m, r in runs.items()}
+
+
+def _pair_count(folder: Path) -> int:
+    import pandas as pd
+
+    parts = [p for p in folder.glob("pairs/*/part-*.parquet") if ".partial" not in p.name]
+    return sum(len(pd.read_parquet(p, columns=["request_id"])) for p in parts)
+
+
+if __name__ == "__main__":
+    main()
