@@ -4,7 +4,7 @@ temporary project. Prints one JSON line: COCO mAP@0.5 and mAP@[.5:.95] on the te
 wall time of the whole run and of training, export parity, and ONNX Runtime vs eager PyTorch
 ms per image (batch 1). Target (issue 32): mAP@0.5 >= 0.9 within 10 minutes on 2 cores.
 
-    python bench/detection.py [--epochs N] [--images N]
+    python bench/detection.py [--epochs N] [--images N] [--lr LR]
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=0.002)
     args = parser.parse_args()
     overrides = [
         "task=detection", f"detection.synthetic_images={args.images}",
-        f"train.epochs={args.epochs}", "train.batch_size=16", "train.lr=0.002",
+        f"train.epochs={args.epochs}", "train.batch_size=16", f"train.lr={args.lr}",
         "train.progress_bar=false",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": ""}
@@ -55,6 +56,7 @@ def main() -> None:
                 "bench": "detection",
                 "images": args.images,
                 "epochs": args.epochs,
+                "lr": args.lr,
                 "test_map_50": round(evaluation["map_50"], 4),
                 "test_map": round(evaluation["map"], 4),
                 "wall_s": round(wall, 1),
