@@ -23,9 +23,27 @@ from components.training import archs
 FOLDER_LAYOUT = "expected <root>/<class>/<image>"
 
 
+# What `task: detection` runs so far: `lensflow data` and the stages of
+# cli.pipeline.DETECTION_STAGES; the others come in the next stages of issue 32.
+DETECTION_STEPS = ("data", "prepare", "validate", "train", "evaluate", "export")
+
+
+def check_task(cfg: Config, step: str) -> None:
+    """A step `task: detection` does not have yet is refused before anything starts."""
+    if cfg.task == "detection" and step not in DETECTION_STEPS:
+        raise UserError(
+            f"task: detection has only `lensflow data` and `lensflow stage "
+            f"{'|'.join(DETECTION_STEPS[1:])}` so far; `{step}` runs for task: classification"
+        )
+
+
 def check(cfg: Config, *, data: bool = True, model: bool = True, resume: bool = False) -> None:
     """Raise a UserError for the first problem: the data folder (`data`), the model, its
     pretrained source and the training params (`model`), the file --resume needs."""
+    if cfg.task == "detection":
+        if data:
+            check_detection_data(cfg)
+        return
     if data:
         check_data(cfg)
     if model:
@@ -53,6 +71,19 @@ def check_data(cfg: Config) -> None:
         raise UserError(f"{where}: no class folders ({FOLDER_LAYOUT})")
     if len(classes) < 2:
         raise UserError(f"{where}: one class folder ({classes[0]}); a classifier needs two")
+
+
+def check_detection_data(cfg: Config) -> None:
+    """A detection dataset is a folder with images/ (the built-in one is written by the data
+    step); its annotations are read, and judged, by prepare."""
+    if cfg.data.source in paths.BUILTIN:
+        return
+    root = paths.source_dir(cfg)
+    if not (root / "images").is_dir():
+        raise UserError(
+            f"data.source {cfg.data.source}: no images/ folder (a detection dataset is images/ "
+            "with annotations.json, or images/, labels/ and classes.txt)"
+        )
 
 
 def check_model(model: Model, image_size: int, prefix: str = "") -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 import components
-from cli.pipeline import STAGES
+from cli.pipeline import DETECTION_STAGES, STAGES
 from components.core import config
 from tests.conftest import REPO
 
@@ -225,6 +225,8 @@ def test_every_dvc_stage_depends_on_the_code_it_runs():
     graph = _graph()
     for stage, spec in _dvc_stages().items():
         imported = _imported_by(STAGES[stage], graph)
+        if stage in DETECTION_STAGES:  # the same stage under task: detection
+            imported |= _imported_by(DETECTION_STAGES[stage], graph)
         code = {name.replace(".", "/") + ".py" for name in imported}
         assert code - set(spec["deps"]) == set(), f"dvc.yaml: stage {stage} misses these deps"
 
@@ -246,10 +248,11 @@ def test_every_dvc_stage_depends_on_the_params_its_component_reads():
     missing = {}
     for stage, spec in _dvc_stages().items():
         declared = set(spec.get("params", []))
-        path = REPO / (STAGES[stage].replace(".", "/") + ".py")
+        modules = [STAGES[stage], *([DETECTION_STAGES[stage]] if stage in DETECTION_STAGES else [])]
+        read = set().union(*(_params_read(REPO / (m.replace(".", "/") + ".py")) for m in modules))
         if names := {
             name
-            for name in _params_read(path)
+            for name in read
             if name.split(".")[0] != "tracking"
             and name not in declared
             and name.split(".")[0] not in declared

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from components.core import credentials
 from components.core.errors import UserError
@@ -20,6 +20,7 @@ from components.core.params_operations import Monitor, Rollout, Schedule, Serve
 from components.core.params_pipeline import (
     Augment,
     Data,
+    Detection,
     Evaluate,
     Export,
     Model,
@@ -28,6 +29,7 @@ from components.core.params_pipeline import (
     Quantize,
     Registry,
     Section,
+    Task,
     Tracking,
     Train,
     Validate,
@@ -38,6 +40,11 @@ from components.core.params_search import Compare, Tune
 class Config(Section):
     seed: int = 42
     """Seeds Python, NumPy, torch and the split."""
+    task: Task = "classification"
+    """`classification` (an ImageFolder, one label per image) or `detection` (boxes: COCO JSON
+    or the YOLO layout, see the `detection` section). Under `detection` a built-in
+    classification set (`digits`, `shapes`: no boxes) selects the built-in detection set
+    `detection_shapes`, so `--set task=detection` alone runs on it."""
     tracking: Tracking = Tracking()
     data: Data = Data()
     prepare: Prepare = Prepare()
@@ -56,8 +63,24 @@ class Config(Section):
     rollout: Rollout = Rollout()
     schedule: Schedule = Schedule()
     monitor: Monitor = Monitor()
+    detection: Detection = Detection()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _detection_source(cls, data):
+        """A built-in classification set has no boxes: under `task: detection` it means the
+        built-in detection set; that set has no classes to classify."""
+        if not isinstance(data, dict) or not isinstance(data.get("data", {}), dict | None):
+            return data  # an assignment to a validated config: checked when it was built
+        section = data.get("data") or {}
+        source, task = section.get("source", "digits"), data.get("task", "classification")
+        if task == "detection" and source in ("digits", "shapes"):
+            return {**data, "data": {**section, "source": "detection_shapes"}}
+        if task == "classification" and source == "detection_shapes":
+            raise ValueError("data.source detection_shapes is a detection set: set task: detection")
+        return data
 
     def as_dict(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)

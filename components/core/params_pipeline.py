@@ -1,5 +1,6 @@
 """params.yaml, the sections of the training pipeline: tracking, data, prepare, validate,
-augment, model, train, evaluate, export, quantize, registry and promote.
+augment, model, train, evaluate, export, quantize, registry, promote and, for
+`task: detection`, detection.
 
 Each key's docstring is its description, written once: the manual's params reference
 (docs/params.md, `make docs`) is generated from it.
@@ -31,7 +32,8 @@ class Data(Section):
 
     source: str = "digits"
     """`digits` (scikit-learn's 1,797 real 8x8 handwritten digits), `shapes` (synthetic 32x32
-    RGB, 10 classes) or a path to an ImageFolder."""
+    RGB, 10 classes) or a path to an ImageFolder; with `task: detection`, `detection_shapes`
+    (the built-in detection set) or a path to a detection dataset."""
     classes: list[str] | None = None
     """Expected class names; `null`: the class folders found."""
     shapes_per_class: int = Field(100, ge=1)
@@ -351,3 +353,78 @@ class Promote(Section):
                 "promote.lock_timeout_s is now promote.lease_s (a lease its holder renews)"
             )
         return data
+
+
+class DetectionPolicies(Section):
+    """Per check, as in `validate.policy`: `error` fails the gate; `warn` reports; `quarantine`
+    reports and leaves the image out of the splits (a box check: the image of the box, since
+    an image with one untrustworthy box teaches the model wrong background); `off` skips it.
+    Annotation files and images are never modified, whatever the policy."""
+
+    corrupt_annotations: FilePolicy = "error"
+    """An annotation file that cannot be parsed (not JSON, not COCO's structure, a YOLO line
+    that is not `class cx cy w h`), or a COCO entry that is malformed; by file, or by entry
+    within the COCO file (its image, when the entry names one)."""
+    missing_image: GatePolicy = "warn"
+    """A COCO image entry whose file is not under `images/`: its boxes cannot be used."""
+    size_mismatch: FilePolicy = "error"
+    """A COCO image entry whose width/height differ from the file's: its boxes are in
+    another image's coordinates."""
+    no_annotations: FilePolicy = "warn"
+    """An image with no box (a COCO image without annotations, an image file the COCO file
+    does not list, a YOLO image without a label file or with an empty one); `warn`: used as
+    a background image."""
+    unknown_class: FilePolicy = "error"
+    """A box whose class id is not one of the categories (COCO) or of `classes.txt` (YOLO)."""
+    degenerate_box: FilePolicy = "quarantine"
+    """A box of zero or negative width or height."""
+    box_outside_image: FilePolicy = "warn"
+    """A box reaching more than `detection.outside_tolerance` px outside its image; `warn`:
+    used clipped to the image."""
+    duplicate_box: FilePolicy = "warn"
+    """Two boxes of one class in one image with IoU ≥ `detection.duplicate_iou`; `warn`: the
+    later one is left out of the prepared annotations."""
+
+
+class Detection(Section):
+    """`task: detection`: the data, its prepared size and the detection gate (see Data)."""
+
+    annotations: str | None = None
+    """The COCO JSON file, relative to `data.source` (or absolute); `null`:
+    `annotations.json` there if it exists, else the YOLO layout (`labels/<image stem>.txt`
+    and `classes.txt`), converted to COCO JSON at prepare. Images are under `images/`."""
+    image_size: int = Field(64, ge=32, le=2048, multiple_of=32)
+    """Images are resized to this square size in the prepared shards (boxes scaled with
+    them), and by the exported model; a multiple of 32 (the detector's coarsest stride)."""
+    synthetic_images: int = Field(300, ge=1)
+    """Images of the built-in set `detection_shapes` (used when its folder is first
+    written)."""
+    synthetic_size: int = Field(64, ge=32, le=1024)
+    """Their width and height in pixels."""
+    duplicate_iou: float = Field(0.95, gt=0, le=1)
+    """Two boxes of one class and image this similar are duplicates (`duplicate_box`)."""
+    outside_tolerance: float = Field(1.0, ge=0)
+    """Pixels a box may reach past the image's edge before `box_outside_image` (rounding in
+    other tools' exports)."""
+    policy: DetectionPolicies = DetectionPolicies()
+    """Per check code, what a finding does (`detection.policy.<code>`, below)."""
+    widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 96], min_length=3)
+    """Channels of the detector's backbone stages (Conv-BN-ReLU x 2; the first at stride 4,
+    each next one halving); the FPN reads the last three."""
+    fpn_channels: int = Field(32, ge=8)
+    """Channels of each feature-pyramid level and of the RetinaNet heads."""
+    anchor_sizes: list[int] = Field(
+        default_factory=lambda: [8, 16, 32, 64, 128], min_length=5, max_length=5
+    )
+    """Base anchor size in input pixels of each pyramid level (P3-P7, strides 8-128); each is
+    used at scales 2^0, 2^(1/3), 2^(2/3) and aspect ratios 0.5, 1, 2."""
+    score_threshold: float = Field(0.05, ge=0, lt=1)
+    """Detections scoring below this are dropped before NMS."""
+    nms_iou: float = Field(0.5, gt=0, le=1)
+    """Non-maximum suppression, per class: a box overlapping a higher-scoring one of its
+    class at IoU above this is dropped."""
+    max_detections: int = Field(100, ge=1)
+    """Detections kept per image, highest scores first."""
+
+
+Task = Literal["classification", "detection"]

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 RAW = Path("data/raw")
-BUILTIN = ("digits", "shapes")  # datasets lensflow writes itself (lensflow data)
+BUILTIN = ("digits", "shapes", "detection_shapes")  # datasets lensflow writes (lensflow data)
 PREPARED = Path("data/prepared")
 MANIFEST = PREPARED / "manifest.parquet"
 META = PREPARED / "meta.json"

@@ -1,0 +1,142 @@
+"""The detector: torchvision's RetinaNet (anchors on a feature pyramid, focal loss as the
+RetinaNet paper defines it: sigmoid focal loss, alpha 0.25, gamma 2, summed over anchors and
+divided by the matched ones; smooth-L1-free L1 box regression) on a small convolutional
+backbone trained from scratch, sized for CPUs.
+
+The backbone: Conv-BN-ReLU stages (`detection.widths`; the first at stride 4, each next one
+halving), an FPN (`detection.fpn_channels`) over the last three stages, plus P6 and P7 as
+RetinaNet adds them: five levels at strides 8 to 128, whatever the image size. The anchors:
+per level one base size of `detection.anchor_sizes`, times 2^0, 2^(1/3), 2^(2/3), at aspect
+ratios 0.5, 1 and 2 (RetinaNet's nine anchors per place).
+
+`build(cfg, n_classes)` returns the detector; it takes float images in [0, 1] at
+`detection.image_size` and, in eval mode, returns torchvision's boxes (x1, y1, x2, y2 in
+input pixels), scores and labels (0..n_classes-1) after its score threshold and NMS.
+
+Inference is split where the graph's shapes stop being fixed: `Heads` (uint8 images of any
+size -> resized inside -> class logits [N, A, C] and box regression [N, A, 4]; what ONNX
+exports) and `Decoder` (anchors, box decoding, score threshold, per-class NMS: torchvision's
+own `postprocess_detections`, run after the graph), the same code for PyTorch and ONNX
+Runtime, the evaluator and the exported model's users.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from components.core.config import Config
+
+SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
+RATIOS = (0.5, 1.0, 2.0)
+
+
+class Backbone(nn.Module):
+    """Conv-BN-ReLU stages; an FPN over the last three, plus P6 and P7."""
+
+    def __init__(self, widths: list[int], out_channels: int):
+        super().__init__()
+        stages, width_in = [], 3
+        for i, width in enumerate(widths):
+            stages.append(
+                nn.Sequential(
+                    nn.Conv2d(width_in, width, 3, 4 if i == 0 else 2, 1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(width, width, 3, 1, 1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                )
+            )
+            width_in = width
+        self.stages = nn.ModuleList(stages)
+        self.returned = len(widths) - 3  # the index of the first stage the FPN reads
+        self.fpn = FeaturePyramidNetwork(
+            list(widths[-3:]), out_channels, extra_blocks=LastLevelP6P7(out_channels, out_channels)
+        )
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        features = OrderedDict()
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i >= self.returned:
+                features[str(i - self.returned)] = x
+        return self.fpn(features)
+
+
+def anchors(sizes: list[int]) -> AnchorGenerator:
+    per_level = tuple(tuple(round(size * scale) for scale in SCALES) for size in sizes)
+    return AnchorGenerator(per_level, (RATIOS,) * len(sizes))
+
+
+def build(cfg: Config, n_classes: int) -> RetinaNet:
+    d = cfg.detection
+    size = d.image_size
+    return RetinaNet(
+        Backbone(list(d.widths), d.fpn_channels),
+        n_classes,
+        min_size=size,
+        max_size=size,
+        image_mean=[0.0, 0.0, 0.0],  # images arrive as [0, 1]; BN after each conv normalises
+        image_std=[1.0, 1.0, 1.0],
+        anchor_generator=anchors(list(d.anchor_sizes)),
+        score_thresh=d.score_threshold,
+        nms_thresh=d.nms_iou,
+        detections_per_img=d.max_detections,
+    )
+
+
+class Heads(nn.Module):
+    """uint8 [N, 3, H, W] -> class logits [N, A, C], box regression [N, A, 4], the image
+    resized to the detector's size inside (its normalisation is the identity). Inference
+    only: it holds the detector in eval mode (an exporter restoring a fresh module's training
+    mode would otherwise switch batch norm to batch statistics)."""
+
+    def __init__(self, detector: RetinaNet, size: int):
+        super().__init__()
+        self.detector, self.size = detector, size
+        self.eval()
+
+    def forward(self, images: torch.Tensor):
+        x = images.float() / 255
+        x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear")
+        out = self.detector.head(list(self.detector.backbone(x).values()))
+        return out["cls_logits"], out["bbox_regression"]
+
+
+class Decoder:
+    """The detector's postprocessing after `Heads`: boxes (x1, y1, x2, y2) in each input's
+    pixels, scores and labels, per image."""
+
+    def __init__(self, detector: RetinaNet, size: int):
+        self.detector, self.size = detector, size
+        with torch.no_grad():
+            image = torch.zeros(1, 3, size, size)
+            features = list(detector.backbone(image).values())
+            self.anchors = detector.anchor_generator(ImageList(image, [(size, size)]), features)[0]
+        per_place = detector.anchor_generator.num_anchors_per_location()[0]
+        self.per_level = [f.shape[-2] * f.shape[-1] * per_place for f in features]
+
+    @torch.no_grad()
+    def __call__(self, cls_logits, regression, sizes: list[tuple[int, int]]) -> list[dict]:
+        """`sizes`: each input image's (height, width)."""
+        cls_logits, regression = torch.as_tensor(cls_logits), torch.as_tensor(regression)
+        n = len(cls_logits)
+        outputs = {
+            "cls_logits": list(cls_logits.split(self.per_level, dim=1)),
+            "bbox_regression": list(regression.split(self.per_level, dim=1)),
+        }
+        anchors = [list(self.anchors.split(self.per_level))] * n
+        found = self.detector.postprocess_detections(outputs, anchors, [(self.size,) * 2] * n)
+        for out, (height, width) in zip(found, sizes, strict=True):
+            scale = torch.tensor([width, height, width, height]) / self.size
+            out["boxes"] = out["boxes"] * scale
+        return found

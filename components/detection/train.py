@@ -1,0 +1,175 @@
+"""train, for `task: detection`: the RetinaNet of `model` from scratch on the prepared
+shards, then COCO mAP on the validation split.
+
+Reads `<split>-images.npy` and `<split>-annotations.json` (boxes scaled from each image's own
+pixels to the shard's size); AdamW at `train.lr` with `train.weight_decay`, a linear warmup of
+`train.warmup_epochs` then cosine decay, `train.batch_size` images a step, `train.epochs`
+epochs, gradient norm clipped to `train.grad_clip_norm` (10 when 0: focal loss from scratch
+spikes early). Writes models/detector.pt (state_dict) and reports/detection_training.json
+(per-epoch loss, the validation mAP, seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.core import paths
+from components.core.config import Config
+from components.data import validate
+from components.data.prepared import load_meta
+from components.detection import coco_map, model
+from components.detection import prepare as detection_prepare
+
+CHECKPOINT = paths.MODELS / "detector.pt"
+REPORT = paths.REPORTS / "detection_training.json"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    epochs: int
+    val_map: float
+    val_map_50: float
+    seconds: float
+    checkpoint: str
+
+
+def split_data(split: str) -> tuple[np.ndarray, list[dict], dict]:
+    """(uint8 images [N, 3, S, S], per image {boxes [k, 4] xyxy in shard pixels, labels [k]},
+    the split's COCO ground truth)."""
+    images = np.load(paths.shard_images(split), mmap_mode="r")
+    coco = json.loads(detection_prepare.split_annotations(split).read_text())
+    label_of = {c["id"]: i for i, c in enumerate(coco["categories"])}
+    size = images.shape[-1]
+    targets = [{"boxes": [], "labels": []} for _ in coco["images"]]
+    scale = {im["id"]: (size / im["width"], size / im["height"]) for im in coco["images"]}
+    for box in coco["annotations"]:
+        sx, sy = scale[box["image_id"]]
+        x, y, w, h = box["bbox"]
+        target = targets[box["image_id"] - 1]
+        target["boxes"].append([x * sx, y * sy, (x + w) * sx, (y + h) * sy])
+        target["labels"].append(label_of[box["category_id"]])
+    targets = [
+        {"boxes": torch.tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4),
+         "labels": torch.tensor(t["labels"], dtype=torch.int64)}
+        for t in targets
+    ]  # fmt: skip
+    return images, targets, coco
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(images, dtype=np.float32) / 255)
+
+
+def run(cfg: Config) -> TrainResult:
+    validate.require_passed()
+    torch.manual_seed(cfg.seed)
+    meta = load_meta()
+    detector = model.build(cfg, len(meta["classes"]))
+    images, targets, _ = split_data("train")
+    optimizer = torch.optim.AdamW(
+        detector.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+    batch = cfg.train.batch_size
+    steps_per_epoch = max(1, math.ceil(len(images) / batch))
+    schedule = _schedule(optimizer, cfg, steps_per_epoch)
+    clip = cfg.train.grad_clip_norm or 10.0
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history, start = [], time.perf_counter()
+    for epoch in range(cfg.train.epochs):
+        detector.train()
+        order = torch.randperm(len(images), generator=generator).numpy()
+        total = 0.0
+        for first in range(0, len(order), batch):
+            index = np.sort(order[first : first + batch])
+            if len(index) < 2:  # batch norm cannot learn from one image at a 1x1 stage
+                continue
+            losses = detector(list(to_float(images[index])), [targets[i] for i in index])
+            loss = losses["classification"] + losses["bbox_regression"]
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(detector.parameters(), clip)
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(index)
+        history.append({"epoch": epoch + 1, "train_loss": total / max(1, len(images))})
+    seconds = time.perf_counter() - start
+    CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
+    with paths.atomic(CHECKPOINT) as partial:
+        torch.save(detector.state_dict(), partial)
+    metrics = evaluate(detector, "val")
+    report = {"epochs": history, "train_seconds": round(seconds, 2), "val": metrics}
+    paths.write_json(REPORT, report)
+    return TrainResult(
+        len(history), metrics["map"], metrics["map_50"], round(seconds, 2), str(CHECKPOINT)
+    )
+
+
+def _schedule(optimizer, cfg: Config, steps_per_epoch: int):
+    warmup = cfg.train.warmup_epochs * steps_per_epoch
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def predict(detector, images: np.ndarray, batch: int = 64, session=None) -> list[dict]:
+    """Detections of uint8 images [N, 3, H, W] in their pixels: `model.Heads` by PyTorch, or
+    by the ONNX Runtime `session` of its export, then `model.Decoder` in both cases."""
+    detector.eval()
+    size = detector.transform.min_size[0]
+    heads, decode = model.Heads(detector, size), model.Decoder(detector, size)
+    found = []
+    for first in range(0, len(images), batch):
+        chunk = np.array(images[first : first + batch])  # a writable copy of the memmap
+        if session is None:
+            outputs = heads(torch.from_numpy(chunk))
+        else:
+            outputs = session.run(None, {session.get_inputs()[0].name: chunk})
+        found += decode(*outputs, [chunk.shape[-2:]] * len(chunk))
+    return found
+
+
+def detections_as_coco(found: list[dict], coco: dict, size: int) -> list[dict]:
+    """Detections in shard pixels -> COCO results in each image's own pixels."""
+    ids = [c["id"] for c in coco["categories"]]
+    results = []
+    for image, out in zip(coco["images"], found, strict=True):
+        sx, sy = image["width"] / size, image["height"] / size
+        for box, score, label in zip(out["boxes"], out["scores"], out["labels"], strict=True):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            results.append(
+                {"image_id": image["id"], "category_id": ids[int(label)], "score": float(score),
+                 "bbox": [x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy]}
+            )  # fmt: skip
+    return results
+
+
+def evaluate(detector, split: str) -> dict:
+    images, _, coco = split_data(split)
+    found = predict(detector, images)
+    return coco_map.evaluate(coco, detections_as_coco(found, coco, images.shape[-1]))
+
+
+def load(cfg: Config, path: Path = CHECKPOINT):
+    detector = model.build(cfg, len(load_meta()["classes"]))
+    detector.load_state_dict(torch.load(path, weights_only=True))
+    return detector.eval()
+
+
+def summary(result: TrainResult) -> str:
+    return (
+        f"train: {result.epochs} epochs in {result.seconds:.1f} s, validation mAP@[.5:.95] "
+        f"{result.val_map:.4f}, mAP@0.5 {result.val_map_50:.4f} ({result.checkpoint})"
+    )
