@@ -15,4 +15,5 @@ ORDER = (
     "evaluation",
     "monitoring",
     "experiments",
+    "labelling",
 )

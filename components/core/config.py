@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.core import credentials
 from components.core.errors import UserError
-from components.core.params_operations import Monitor, Schedule, Serve
+from components.core.params_operations import Labels, Monitor, Review, Schedule, Serve
 from components.core.params_pipeline import (
     Augment,
     Data,
@@ -55,6 +55,8 @@ class Config(Section):
     serve: Serve = Serve()
     schedule: Schedule = Schedule()
     monitor: Monitor = Monitor()
+    labels: Labels = Labels()
+    review: Review = Review()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
