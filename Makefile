@@ -58,7 +58,7 @@ bench: setup
 # Label Studio (the review queue) in a venv of its own: its pins conflict with the lock.
 # `make label-studio` starts it offline on 127.0.0.1:8080, serving local files from this folder.
 LS_VENV := .label-studio-venv
-LS_VERSION := 1.23.0
+LS_VERSION := 1.23.2
 label-studio-venv: $(LS_VENV)/.installed
 
 $(LS_VENV)/.installed:

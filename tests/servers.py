@@ -253,6 +253,8 @@ def label_studio_server(venv: Path, folder: Path, document_root: Path, timeout: 
         "LOCAL_FILES_SERVING_ENABLED": "true",
         "LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
         "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        # the admin's token below is a legacy token, off by default for a new organisation
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
     }
     command = [
         str(venv / "bin" / "label-studio"), "start", "--no-browser",
