@@ -11,6 +11,7 @@ is never flipped). Time: `lensflow labels` with K = 3 against one training run, 
 on 10,000 shapes (1,000 a class, 16 px RGB). Prints one JSON line.
 
     python bench/label_quality.py [--flip 0.05] [--folds 3] [--shapes-per-class 1000]
+                                  [--no-digits]
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shapes-per-class", type=int, default=1000, help="0: skip shapes")
+    parser.add_argument("--no-digits", action="store_true", help="only the shapes timing")
     args = parser.parse_args()
     result = {"bench": "label_quality", "flip": args.flip, "folds": args.folds}
     with tempfile.TemporaryDirectory(prefix="lensflow-label-quality-") as tmp:
         os.chdir(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
-        result["digits"] = digits(args)
+        if not args.no_digits:
+            result["digits"] = digits(args)
         if args.shapes_per_class:
             result["shapes"] = timing(
                 {"data": {"source": "shapes", "shapes_per_class": args.shapes_per_class},
