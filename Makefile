@@ -13,7 +13,7 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test lint docs bench clean lock
+.PHONY: setup demo test lint docs bench clean lock label-studio-venv label-studio
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,23 @@ docs: setup
 
 bench: setup
 	@for script in bench/*.py; do python $$script || exit 1; done
+
+# Label Studio (the review queue) in a venv of its own: its pins conflict with the lock.
+# `make label-studio` starts it offline on 127.0.0.1:8080, serving local files from this folder.
+LS_VENV := .label-studio-venv
+LS_VERSION := 1.23.2
+label-studio-venv: $(LS_VENV)/.installed
+
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet pip==$(PIP_VERSION)
+	$(LS_VENV)/bin/python -m pip install --quiet label-studio==$(LS_VERSION)
+	touch $@
+
+label-studio: label-studio-venv
+	LATEST_VERSION_CHECK=false LOCAL_FILES_SERVING_ENABLED=true \
+	LOCAL_FILES_DOCUMENT_ROOT=$(CURDIR) LABEL_STUDIO_BASE_DATA_DIR=$(CURDIR)/.label-studio \
+	$(LS_VENV)/bin/label-studio start --no-browser --internal-host 127.0.0.1 --port 8080
 
 clean:  ## pipeline outputs only; data/raw and the MLflow database are kept
 	rm -rf data/prepared models reports plots

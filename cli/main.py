@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from cli import operations, pipeline, registry, rollout, serving
+from cli import dataloop, operations, pipeline, registry, rollout, serving
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
         prog="lensflow", description="An orchestrated MLOps pipeline for image classification."
     )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    for group in (pipeline, registry, serving, rollout, operations):
+    for group in (pipeline, registry, serving, rollout, operations, dataloop):
         group.add_commands(sub)
     return parser
 

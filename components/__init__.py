@@ -16,4 +16,5 @@ ORDER = (
     "monitoring",
     "experiments",
     "detection",
+    "labelling",
 )

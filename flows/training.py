@@ -7,10 +7,12 @@ from prefect import flow, runtime
 from components.core import config, tracking, versioning
 from components.evaluation import evaluate
 from components.experiments import tune
+from components.labelling import labels
 from components.release import export, promote, quantize, registry
 from components.training import train
 from flows.data import component_task, validated_data
 
+labels_task = component_task(labels.run, "labels")  # only when labels.enabled
 tune_task = component_task(tune.run, "tune")  # a study only when tune.enabled
 train_task = component_task(train.run, "train")
 evaluate_task = component_task(evaluate.run, "evaluate")
@@ -28,6 +30,8 @@ def training_flow(
     cfg = config.load(params_path, overrides)
     with tracking.pipeline_run(cfg, "training", flow_run_id=str(runtime.flow_run.id)) as run:
         validated_data(cfg)
+        if cfg.labels.enabled:  # a gate when labels.max_noise_rate is set
+            print(labels.summary(labels_task(cfg)))
         tune_task(cfg)  # writes reports/tuning.json, which train reads when train.use_tuned
         trained = train_task(cfg, resume)
         evaluation = evaluate_task(cfg)

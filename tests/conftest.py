@@ -168,6 +168,21 @@ def mlflow_on_postgres(postgres, tmp_path_factory):
         yield server
 
 
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """One Label Studio server for the test run, from its own venv (`make label-studio-venv`;
+    LENSFLOW_LABEL_STUDIO_VENV names another): the tests that need it skip, with the reason,
+    where that venv is absent. Local files are served from the session's temporary root."""
+    from tests.servers import LABEL_STUDIO_VENV, label_studio_server
+
+    venv = Path(os.environ.get(LABEL_STUDIO_VENV) or REPO / ".label-studio-venv")
+    if not (venv / "bin" / "label-studio").exists():
+        pytest.skip(f"no Label Studio venv at {venv} (make label-studio-venv builds it)")
+    folder = tmp_path_factory.mktemp("label-studio")
+    with label_studio_server(venv, folder, tmp_path_factory.getbasetemp()) as server:
+        yield server
+
+
 def documented_commands(page: Path) -> list[list[str]]:
     """The arguments of every `lensflow …` command in the fenced code blocks of a markdown page
     (a leading `$ ` prompt, `\\` continuations and trailing `# comments` handled), as a user

@@ -323,3 +323,65 @@ def nginx_proxy(folder: Path, values: dict[str, str], timeout: float = 30.0):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+LABEL_STUDIO_VENV = "LENSFLOW_LABEL_STUDIO_VENV"  # default: <repo>/.label-studio-venv
+
+
+@dataclass(frozen=True)
+class LabelStudio:
+    url: str
+    token: str  # the admin's legacy API token (LABEL_STUDIO_API_KEY)
+    log: Path
+
+
+@contextmanager
+def label_studio_server(venv: Path, folder: Path, document_root: Path, timeout: float = 300.0):
+    """`label-studio start` from its own venv (make label-studio-venv), offline
+    (LATEST_VERSION_CHECK=false), on 127.0.0.1 and a free port, its data in `folder`, local
+    files served from `document_root`, with an admin whose API token it returns."""
+    port, token = free_port(), "lensflow-test-" + os.urandom(8).hex()
+    env = {
+        **os.environ,
+        "LATEST_VERSION_CHECK": "false",
+        "LABEL_STUDIO_BASE_DATA_DIR": str(folder),
+        "LOCAL_FILES_SERVING_ENABLED": "true",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
+        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        # the admin's token below is a legacy token, off by default for a new organisation
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+    }
+    command = [
+        str(venv / "bin" / "label-studio"), "start", "--no-browser",
+        "--internal-host", "127.0.0.1", "--port", str(port),
+        "--username", "reviewer@example.com", "--password", "lensflow-test", "--user-token", token,
+    ]  # fmt: skip
+    log = folder / "label-studio.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, cwd=folder, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True,
+        )  # fmt: skip
+    server = LabelStudio(f"http://127.0.0.1:{port}", token, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(f"{server.url}/health"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Label Studio did not come up: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False

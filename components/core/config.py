@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from components.core import credentials
 from components.core.errors import UserError
-from components.core.params_operations import Monitor, Rollout, Schedule, Serve
+from components.core.params_operations import Labels, Monitor, Review, Rollout, Schedule, Serve
 from components.core.params_pipeline import (
     Augment,
     Data,
@@ -64,6 +64,8 @@ class Config(Section):
     schedule: Schedule = Schedule()
     monitor: Monitor = Monitor()
     detection: Detection = Detection()
+    labels: Labels = Labels()
+    review: Review = Review()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 

@@ -225,3 +225,40 @@ class Monitor(Section):
     autoencoder_epochs: int = Field(10, ge=1)
     """Training epochs of the reference profile's convolutional autoencoder (on up to 2,000
     training images)."""
+
+
+class Labels(Section):
+    """Label-error detection (`lensflow labels`): out-of-sample probabilities by K-fold
+    cross-fitting with the training recipe, ranked by cleanlab's confident learning."""
+
+    enabled: bool = False
+    """`lensflow run`: find label errors after validation, before training (a gate only when
+    `max_noise_rate` is set)."""
+    folds: int = Field(3, ge=2)
+    """K: each image's probabilities come from a model trained on the other K-1 folds."""
+    epochs: int | None = Field(None, ge=1)
+    """Training epochs of each fold's model; `null`: `train.epochs`."""
+    splits: list[Literal["train", "val", "test"]] = ["train", "val"]
+    """The splits whose images are checked."""
+    max_noise_rate: float | None = Field(None, ge=0, le=1)
+    """The gate: fail (exit 1, the flow stops) when the estimated share of wrong labels is
+    above this; `null`: no gate."""
+    grid: int = Field(16, ge=1, le=16)
+    """Top suspects in the grid plot (plots/label_suspects.png)."""
+
+
+class Review(Section):
+    """The review queue (`lensflow review export|import`) and ingest (`lensflow ingest`)."""
+
+    url: str = "http://127.0.0.1:8080"
+    """The Label Studio server (its API token: the environment variable
+    `LABEL_STUDIO_API_KEY`, never params)."""
+    project: str = "lensflow review"
+    """The Label Studio project export creates or updates (by title)."""
+    suspects: int = Field(100, ge=0)
+    """At most this many suspected label errors (reports/label_issues.csv, worst first)."""
+    flagged: int = Field(100, ge=0)
+    """At most this many images monitoring flagged (reports/monitoring_images.csv, least
+    confident first)."""
+    random: int = Field(10, ge=0)
+    """A seeded random sample of this many training images, so reviewers see ordinary ones."""

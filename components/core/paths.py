@@ -42,6 +42,15 @@ REGISTRY_REPORT = REPORTS / "registry.json"
 PROMOTION_REPORT = REPORTS / "promotion.json"  # promote: the gates and the decision
 MONITORING_REPORT = REPORTS / "monitoring.json"  # lensflow monitor
 MONITORING_VALIDATION = REPORTS / "monitoring_validation.json"  # the batch's data gate
+MONITORING_IMAGES = REPORTS / "monitoring_images.csv"  # lensflow monitor: one row per image
+LABELS_REPORT = REPORTS / "labels.json"  # lensflow labels: noise rates, gate
+LABEL_ISSUES = REPORTS / "label_issues.csv"  # lensflow labels: the suspects, worst first
+LABEL_SUSPECTS_PLOT = PLOTS / "label_suspects.png"
+REVIEW = Path("review")  # lensflow review export: the Label Studio import file, the queue
+# Beside the class folders, versioned with them: the relabels prepare applies (path,label),
+# and lensflow ingest's record of every change (who, when). Prepare reads no image from them.
+OVERRIDES = "labels.csv"
+INGEST_AUDIT = "ingest_audit.csv"
 # The few numbers `dvc exp show` and `dvc metrics diff` compare: small files git keeps
 METRICS = Path("metrics")
 TRAINING_METRICS = METRICS / "training.json"
@@ -85,6 +94,16 @@ def write_json(path: Path, data) -> None:
 def write_metrics(path: Path, values: dict) -> None:
     """A small metrics file for `dvc exp show` / `dvc metrics diff` (git keeps it)."""
     write_text(path, json.dumps(values, indent=2) + "\n")
+
+
+def overrides_file(root: Path) -> Path:
+    """<root>/labels.csv: the relabels of a dataset, versioned with it (`dvc add <root>`)."""
+    return root / OVERRIDES
+
+
+def audit_file(root: Path) -> Path:
+    """<root>/ingest_audit.csv: every change lensflow ingest made to the dataset."""
+    return root / INGEST_AUDIT
 
 
 def source_dir(cfg) -> Path:

@@ -32,7 +32,7 @@ import pandas as pd
 from components.core import memory, paths
 from components.core.config import Config
 from components.core.errors import UserError
-from components.data import checks, imagefacts, prepared
+from components.data import checks, imagefacts, overrides, prepared
 
 SPLITS = checks.SPLITS
 # Below this many files per worker, starting worker processes costs more than it saves.
@@ -69,11 +69,12 @@ def run(cfg: Config) -> PrepareResult:
     _check_root(root, cfg)
     class_folders = _class_folders(root)
     classes = list(cfg.data.classes) if cfg.data.classes else sorted(class_folders)
+    relabels = overrides.read(root, classes)
     paths.PREPARED.mkdir(parents=True, exist_ok=True)
     rows_path = paths.PREPARED / "rows.partial"  # every file's pixels, in manifest order
     facts_path = paths.PREPARED / "facts.partial.parquet"  # every file's facts, in that order
     try:
-        n_files = _read_images(scan(root), classes, cfg, rows_path, facts_path)
+        n_files = _read_images(scan(root), classes, cfg, rows_path, facts_path, relabels)
         decided, per_folder = _decide_splits(facts_path, classes, cfg)
         memory.release_freed()  # what deciding took, before the manifest is written
         _write_manifest(facts_path, decided[list(prepared.SPLIT_FIELDS)])
@@ -98,6 +99,7 @@ def run(cfg: Config) -> PrepareResult:
         "std": std,
         "n_per_split": n_per_split,
         "fingerprint": fingerprint(),
+        "relabelled": len(relabels),  # images whose label comes from <root>/labels.csv
         "validate_params": cfg.validate_.model_dump(mode="json"),
     }
     paths.write_json(paths.META, meta)
@@ -134,12 +136,16 @@ def _decide_splits(facts_path: Path, classes: list[str], cfg: Config):
 
 
 def scan(root: Path) -> Iterator[Entry]:
-    """Every non-hidden file under `root`, in path order, as the folders are listed.
+    """Every non-hidden file under `root`, in path order, as the folders are listed, except
+    the relabel and audit files at the root (`overrides`), which are data about the images.
 
     Folder links are followed while they stay inside the root, except into a folder already
     walked (so a loop ends); a link that leads outside is listed, never followed or read.
     """
-    yield from _walk(root, root, root.resolve(), walked=set())
+    own = {paths.OVERRIDES, paths.INGEST_AUDIT}
+    for entry in _walk(root, root, root.resolve(), walked=set()):
+        if entry.location != "dataset_root" or entry.rel not in own:
+            yield entry
 
 
 def _walk(here: Path, root: Path, real_root: Path, walked: set[Path]) -> Iterator[Entry]:
@@ -223,11 +229,17 @@ def _printable(name: str) -> str:
 
 
 def _read_images(
-    entries: Iterator[Entry], classes: list[str], cfg: Config, rows_path: Path, facts_path: Path
+    entries: Iterator[Entry],
+    classes: list[str],
+    cfg: Config,
+    rows_path: Path,
+    facts_path: Path,
+    relabels: dict[str, str],
 ) -> int:
     """Read every file of `entries`; its pixels go to `rows_path` (uint8 [C, S, S] a row, zero
     when not decoded) and its facts to `facts_path`, ROWS_PER_TABLE files at a time, so what
-    is held does not grow with the number of files. Returns the number of files."""
+    is held does not grow with the number of files; its label is its folder's, or the one
+    `relabels` names. Returns the number of files."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -247,10 +259,11 @@ def _read_images(
             for entry, ok in zip(block, readable, strict=True):
                 found, array = next(results) if ok else (_not_read(entry), None)
                 rows.write(blank if array is None else array.tobytes())
+                label = relabels.get(entry.rel, entry.label)
                 row = {
                     "path": entry.rel,
-                    "label": entry.label,
-                    "label_index": label_index.get(entry.label, -1),
+                    "label": label,
+                    "label_index": label_index.get(label, -1),
                     "location": entry.location,
                     **found,
                 }

@@ -5,7 +5,8 @@ The batch goes through the training data's gate (monitor_data), then each drift 
 compares it with the model's reference profile (profile, drift); with labels, the model's
 accuracy is compared with its recorded test accuracy and, when the registry has a
 @challenger, the challenger with the model on the same images. The verdict goes to
-reports/monitoring.json, to one MLflow run in `<tracking.experiment>-monitoring`, and, on an
+reports/monitoring.json (and one row per image to reports/monitoring_images.csv,
+`image_table`), to one MLflow run in `<tracking.experiment>-monitoring`, and, on an
 alert, to the log and the webhook in LENSFLOW_ALERT_WEBHOOK.
 """
 
@@ -26,7 +27,7 @@ from components.core.errors import UserError
 from components.data import imagefacts
 from components.drift import drift
 from components.drift import profile as reference_profile
-from components.monitoring import monitor_data
+from components.monitoring import image_table, monitor_data
 from components.release import registry
 from components.release.promotion_log import CHALLENGER
 
@@ -69,6 +70,14 @@ def run(cfg: Config, data: str | None = None, model: str | None = None) -> dict:
         )
         tested += challenger
     checks += drift.bonferroni(tested, cfg.monitor.false_alarm_rate)
+    table = []
+    if len(batch.images):
+        probabilities, _ = reference_profile.model_outputs(session, batch.images)
+        table = image_table.rows(
+            batch.files, batch.labels, meta["classes"], probabilities, signals,
+            profile.reference, checks,
+        )  # fmt: skip
+    image_table.write(table)
     fired = [c["name"] for c in checks if not c["passed"]]
     report = {
         "alert": bool(fired),
@@ -84,6 +93,8 @@ def run(cfg: Config, data: str | None = None, model: str | None = None) -> dict:
             "labelled": batch.labels is not None,
             "n_files": batch.validation["n_images"],
             "n_images": len(batch.images),
+            "images": str(paths.MONITORING_IMAGES),
+            "n_flagged": sum(row["flagged"] for row in table),
         },
         "validation": _validation_summary(batch.validation),
         "reference": {k: profile.meta[k] for k in ("reference_split", "n_reference")},
@@ -282,6 +293,7 @@ def _log_run(cfg: Config, report: dict) -> str:
         mlflow.log_metrics(metrics)
         mlflow.log_dict(report, "monitoring.json")
         mlflow.log_artifact(str(paths.MONITORING_VALIDATION))
+        mlflow.log_artifact(str(paths.MONITORING_IMAGES))
         return run.info.run_id
 
 

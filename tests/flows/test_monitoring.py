@@ -11,6 +11,7 @@ import threading
 import mlflow
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -107,6 +108,11 @@ def test_a_clean_held_out_batch_raises_no_alert(champion, tmp_path):
     assert all(c["threshold"] == pytest.approx(0.05 / len(drift_checks)) for c in drift_checks)
     assert report["model"]["version"] == "1" and len(report["batch"]["fingerprint"]) == 64
     assert json.loads((champion["root"] / paths.MONITORING_REPORT).read_text()) == report
+    table = pd.read_csv(champion["root"] / paths.MONITORING_IMAGES, keep_default_na=False)
+    assert len(table) == report["batch"]["n_images"] and (table["label"] != "").all()
+    assert ((table["margin"] >= 0) & (table["margin"] <= table["confidence"])).all()
+    assert set(table["fed"].iloc[0].split(";")) == {c["name"] for c in drift_checks}
+    assert not table["flagged"].any() and report["batch"]["n_flagged"] == 0  # nothing fired
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("lensflow-monitoring")
@@ -146,6 +152,16 @@ def test_a_corrupted_batch_raises_an_alert_naming_the_check(
     seen = {c["name"]: c["value"] for c in report["checks"]}
     assert report["alert"] and expected in report["fired"], (seen[expected], report["fired"])
     assert report["webhook"]["status"] == "sent" and received[0]["fired"] == report["fired"]
+    table = pd.read_csv(paths.MONITORING_IMAGES, keep_default_na=False)
+    flagged = table[table["flagged"]]  # the images in the tail of a check that fired
+    assert report["batch"]["n_flagged"] == len(flagged) > 0
+    assert all((batch / path).is_file() for path in table["path"])  # what review picks from
+    tails = [set(t.split(";")) for t in flagged["tails"]]
+    fired = set(report["fired"])
+    if not fired & {"class_prior", "embedding_mmd"}:  # else low confidence flags one too
+        assert all(tail & fired for tail in tails)
+    if expected != "embedding_mmd":
+        assert any(expected in tail for tail in tails)
 
 
 def test_label_free_batch_runs_every_drift_check_and_no_accuracy_check(champion, tmp_path):
