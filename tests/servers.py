@@ -39,6 +39,17 @@ REQUIRE_POSTGRES = "LENSFLOW_REQUIRE_POSTGRES"
 PG_USER = "lensflow"
 
 
+def stop_group(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to a server started in its own session and its children; SIGKILL after
+    `timeout` seconds."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -229,12 +240,7 @@ def mlflow_server(
         _wait_healthy(server, process, timeout)
         yield server
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
 
 
 def _wait_healthy(server: MlflowServer, process: subprocess.Popen, timeout: float) -> None:
@@ -371,12 +377,7 @@ def label_studio_server(venv: Path, folder: Path, document_root: Path, timeout: 
             time.sleep(0.5)
         yield server
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
 
 
 def _answers(url: str) -> bool:

@@ -353,16 +353,20 @@ def _in_order(pool, read_chunk, chunks: list[list[str]], limit: int) -> Iterator
 
 
 def _assign_splits(manifest: pd.DataFrame, cfg: Config) -> pd.Series:
+    usable = (
+        manifest["decodable"] & (manifest["label_index"] >= 0) & (manifest["excluded_by"] == "")
+    )
+    return split_by_content(manifest["sha256"], usable, cfg)
+
+
+def split_by_content(sha256: pd.Series, usable: pd.Series, cfg: Config) -> pd.Series:
     """Each usable image's split from its content alone: a seeded hash of its sha256, read as a
     number in [0, 1), against the fractions. Adding or removing files never moves another
     image, identical files share a split, and only the seed or the fractions change them.
     Each class gets its fractions on average (exactly, only as the class grows); unusable
-    rows are 'excluded'."""
-    split = pd.Series("excluded", index=manifest.index, dtype=object)
-    usable = (
-        manifest["decodable"] & (manifest["label_index"] >= 0) & (manifest["excluded_by"] == "")
-    )
-    position = manifest.loc[usable, "sha256"].map(partial(_split_position, cfg.seed))
+    rows are 'excluded'. Detection (components/detection/prepare.py) splits the same way."""
+    split = pd.Series("excluded", index=sha256.index, dtype=object)
+    position = sha256[usable].map(partial(_split_position, cfg.seed))
     test, val = cfg.prepare.test_fraction, cfg.prepare.val_fraction
     split[usable] = np.where(
         position < test, "test", np.where(position < test + val, "val", "train")

@@ -84,7 +84,7 @@ def run(cfg: Config) -> PrepareResult:
     kept_counts = boxes[boxes["kept"]].groupby("image").size()
     images["n_kept"] = images["path"].map(kept_counts).fillna(0).astype(int)
     images["excluded_by"] = findings.excluded_by
-    images["split"] = _assign_splits(images, cfg.seed, cfg)
+    images["split"] = prepare.split_by_content(images["sha256"], images["excluded_by"] == "", cfg)
     paths.PREPARED.mkdir(parents=True, exist_ok=True)
     _write_source_annotations(images, found)
     classes = list(found.categories.values())
@@ -144,23 +144,6 @@ def _read(entries: list, cfg: Config) -> tuple[pd.DataFrame, np.ndarray]:
             rows.append({"path": f"{annotations.IMAGES}/{entry.rel}", **facts})
     columns = ["path", *imagefacts.empty_facts()]
     return pd.DataFrame(rows, columns=columns), pixels
-
-
-def _assign_splits(images: pd.DataFrame, seed: int, cfg: Config) -> pd.Series:
-    """Each kept image's split from a seeded hash of its content, as in classification."""
-    split = pd.Series("excluded", index=images.index, dtype=object)
-    usable = images["excluded_by"] == ""
-    position = images.loc[usable, "sha256"].map(lambda sha: _position(seed, sha))
-    test, val = cfg.prepare.test_fraction, cfg.prepare.val_fraction
-    split[usable] = np.where(
-        position < test, "test", np.where(position < test + val, "val", "train")
-    )
-    return split
-
-
-def _position(seed: int, sha256: str) -> float:
-    digest = hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def _write_shard(split: str, pixels: np.ndarray, chosen: np.ndarray) -> None:
