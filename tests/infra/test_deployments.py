@@ -216,6 +216,7 @@ def test_deploy_runs_the_training_deployment_on_a_worker(prefect_server, deploy_
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "lensflow"],
             cwd=deploy_project.parent,  # not the project: the deployment says where runs work
             env=_env(prefect_server, deploy_project),
+            stdin=subprocess.DEVNULL,  # not pytest-xdist's channel, which this process would hold
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -21,12 +21,12 @@ def _images(n=8, size=16):
 
 @pytest.mark.parametrize(
     ("flip", "source", "allowed"),
-    [("auto", "digits", False), ("auto", "shapes", False), ("auto", "data/raw/mine", True),
-     (True, "digits", True), (False, "data/raw/mine", False)],
+    [("auto", "digits", False), ("auto", "shapes", False), ("auto", "detection_shapes", False),
+     ("auto", "data/raw/mine", True), (True, "digits", True), (False, "data/raw/mine", False)],
 )  # fmt: skip
 def test_flips_are_never_automatic_for_the_builtin_datasets(flip, source, allowed):
     assert augment.flips_allowed(_cfg(flip=flip), source) is allowed
-    assert set(paths.BUILTIN) == {"digits", "shapes"}
+    assert set(paths.BUILTIN) == {"digits", "shapes", "detection_shapes"}  # each one above
 
 
 def test_preset_none_leaves_the_batch_alone():
