@@ -44,7 +44,7 @@ demo: setup
 # workers keep both cores of a 2-core machine busy.
 TEST_WORKERS ?= 2
 test: setup
-	python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 lint: setup
 	ruff check cli components flows infra serving tests bench docs
