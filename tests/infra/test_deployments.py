@@ -79,12 +79,18 @@ def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 
         time.sleep(0.5)
 
 
-def _stop(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
-    """SIGTERM (unless it has exited); its exit code and output. A Prefect worker may take
-    tens of seconds to end its heartbeat and its subprocesses on a loaded machine."""
+def _stop(process: subprocess.Popen, timeout: float = 120, kill: bool = False) -> tuple[int, str]:
+    """SIGTERM (unless it has exited); its exit code and output. `kill`: SIGKILL it if it has
+    not ended after `timeout` seconds, for a process whose exit the test does not check."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=timeout)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if not kill:
+            raise
+        process.kill()
+        out, _ = process.communicate()
     return process.returncode, out or ""
 
 
@@ -234,7 +240,10 @@ def test_deploy_runs_the_training_deployment_on_a_worker(prefect_server, deploy_
         assert refused.returncode == 2, refused.stdout + refused.stderr
         assert "a worker of work pool 'lensflow' runs it" in refused.stderr
     finally:
-        _stop(worker)
+        # Prefect's worker sometimes takes minutes to end after SIGTERM when the suite runs
+        # in two processes (seen in CI, never when this file runs alone); what it ran is checked
+        # below, its own exit is not this test's subject.
+        _stop(worker, timeout=30, kill=True)
 
     # the flow run logged to the MLflow store of the worker's environment
     client = mlflow.MlflowClient(f"sqlite:///{deploy_project / 'mlflow.db'}")
