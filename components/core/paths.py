@@ -3,6 +3,7 @@
 dvc.yaml names the same paths; keep the two in step.
 """
 
+import csv
 import json
 import os
 from collections.abc import Iterator
@@ -89,6 +90,15 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2))
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """`rows` as CSV with a header of `columns`, atomically, making the folder when needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic(path) as partial, partial.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_metrics(path: Path, values: dict) -> None:

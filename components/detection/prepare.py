@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +44,6 @@ MANIFEST_COLUMNS = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class PrepareResult:
-    n_images: int
-    n_per_split: dict[str, int]
-    classes: list[str]
-    manifest: str
-
-
 def split_annotations(split: str) -> Path:
     """COCO JSON of one split's images and kept boxes."""
     return paths.PREPARED / f"{split}-annotations.json"
@@ -67,7 +58,7 @@ def gate_params(cfg: Config) -> dict:
     }
 
 
-def run(cfg: Config) -> PrepareResult:
+def run(cfg: Config) -> prepare.PrepareResult:
     root = paths.source_dir(cfg)
     if not (root / annotations.IMAGES).is_dir():
         hint = " (run `lensflow data` to write it)" if cfg.data.source in paths.BUILTIN else ""
@@ -114,10 +105,10 @@ def run(cfg: Config) -> PrepareResult:
         "gate_params": gate_params(cfg),
     }
     paths.write_json(paths.META, meta)
-    return PrepareResult(len(images), n_per_split, classes, str(paths.MANIFEST))
+    return prepare.PrepareResult(len(images), n_per_split, classes, str(paths.MANIFEST))
 
 
-def summary(result: PrepareResult) -> str:
+def summary(result: prepare.PrepareResult) -> str:
     counts = ", ".join(f"{split} {n}" for split, n in result.n_per_split.items())
     return f"prepare: {result.n_images} images ({counts}), classes {', '.join(result.classes)}"
 

@@ -190,10 +190,7 @@ def _audit(root: Path, plan: dict) -> None:
     who = _user()
     rows += [{"ingest": plan["id"], "when": plan["when"], "ingested_by": who,
               **{k: c[k] for k in AUDIT_COLUMNS if k in c}} for c in plan["changes"]]  # fmt: skip
-    with paths.atomic(file) as partial, partial.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=AUDIT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    paths.write_csv(file, rows, AUDIT_COLUMNS)
 
 
 def _user() -> str:

@@ -9,7 +9,6 @@ them to MLflow; with `labels.max_noise_rate` set, a noisier dataset fails the ga
 
 from __future__ import annotations
 
-import csv
 import re
 import time
 from dataclasses import dataclass
@@ -149,11 +148,7 @@ def _issue_rows(ranked, where, labels, probs, scores, classes) -> list[dict]:
 
 
 def _write_issues(issues: list[dict]) -> None:
-    paths.REPORTS.mkdir(parents=True, exist_ok=True)
-    with paths.atomic(paths.LABEL_ISSUES) as partial, partial.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=ISSUE_COLUMNS)
-        writer.writeheader()
-        writer.writerows(issues)
+    paths.write_csv(paths.LABEL_ISSUES, issues, ISSUE_COLUMNS)
 
 
 def _suspects_grid(pool, top: np.ndarray, issues: list[dict]):

@@ -181,11 +181,7 @@ def import_answers(cfg: Config, file: str | None) -> list[dict]:
         client = label_studio.Client.from_env(cfg.review.url)
         exported = client.export(client.find_project(cfg.review.project))
     found = answers(exported)
-    paths.REVIEW.mkdir(parents=True, exist_ok=True)
-    with paths.atomic(ANSWERS) as partial, partial.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=ANSWER_COLUMNS)
-        writer.writeheader()
-        writer.writerows(found)
+    paths.write_csv(ANSWERS, found, ANSWER_COLUMNS)
     return found
 
 

@@ -5,8 +5,6 @@ the pass's drift checks it fed. A review queue picks from it (`lensflow review e
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 
 from components.core import paths
@@ -55,11 +53,7 @@ def rows(files, labels, classes, probabilities, signals: dict, reference: dict, 
 
 
 def write(table: list[dict]) -> None:
-    paths.REPORTS.mkdir(parents=True, exist_ok=True)
-    with paths.atomic(paths.MONITORING_IMAGES) as partial, partial.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
+    paths.write_csv(paths.MONITORING_IMAGES, table, COLUMNS)
 
 
 def _tails(signals: dict, reference: dict) -> dict[str, np.ndarray]:

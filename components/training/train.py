@@ -9,7 +9,6 @@ same code trains with DistributedDataParallel; only rank 0 logs and writes files
 
 from __future__ import annotations
 
-import csv
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import zip_longest
@@ -130,11 +129,7 @@ def _augmentation_preview(cfg: Config, images, labels, spec: dict):
 
 
 def _write_reports(cfg, history, best: dict, seconds: float, n_train: int, sanity: dict):
-    paths.REPORTS.mkdir(parents=True, exist_ok=True)
-    with paths.atomic(paths.TRAINING_CURVE) as partial, partial.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    paths.write_csv(paths.TRAINING_CURVE, history, list(history[0]))
     report = {
         "epochs_run": len(history),
         "best_epoch": best["epoch"],

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import signal
-import time
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -30,12 +30,14 @@ from cli.main import main
 from components.core import config, paths
 from components.release import promotion_log, registry, rollout, rollout_log
 from tests.servers import free_port
+from tests.serving import test_server
 from tests.serving.conftest import _as_another_checkpoint, request, start_server
 
 SERVE = ("serve.rollout=canary", "serve.poll_seconds=0.2", "serve.rollout_flush_seconds=2")
 CONTROL = ("rollout.min_pairs=8", "rollout.ramp=[0.5,1.0]", "rollout.ramp_labels=6",
            "rollout.max_labels=60", "promote.lease_s=10")  # fmt: skip
 PNG = {"Content-Type": "image/png"}
+_until = partial(test_server._until, seconds=60)  # two workers, each following two aliases
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +98,6 @@ def _serve_traffic(server, n: int, version: str) -> list[dict]:
         answers.append({"id": body["request_id"], "label": label, "client": i % 8, "by": by})
     server["answered"].extend(answers)
     return answers
-
-
-def _until(condition, seconds: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not met within {seconds} s")
 
 
 def _both_workers_follow(port: int, challenger: str | None) -> None:
