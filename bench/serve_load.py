@@ -92,10 +92,10 @@ def main() -> None:
         env = _project(root)
         bodies = _bodies(root, env)
         load_before = os.getloadavg()[0]
-        results = _measure(root, env, bodies, args.seconds, args.rounds)
+        runs = _measure(root, env, bodies, args.seconds, args.rounds)
         workers = _workers(root, env, bodies, args.seconds, args.rounds)
         swap = _hot_swap(root, env, bodies, SWAP_SECONDS)
-    print(json.dumps(_summary(results, workers, swap, load_before, args.seconds, wrk)))
+    print(json.dumps(_summary(runs, workers, swap, load_before, args.seconds, wrk)))
 
 
 def _project(root: Path) -> dict:
@@ -237,8 +237,8 @@ def _parse(output: str) -> dict:
 
 def _measure(root: Path, env: dict, bodies: dict, seconds: int, rounds: int) -> dict:
     """Each server at each concurrency once per round, the three servers taking turns (all
-    three running, idle but one), so that other work on a shared machine falls on all alike;
-    the round with the median requests/s is kept."""
+    three running, idle but one), so that other work on a shared machine falls on all alike:
+    {server: {concurrency: [one result per round]}}."""
     names = ("lensflow", "mlflow", "bare")
     ports = {name: _free_port() for name in names}
     processes = {}
@@ -263,12 +263,7 @@ def _measure(root: Path, env: dict, bodies: dict, seconds: int, rounds: int) -> 
     finally:
         for process in processes.values():
             _stop(process)
-    return {
-        name: {
-            c: sorted(r, key=lambda x: x["requests_per_s"])[len(r) // 2] for c, r in by_c.items()
-        }
-        for name, by_c in runs.items()
-    }
+    return runs
 
 
 def _workers(root: Path, env: dict, bodies: dict, seconds: int, rounds: int) -> dict:
@@ -330,16 +325,15 @@ def _hot_swap(root: Path, env: dict, bodies: dict, seconds: int) -> dict:
 
 
 def _summary(
-    results: dict, workers: dict, swap: dict, load_before: float, seconds: int, wrk: str
+    runs: dict, workers: dict, swap: dict, load_before: float, seconds: int, wrk: str
 ) -> dict:
-    ours = results["lensflow"]
-    ratios = {
-        f"vs_{other}": {
-            c: round(ours[c]["requests_per_s"] / max(results[other][c]["requests_per_s"], 1), 2)
-            for c in ours
+    ratios = {f"vs_{other}": _paired_ratios(runs, other) for other in ("mlflow", "bare")}
+    results = {
+        name: {
+            c: sorted(r, key=lambda x: x["requests_per_s"])[len(r) // 2] for c, r in by_c.items()
         }
-        for other in ("mlflow", "bare")
-    }
+        for name, by_c in runs.items()
+    }  # the median round of each server
     worst_p99 = max(r["p99_ms"] for r in results["lensflow"].values())
     meets = (
         min(ratios["vs_mlflow"].values()) >= TARGETS["vs_mlflow"]
@@ -368,6 +362,20 @@ def _summary(
         "targets": TARGETS,
         "meets_targets": meets,
     }
+
+
+def _paired_ratios(runs: dict, other: str) -> dict:
+    """lensflow's requests/s over `other`'s, per concurrency: the median over the rounds of
+    the ratio within a round (the two ran seconds apart), so that load that comes and goes on a
+    shared machine cancels out instead of landing on one server's median."""
+    ratios = {}
+    for c, ours in runs["lensflow"].items():
+        within = sorted(
+            a["requests_per_s"] / max(b["requests_per_s"], 1)
+            for a, b in zip(ours, runs[other][c], strict=True)
+        )
+        ratios[c] = round(within[len(within) // 2], 2)
+    return ratios
 
 
 def _cpu_seconds(process: subprocess.Popen) -> float:

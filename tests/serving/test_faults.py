@@ -23,6 +23,9 @@ import pytest
 
 from components.core import paths
 from components.release import quantize
+from serving.app import Service
+from serving.follower import Follower
+from serving.model import Source
 from tests.servers import free_port, mlflow_server
 from tests.serving.conftest import request, start_server
 from tests.serving.test_server import PNG, Load, _metric, _until, _wait_for
@@ -147,6 +150,32 @@ def stopped():
 
 def _png(store) -> bytes:
     return next((store["root"] / "data/raw/shapes").rglob("*.png")).read_bytes()
+
+
+def test_an_onnx_file_that_cannot_be_read_yet_is_retried_then_served(registered, tmp_path):
+    """A transient failure on an .onnx file (here: it is not there for a while, as when it is
+    being copied in) is retried with backoff; the follower neither refuses it nor ends."""
+    model_file = tmp_path / "model.onnx"
+    away = tmp_path / "model.onnx.copying"
+    away.write_bytes((registered["root"] / paths.ONNX).read_bytes())
+    source = Source(str(model_file), file=str(model_file))
+    settings = registered["cfg"].serve.model_copy(update={"poll_seconds": 0.05})
+    service = Service(settings, source)
+    follower = Follower(service, source)
+    follower.start()
+    try:
+        _until(lambda: service.retrying and service.retrying["attempts"] >= 2, 10)
+        assert service.model is None and service.refused is None and follower.is_alive()
+        assert "FileNotFoundError" in service.retrying["reason"]
+        away.replace(model_file)
+        _until(lambda: service.model is not None, 10)
+        assert service.model.version == "file" and service.refused is None
+        assert service.retrying is None
+        follower.join(5)
+        assert not follower.is_alive()  # a file is followed until it is served
+    finally:
+        follower.stop.set()
+        service.pool.shutdown()
 
 
 def test_a_flaky_artifact_store_delays_a_pinned_version_and_never_skips_its_golden_check(
