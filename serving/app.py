@@ -18,10 +18,11 @@ import asyncio
 import hashlib
 import json
 import logging
+import secrets
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -183,7 +184,7 @@ async def _classify(files: list, champion: ServedModel, k: int, service: Service
                     request: Request, body: bytes) -> bytes:  # fmt: skip
     """Score with the model that answers (the champion, or in a canary the challenger, which
     falls back to the champion when it fails); hand a paired request to the rollout."""
-    request_id = uuid.uuid4().hex
+    request_id = secrets.token_hex(16)  # unguessable, as /feedback keys on it
     rollout = service.rollout
     model, other, role = champion, None, "champion"
     if rollout is not None:
@@ -219,7 +220,7 @@ async def _classify(files: list, champion: ServedModel, k: int, service: Service
     if rollout is not None:
         answer["answered_by"] = role
         rollout.metrics.answers.labels(role).inc()
-    return json.dumps({**answer, "predictions": predictions}).encode()
+    return orjson.dumps({**answer, "predictions": predictions})
 
 
 async def _score(files: list, model: ServedModel, service: Service, keep: bool) -> tuple:
@@ -338,7 +339,7 @@ async def _read_body(request: Request, service: Service) -> bytes:
 
 
 def _top_k(request: Request, settings: Serve, n_classes: int) -> int:
-    text = request.query_params.get("top_k")
+    text = request.query_params.get("top_k") if request.scope["query_string"] else None
     if text is None:
         return min(settings.top_k, n_classes)
     if not (text.isascii() and text.isdigit()) or int(text) < 1:
