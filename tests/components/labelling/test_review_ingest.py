@@ -161,6 +161,9 @@ def test_round_trip_through_label_studio(label_studio, prefect_server, mini, mon
     assert main(["review", "export"]) == 0  # 1. export
     client = ls.Client(label_studio.url, label_studio.token)  # 2. a reviewer's script
     project = client.find_project("lensflow review")
+    expired = ls.Client(label_studio.url, label_studio.personal_token)
+    expired.auth = "Bearer expired"  # an access token past its minutes: traded again
+    assert expired.find_project("lensflow review") == project
     tasks = client.tasks(project)
     assert len(tasks) == len(json.loads(review.TASKS.read_text()))
     for task in tasks:
