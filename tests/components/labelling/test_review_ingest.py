@@ -134,12 +134,13 @@ def _write_monitoring(batch: Path) -> None:
 
 
 def test_round_trip_through_label_studio(label_studio, prefect_server, mini, monkeypatch, capsys):
-    """After the file round trip above: export to a real server, a reviewer answers through
-    the REST API (accepting every suggestion but one, which keeps its folder's label), import,
-    ingest: `dvc status` shows the data changed, `lensflow run` trains on it, and the new
-    version's lineage names its hash; every raw image stays byte-identical. lensflow talks to
-    the server with a personal access token (Label Studio 1.23's default), the reviewer's
-    script with the legacy token."""
+    """After the file round trip above: export to a real server, a reviewer's script answers
+    through the REST API, accepting every suggestion but one, which keeps its folder's label
+    (the file round trip already applied every suggestion: accepting them all again would
+    change nothing), import, ingest: `dvc status` shows the data changed, `lensflow run`
+    trains on it, and the new version's lineage names its hash; every raw image stays
+    byte-identical. lensflow talks to the server with a personal access token (Label Studio
+    1.23's default), the reviewer's script with the legacy token."""
     from components.labelling import label_studio as ls
 
     if not Path(".dvc").is_dir():  # the test above makes the repository; run alone, this does
