@@ -19,6 +19,7 @@ with the reason where it is not installed.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import secrets
@@ -30,7 +31,7 @@ import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -339,6 +340,7 @@ class LabelStudio:
     url: str
     token: str  # the admin's legacy API token (LABEL_STUDIO_API_KEY)
     log: Path
+    personal_token: str = ""  # the admin's personal access token (Label Studio's default kind)
 
 
 @contextmanager
@@ -375,9 +377,18 @@ def label_studio_server(venv: Path, folder: Path, document_root: Path, timeout: 
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"Label Studio did not come up: {log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield server
+        yield replace(server, personal_token=_personal_token(server))
     finally:
         stop_group(process)
+
+
+def _personal_token(server: LabelStudio) -> str:
+    """A personal access token for the admin, made through the REST API as a user makes one
+    in Account & Settings (the legacy token authenticates the request)."""
+    headers = {"Authorization": f"Token {server.token}", "Content-Type": "application/json"}
+    request = urllib.request.Request(f"{server.url}/api/token/", b"{}", headers, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())["token"]
 
 
 def _answers(url: str) -> bool:

@@ -1,6 +1,7 @@
 """A Label Studio server over its REST API (no SDK: it resolves here only at an old version,
 with heavy extras). The API key comes from the environment (`LABEL_STUDIO_API_KEY`): a
-personal access token (a JWT, exchanged for a short-lived access token) or a legacy token."""
+personal access token (a JWT, exchanged for a short-lived access token, and again whenever
+that expires) or a legacy token."""
 
 from __future__ import annotations
 
@@ -22,9 +23,15 @@ class Client:
     def __init__(self, url: str, key: str, timeout: float = 30.0):
         self.url, self.timeout = url.rstrip("/"), timeout
         self.auth = f"Token {key}"
-        if key.count(".") == 2:  # a personal access token: trade it for an access token
-            access = self._call("POST", "/api/token/refresh", {"refresh": key}, auth=False)
-            self.auth = f"Bearer {access['access']}"
+        self.personal_token = key if key.count(".") == 2 else None  # a JWT, not a legacy token
+        if self.personal_token:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """Trade the personal access token for an access token (valid minutes only)."""
+        body = {"refresh": self.personal_token}
+        access = self._call("POST", "/api/token/refresh", body, auth=False)
+        self.auth = f"Bearer {access['access']}"
 
     @classmethod
     def from_env(cls, url: str) -> Client:
@@ -112,7 +119,7 @@ class Client:
                 return found
             page += 1
 
-    def _call(self, method: str, path: str, body=None, auth: bool = True):
+    def _call(self, method: str, path: str, body=None, auth: bool = True, again: bool = True):
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if auth:
@@ -122,6 +129,9 @@ class Client:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 text = response.read().decode()
         except urllib.error.HTTPError as exc:
+            if exc.code == 401 and auth and again and self.personal_token:  # access expired
+                self._refresh()
+                return self._call(method, path, body, auth, again=False)
             detail = exc.read().decode(errors="replace")[:300]
             raise UserError(
                 f"Label Studio {self.url}: {method} {path.split('?')[0]} answered {exc.code}: "

@@ -133,23 +133,37 @@ def _write_monitoring(batch: Path) -> None:
         writer.writerow(["new.png", "", "circle_large", "0.4", "True"])
 
 
-def test_round_trip_through_label_studio(label_studio, mini, monkeypatch):
-    """After the file round trip above: export to a real server, a reviewer answers through
-    the REST API (accepting every suggestion but one, which keeps its folder's label),
-    import, ingest: a new data version, which the next run's lineage names."""
-    from components.core import tracking
+def test_round_trip_through_label_studio(label_studio, prefect_server, mini, monkeypatch, capsys):
+    """After the file round trip above: export to a real server, a reviewer's script answers
+    through the REST API, accepting every suggestion but one, which keeps its folder's label
+    (the file round trip already applied every suggestion: accepting them all again would
+    change nothing), import, ingest: `dvc status` shows the data changed, `lensflow run`
+    trains on it, and the new version's lineage names its hash; every raw image stays
+    byte-identical. lensflow talks to the server with a personal access token (Label Studio
+    1.23's default), the reviewer's script with the legacy token."""
     from components.labelling import label_studio as ls
 
-    monkeypatch.setenv(ls.KEY_ENV, label_studio.token)
+    if not Path(".dvc").is_dir():  # the test above makes the repository; run alone, this does
+        _dvc_repo(mini["root"])
+    # the pipeline's first stage, recorded as it is now: `dvc status` compares against it
+    Path("dvc.yaml").write_text(PREPARE_STAGE)
+    _dvc("commit", "--force")
+    monkeypatch.setenv(ls.KEY_ENV, label_studio.personal_token)
     monkeypatch.setenv(review.DOCUMENT_ROOT_ENV, str(mini["root"]))
     params = config.load("params.yaml").as_dict()
     params["review"]["url"] = label_studio.url
+    params["train"]["epochs"] = 1  # in params.yaml, not --set: the run then records dvc.lock
     Path("params.yaml").write_text(yaml.safe_dump(params))
     _write_issues()
-    md5 = _dvc_md5()
-    assert main(["review", "export"]) == 0
-    client = ls.Client(label_studio.url, label_studio.token)
+    root = mini["root"] / "data/raw/mini"
+    before, md5 = digests(root), _dvc_md5()
+
+    assert main(["review", "export"]) == 0  # 1. export
+    client = ls.Client(label_studio.url, label_studio.token)  # 2. a reviewer's script
     project = client.find_project("lensflow review")
+    expired = ls.Client(label_studio.url, label_studio.personal_token)
+    expired.auth = "Bearer expired"  # an access token past its minutes: traded again
+    assert expired.find_project("lensflow review") == project
     tasks = client.tasks(project)
     assert len(tasks) == len(json.loads(review.TASKS.read_text()))
     for task in tasks:
@@ -160,13 +174,46 @@ def test_round_trip_through_label_studio(label_studio, mini, monkeypatch):
     assert main(["review", "export"]) == 0  # again: the project is updated, no task doubled
     assert len(client.tasks(project)) == len(tasks)
 
-    assert main(["review", "import"]) == 0
+    assert main(["review", "import"]) == 0  # 3. import
     with review.ANSWERS.open() as f:
         answers = {a["path"]: a for a in csv.DictReader(f)}
     assert answers["gradient_h/odd-1.png"]["label"] == "gradient_h"
     assert answers["checker_2/odd-0.png"]["who"] == "reviewer@example.com"
-    assert main(["ingest"]) == 0
-    root = mini["root"] / "data/raw/mini"
+    assert main(["ingest"]) == 0  # 4. ingest
     assert "gradient_h/odd-1.png" not in (root / "labels.csv").read_text()
-    assert _dvc_md5() != md5
-    assert tracking.lineage(config.load("params.yaml"))["data.md5"] == _dvc_md5()
+    new_md5 = _dvc_md5()
+    assert new_md5 != md5
+    status = _dvc("status")  # 5. the pipeline sees new data ("modified": it was recorded)
+    assert "changed deps" in status and "modified:           data/raw" in status, status
+
+    with prefect_server.settings():  # 6. the next run
+        assert main(["run"]) == 0
+    manifest = prepared.load_manifest(["path", "label"]).set_index("path")["label"]
+    assert manifest["gradient_h/odd-1.png"] == "gradient_h"  # trained on the answers
+    assert "up to date" in _dvc("status")  # the run recorded what it trained on
+    registered = json.loads(paths.REGISTRY_REPORT.read_text())
+    capsys.readouterr()
+    assert main(["lineage", f"{registered['name']}/{registered['version']}"]) == 0  # 7.
+    assert json.loads(capsys.readouterr().out)["data.md5"] == new_md5
+
+    after = digests(root)  # relabels are overrides: every raw image byte-identical
+    assert {k: after[k] for k in before if k not in OVERRIDE_FILES} == {
+        k: v for k, v in before.items() if k not in OVERRIDE_FILES
+    }
+
+
+OVERRIDE_FILES = ("labels.csv", "ingest_audit.csv")
+PREPARE_STAGE = """stages:
+  prepare:
+    cmd: lensflow stage prepare
+    deps: [data/raw]
+    params: [seed, data, prepare]
+    outs: [data/prepared]
+"""
+
+
+def _dvc(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], capture_output=True, text=True, check=True
+    )
+    return done.stdout + done.stderr
