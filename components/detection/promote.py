@@ -56,7 +56,7 @@ def gate_results(cfg: Config, name: str, candidate: str, champion: str | None):
     """{gate: {value, threshold, passed[, note]}} and the evidence they were decided on."""
     limits = cfg.promote
     images, _, coco = train.split_data("test")
-    test_shas = promote.test_split_shas()
+    test_shas = promote.holdout_shas()
     mine = scored(name, candidate, images, coco)
     if mine.get("refused"):
         raise UserError(f"v{candidate} of {name}: {mine['refused']}")

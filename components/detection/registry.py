@@ -108,7 +108,7 @@ def decoder(meta: dict) -> model.Decoder:
     cfg = config.from_dict({"task": TASK, "detection": settings})
     classes = meta["classes"]
     n_classes = len(json.loads(classes) if isinstance(classes, str) else classes)
-    return model.Decoder(model.build(cfg, n_classes), settings["image_size"])
+    return model.Decoder(model.build(cfg, n_classes).eval(), settings["image_size"])
 
 
 def detect(session, decode: model.Decoder, images: np.ndarray) -> list[dict]:
@@ -126,6 +126,8 @@ def _log_and_register(cfg: Config, name: str, tags: dict) -> str:
     onnx.helper.set_model_props(proto, metadata(cfg))
     images, _, _ = train.split_data("test")
     example = np.array(images[:GOLDEN_IMAGES])
+    # before log_model, which moves the weights of `proto` out to external data
+    golden_arrays = golden_outputs(proto.SerializeToString(), example)
     info = mlflow.onnx.log_model(
         proto, name="model", pip_requirements=["onnxruntime", "onnx"],
         metadata={"task": TASK, "classes": load_meta()["classes"]},
@@ -134,7 +136,7 @@ def _log_and_register(cfg: Config, name: str, tags: dict) -> str:
     mlflow.log_text("\n".join(registry.trained_on()) + "\n", registry.TRAINED_ON_ARTIFACT)
     with tempfile.TemporaryDirectory() as tmp:
         golden = Path(tmp) / Path(paths.GOLDEN_ARTIFACT).name
-        np.savez(golden, images=example, **golden_outputs(proto.SerializeToString(), example))
+        np.savez(golden, images=example, **golden_arrays)
         mlflow.log_artifact(str(golden), paths.GOLDEN_ARTIFACT.rpartition("/")[0])
     found = mlflow.register_model(info.model_uri, name, tags={**tags, "lensflow.int8": "none"})
     return str(found.version)

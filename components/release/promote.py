@@ -55,7 +55,7 @@ def run(cfg: Config, version: str | None = None, gates=None) -> PromotionResult:
             promotion_log.pause("read")
             decision = _decide(cfg, name, candidate, champion, gates or gate_results)
             if decision.gates:
-                promotion_log.client().set_modelversion_tag(
+                promotion_log.client().set_model_version_tag(
                     name, candidate, "lensflow.gates", json.dumps(decision.gates)
                 )
             record = promotion_log.decide(cfg, decision, held)
@@ -112,7 +112,7 @@ def _decide(cfg: Config, name: str, candidate: str, champion: str | None, gates_
 def gate_results(cfg: Config, name: str, candidate: str, champion: str | None):
     """{gate: {value, threshold, passed[, note]}} and the evidence they were decided on."""
     limits = cfg.promote
-    test_shas = test_split_shas()
+    test_shas = holdout_shas()
     mine = _scored(cfg, name, candidate)
     leaked = images_seen(name, candidate, test_shas)
     parity = json.loads(version_tag(name, candidate, "lensflow.export_parity") or "null")
@@ -242,7 +242,7 @@ def leakage_gate(version: str, leaked: int | None) -> dict:
     return gate
 
 
-def test_split_shas() -> set[str]:
+def holdout_shas() -> set[str]:
     import pandas as pd
 
     manifest = pd.read_parquet(paths.MANIFEST, columns=["sha256", "split"])

@@ -19,7 +19,7 @@ from components.core import config, paths
 from components.detection import export, promote, registry, train
 from serving import batch
 from tests.conftest import _track_into, tiny_project
-from tests.servers import free_port, stop_group
+from tests.servers import free_port
 from tests.serving.conftest import request, start_server
 
 NAME = "lensflow-detector-e2e"  # the session server is shared: a name of this test's own
@@ -100,7 +100,8 @@ def test_detection_runs_end_to_end_and_serves_boxes(detection_project, tmp_path)
         bad = request(port, "POST", "/predict", b"not an image", {"Content-Type": "image/png"})
         served = request(port, "GET", "/model")[1]["served"]
     finally:
-        stop_group(server)
+        server.kill()
+        server.wait()
     assert status == 200 and answer["model_version"] == "1", answer
     found = answer["predictions"][0]["boxes"]
     assert found and {b["class"] for b in found} <= {"circle", "square", "triangle"}
