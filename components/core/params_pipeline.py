@@ -330,8 +330,8 @@ class Promote(Section):
     min_macro_f1: float = Field(0.85, ge=0, le=1)
     """… and its test macro-F1."""
     min_improvement: float = Field(0.0, ge=0, le=1)
-    """Its accuracy minus the champion's, on the same test files, must be strictly more than
-    this: a tie never moves `@champion`."""
+    """Its accuracy (`task: detection`: its mAP) minus the champion's, on the same test files,
+    must be strictly more than this: a tie never moves `@champion`."""
     mcnemar_p: float | None = Field(0.05, gt=0, le=1)
     """… and the exact McNemar test on the paired predictions must give p ≤ this, with more
     images only the candidate gets right than only the champion; `null` = off."""
