@@ -341,7 +341,7 @@ class Promote(Section):
     bootstrap_p: float | None = Field(0.05, gt=0, le=1)
     """`task: detection`: the paired bootstrap over test images (mAP of candidate minus
     champion, recomputed on each resample) must give a one-sided p ≤ this; `null` = off."""
-    bootstrap_samples: int = Field(1000, ge=10)
+    bootstrap_samples: int = Field(500, ge=10)
     """Resamples of that bootstrap (the smallest p it can give is 1 / (samples + 1))."""
     max_latency_ms_p95: float | None = Field(None, ge=0)
     """Batch-1 p95 latency budget in ms (ONNX Runtime, on this machine); `null` = off, since

@@ -196,6 +196,10 @@ def matches(coco: dict, detections: list[dict]) -> dict:
             continue
         joined = {k: np.concatenate(v, axis=-1) for k, v in parts.items()}
         order = np.argsort(-joined["score"], kind="mergesort")
+        # what follows the last true positive lowers precision at recall already reached: it
+        # never changes an interpolated precision, on any resample, so it is left out
+        positive = np.flatnonzero((joined["matched"] & ~joined["ignored"])[:, order].any(0))
+        order = order[: positive[-1] + 1] if len(positive) else order[:0]
         per_class[category] = {k: v[..., order] for k, v in joined.items()} | {"boxes": boxes}
     return per_class
 
