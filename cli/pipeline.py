@@ -231,7 +231,9 @@ def _where_to_look(summary: dict) -> str:
     promoted = (
         "promoted to @champion" if summary["promoted"] else f"not promoted: {summary['decision']}"
     )
+    exported = paths.EXPORT_REPORT
     if summary.get("task") == "detection":
+        exported = paths.REPORTS / "detection_export.json"  # components.detection.export.REPORT
         scores = (
             f"test mAP@[.5:.95] {summary['test_map']:.4f}, mAP@0.5 {summary['test_map_50']:.4f}, "
             f"ONNX parity {'yes' if summary['export_parity'] else 'NO'}"
@@ -248,7 +250,7 @@ def _where_to_look(summary: dict) -> str:
             scores,
             f"model {summary['model_name']} version {summary['version']}: {promoted}",
             f"champion: {champion} (version {summary['champion_version']})",
-            f"reports: {paths.VALIDATION_REPORT} {paths.EVALUATION_REPORT} {paths.EXPORT_REPORT} "
+            f"reports: {paths.VALIDATION_REPORT} {paths.EVALUATION_REPORT} {exported} "
             f"{paths.REGISTRY_REPORT} {paths.PROMOTION_REPORT} (lensflow history: every decision)",
             tracking.ui_hint(summary["experiment_id"]),
         ]

@@ -153,6 +153,8 @@ def _write(out: Path, rows: list, skipped: list, version: str, columns=COLUMNS) 
 
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(rows, columns=list(columns)).astype({"model_version": str})
+    numbers = [c for c in ("score", "x1", "y1", "x2", "y2") if c in table]  # None -> NaN
+    table = table.astype(dict.fromkeys(numbers, float))
     parquet, csv_file, skipped_file = (
         out / "predictions.parquet",
         out / "predictions.csv",
