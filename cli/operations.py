@@ -69,8 +69,10 @@ def add_commands(sub) -> None:
 
 
 def cmd_monitor(args, cfg) -> int:
+    from components import preflight
     from components.core.errors import UserError
 
+    preflight.check_task(cfg, "monitor")  # box statistics are not watched yet
     data = args.data or cfg.monitor.data
     if not data:
         raise UserError("no batch to check: pass --data PATH or set monitor.data")

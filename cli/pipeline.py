@@ -28,6 +28,8 @@ DETECTION_STAGES = {
     "train": "components.detection.train",
     "evaluate": "components.detection.evaluate",
     "export": "components.detection.export",
+    "register": "components.detection.registry",
+    "promote": "components.detection.promote",  # the version reports/registry.json names
 }
 
 
@@ -229,15 +231,26 @@ def _where_to_look(summary: dict) -> str:
     promoted = (
         "promoted to @champion" if summary["promoted"] else f"not promoted: {summary['decision']}"
     )
+    exported = paths.EXPORT_REPORT
+    if summary.get("task") == "detection":
+        exported = paths.REPORTS / "detection_export.json"  # components.detection.export.REPORT
+        scores = (
+            f"test mAP@[.5:.95] {summary['test_map']:.4f}, mAP@0.5 {summary['test_map_50']:.4f}, "
+            f"ONNX parity {'yes' if summary['export_parity'] else 'NO'}"
+        )
+    else:
+        scores = (
+            f"test accuracy {summary['test_accuracy']:.4f}, "
+            f"macro-F1 {summary['test_macro_f1']:.4f}, "
+            f"ONNX Runtime accuracy {summary['onnx_accuracy']:.4f}"
+        )
     return "\n".join(
         [
             "",
-            f"test accuracy {summary['test_accuracy']:.4f}, "
-            f"macro-F1 {summary['test_macro_f1']:.4f}, "
-            f"ONNX Runtime accuracy {summary['onnx_accuracy']:.4f}",
+            scores,
             f"model {summary['model_name']} version {summary['version']}: {promoted}",
             f"champion: {champion} (version {summary['champion_version']})",
-            f"reports: {paths.VALIDATION_REPORT} {paths.EVALUATION_REPORT} {paths.EXPORT_REPORT} "
+            f"reports: {paths.VALIDATION_REPORT} {paths.EVALUATION_REPORT} {exported} "
             f"{paths.REGISTRY_REPORT} {paths.PROMOTION_REPORT} (lensflow history: every decision)",
             tracking.ui_hint(summary["experiment_id"]),
         ]

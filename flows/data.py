@@ -8,6 +8,9 @@ from prefect.cache_policies import NO_CACHE
 from components.core import config, memory
 from components.core.errors import GateFailed
 from components.data import datasets, prepare, validate
+from components.detection import prepare as detection_prepare
+from components.detection import synthetic
+from components.detection import validate as detection_validate
 
 
 def component_task(fn, name: str):
@@ -19,13 +22,22 @@ def component_task(fn, name: str):
 data_task = component_task(datasets.run, "data")
 prepare_task = component_task(prepare.run, "prepare")
 validate_task = component_task(validate.run, "validate")
+# task: detection
+detection_data_task = component_task(synthetic.run, "data")
+detection_prepare_task = component_task(detection_prepare.run, "prepare")
+detection_validate_task = component_task(detection_validate.run, "validate")
 
 
 def validated_data(cfg: config.Config) -> None:
     """data -> prepare -> validate; the flow stops here when the data fails validation."""
-    data_task(cfg)
-    prepare_task(cfg)
-    validation = validate_task(cfg)
+    if cfg.task == "detection":
+        detection_data_task(cfg)
+        detection_prepare_task(cfg)
+        validation = detection_validate_task(cfg)
+    else:
+        data_task(cfg)
+        prepare_task(cfg)
+        validation = validate_task(cfg)
     print(validate.summary(validation))
     if not validation.success:
         raise GateFailed(f"the data failed validation; see {validation.report}")

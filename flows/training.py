@@ -5,6 +5,11 @@ from __future__ import annotations
 from prefect import flow, runtime
 
 from components.core import config, tracking, versioning
+from components.detection import evaluate as detection_evaluate
+from components.detection import export as detection_export
+from components.detection import promote as detection_promote
+from components.detection import registry as detection_registry
+from components.detection import train as detection_train
 from components.evaluation import evaluate
 from components.experiments import tune
 from components.labelling import labels
@@ -21,6 +26,14 @@ quantize_task = component_task(quantize.run, "quantize")
 register_task = component_task(registry.run, "register")
 promote_task = component_task(promote.run, "promote")
 dvc_commit_task = component_task(versioning.dvc_commit, "record-in-dvc-lock")
+# task: detection (cli.pipeline.DETECTION_STAGES)
+detection_tasks = {
+    "train": component_task(detection_train.run, "train"),
+    "evaluate": component_task(detection_evaluate.run, "evaluate"),
+    "export": component_task(detection_export.run, "export"),
+    "register": component_task(detection_registry.run, "register"),
+    "promote": component_task(detection_promote.run, "promote"),
+}
 
 
 @flow(name="lensflow-training", log_prints=True)
@@ -28,6 +41,8 @@ def training_flow(
     params_path: str = "params.yaml", overrides: list[str] | None = None, resume: bool = False
 ) -> dict:
     cfg = config.load(params_path, overrides)
+    if cfg.task == "detection":
+        return detection_flow(cfg)
     with tracking.pipeline_run(cfg, "training", flow_run_id=str(runtime.flow_run.id)) as run:
         validated_data(cfg)
         if cfg.labels.enabled:  # a gate when labels.max_noise_rate is set
@@ -53,6 +68,31 @@ def training_flow(
         "int8_speedup": quantized.speedup,
         "epochs_run": trained.epochs_run,
         "train_loop_seconds": trained.train_loop_seconds,
+        "model_name": registered.name,
+        "version": registered.version,
+        "promoted": promoted.promoted,
+        "champion_version": promoted.champion_version,
+        "decision": promoted.decision,
+    }
+
+
+def detection_flow(cfg: config.Config) -> dict:
+    """`task: detection`: validate, train, evaluate, export with parity, register, promote."""
+    with tracking.pipeline_run(cfg, "training", flow_run_id=str(runtime.flow_run.id)) as run:
+        validated_data(cfg)
+        detection_tasks["train"](cfg)
+        evaluation = detection_tasks["evaluate"](cfg)
+        exported = detection_tasks["export"](cfg)  # promote's export_parity gate reads it
+        registered = detection_tasks["register"](cfg)
+        promoted = detection_tasks["promote"](cfg)
+    return {
+        "task": "detection",
+        "mlflow_run_id": run.info.run_id,
+        "experiment": cfg.tracking.experiment,
+        "experiment_id": run.info.experiment_id,
+        "test_map": evaluation.map,
+        "test_map_50": evaluation.map_50,
+        "export_parity": exported.parity,
         "model_name": registered.name,
         "version": registered.version,
         "promoted": promoted.promoted,

@@ -35,7 +35,7 @@ from serving.batching import MicroBatcher
 from serving.follower import RegistryStatus
 from serving.images import BadRequest
 from serving.metrics import Metrics
-from serving.model import ServedModel, Source
+from serving.model import ServedModel, Source, boxes
 
 log = logging.getLogger("lensflow.serve")
 INLINE_PIXELS = 256 * 256  # a request up to this many pixels in all runs on the event loop
@@ -190,7 +190,10 @@ async def _classify(files: list, champion: ServedModel, k: int, service: Service
     if rollout is not None:
         key = request.headers.get(service.settings.canary_key_header)
         model, other, role = rollout.pick(champion, key or hashlib.sha256(body).hexdigest())
-    paired = other is not None and rollout.sampled(request_id) and other.channels == model.channels
+    paired = (
+        other is not None and rollout.sampled(request_id) and other.channels == model.channels
+        and model.task == other.task == "classification"  # a rollout pairs probabilities
+    )  # fmt: skip
     start = time.perf_counter()
     try:
         probabilities, arrays = await _score(files, model, service, keep=paired)
@@ -212,6 +215,9 @@ async def _classify(files: list, champion: ServedModel, k: int, service: Service
     service.metrics.images.inc(len(files))
     predictions = []
     for (name, _), p in zip(files, probabilities, strict=True):
+        if model.task == "detection":
+            predictions.append({"image": name, "boxes": boxes(p, model.classes)})
+            continue
         values = p.tolist()  # Python floats: indexing a NumPy array per class costs more
         order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
         top = [{"class": model.classes[i], "probability": round(values[i], 6)} for i in order]

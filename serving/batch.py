@@ -22,9 +22,12 @@ from components.core import paths as project_paths
 from components.core.config import Config
 from components.core.errors import UserError
 from serving import images
-from serving.model import Refused, Transient, alias_version, load, parse
+from serving.model import Refused, Transient, alias_version, boxes, load, parse
 
 COLUMNS = ("path", "class", "confidence", "model_version")
+# a detector: one row per box (x1, y1, x2, y2 in the image's pixels); an image without a box
+# gets one row with empty class, score and box, so every scored file is listed
+DETECTION_COLUMNS = ("path", "class", "score", "x1", "y1", "x2", "y2", "model_version")
 BATCH_PIXELS = 64 * 224 * 224  # pixels decoded and scored together (~10 MB for RGB)
 
 
@@ -49,13 +52,25 @@ def run(cfg: Config, inputs: list[str], model_uri: str | None, out: str | Path) 
         except (OSError, images.BadRequest) as exc:
             skipped.append((file, _reason(file, exc)))
     probabilities = dict(_predict(model, shapes, cfg.serve.max_pixels, skipped))
+    skipped.sort()
+    if model.task == "detection":
+        rows = [row for file in files if file in probabilities
+                for row in _box_rows(file, probabilities[file], model)]  # fmt: skip
+        return _write(Path(out), rows, skipped, model.version, DETECTION_COLUMNS)
     rows = [
         (file, model.classes[int(p.argmax())], round(float(p.max()), 6), model.version)
         for file in files
         if (p := probabilities.get(file)) is not None
     ]
-    skipped.sort()
     return _write(Path(out), rows, skipped, model.version)
+
+
+def _box_rows(file: str, found: dict, model) -> list[tuple]:
+    rows = [
+        (file, box["class"], box["score"], *box["box"], model.version)
+        for box in boxes(found, model.classes)
+    ]
+    return rows or [(file, None, None, None, None, None, None, model.version)]
 
 
 def summary(result: BatchResult) -> str:
@@ -133,11 +148,13 @@ def _reason(file: str, exc: Exception) -> str:
     return exc.message.removeprefix(f"{file}: ")
 
 
-def _write(out: Path, rows: list, skipped: list, version: str) -> BatchResult:
+def _write(out: Path, rows: list, skipped: list, version: str, columns=COLUMNS) -> BatchResult:
     import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame(rows, columns=list(COLUMNS)).astype({"model_version": str})
+    table = pd.DataFrame(rows, columns=list(columns)).astype({"model_version": str})
+    numbers = [c for c in ("score", "x1", "y1", "x2", "y2") if c in table]  # None -> NaN
+    table = table.astype(dict.fromkeys(numbers, float))
     parquet, csv_file, skipped_file = (
         out / "predictions.parquet",
         out / "predictions.csv",
@@ -151,4 +168,5 @@ def _write(out: Path, rows: list, skipped: list, version: str) -> BatchResult:
         writer = csv.writer(f)
         writer.writerow(("path", "reason"))
         writer.writerows(skipped)
-    return BatchResult(version, len(rows), skipped, str(parquet), str(csv_file), str(skipped_file))
+    scored = table["path"].nunique()
+    return BatchResult(version, scored, skipped, str(parquet), str(csv_file), str(skipped_file))

@@ -61,9 +61,34 @@ class ServedModel:
     classes: list[str]
     channels: int
     info: dict = field(default_factory=dict)  # what /model shows
+    decoder: object = None  # a detector's components.detection.model.Decoder; None: a classifier
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    @property
+    def task(self) -> str:
+        return "classification" if self.decoder is None else "detection"
+
+    def predict(self, images: np.ndarray):
+        """Per image: a classifier's probabilities, or a detector's boxes (x1, y1, x2, y2 in
+        the image's pixels), scores and labels after the same decoder as its evaluation."""
+        if self.decoder is not None:
+            from components.detection import registry
+
+            return registry.detect(self.session, self.decoder, images)
         return self.session.run(["probabilities"], {"images": images})[0]
+
+
+def boxes(found: dict, classes: list[str]) -> list[dict]:
+    """A detector's answer for one image: its boxes, best first, each x1, y1, x2, y2 in the
+    image's pixels, with its class name and score."""
+    return [
+        {"box": [round(v, 2) for v in box], "class": classes[label], "score": round(score, 6)}
+        for box, label, score in zip(
+            found["boxes"].tolist(),
+            found["labels"].tolist(),
+            found["scores"].tolist(),
+            strict=True,
+        )
+    ]
 
 
 def parse(uri: str) -> Source:
@@ -124,6 +149,7 @@ def load(source: Source, version: str | None, settings: Serve) -> ServedModel:
         meta = ort_session.get_modelmeta().custom_metadata_map
         classes = json.loads(meta.get("classes", "[]"))
         channels = int(meta.get("channels", ort_session.get_inputs()[0].shape[1]))
+        decoder = _decoder(meta)
     except Refused:
         raise
     except Exception as exc:  # an unreachable store, a missing artifact, a bad file, ...
@@ -131,9 +157,43 @@ def load(source: Source, version: str | None, settings: Serve) -> ServedModel:
         raise (Transient if is_transient(exc) else Refused)(reason) from None
     if not classes:
         raise Refused(f"version {version}: its ONNX metadata names no classes")
-    info["golden"] = check_golden(ort_session, golden, info.get("variant", "fp32"), settings)
+    if decoder is None:
+        info["golden"] = check_golden(ort_session, golden, info.get("variant", "fp32"), settings)
+    else:
+        info["task"] = "detection"
+        info["golden"] = check_golden_outputs(ort_session, golden, settings)
     info["loaded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return ServedModel(str(label), ort_session, classes, channels, info)
+    return ServedModel(str(label), ort_session, classes, channels, info, decoder)
+
+
+def _decoder(meta: dict):
+    """A detector's decoder, rebuilt from its ONNX metadata (components/detection/registry.py);
+    None for a classifier. torch is imported only here, for a detector."""
+    if meta.get("task") != "detection":
+        return None
+    from components.detection import registry
+
+    return registry.decoder(meta)
+
+
+def check_golden_outputs(ort_session, golden: dict | None, settings: Serve) -> dict:
+    """A detector: its raw outputs (class logits, box regression) on the golden images within
+    serve.golden_atol of those registered with it."""
+    if golden is None:
+        return {"status": "missing", "note": "no golden inputs registered with this version"}
+    names = ["cls_logits", "bbox_regression"]
+    try:
+        actual = ort_session.run(names, {"images": golden["images"]})
+    except Exception as exc:
+        raise Refused(f"golden check: the model cannot run its golden inputs ({exc})") from None
+    diffs = [
+        float(np.abs(a - golden[n]).max()) if a.shape == golden[n].shape else float("inf")
+        for n, a in zip(names, actual, strict=True)
+    ]
+    if max(diffs) > settings.golden_atol:
+        raise Refused(f"golden check failed: max |output - golden| {max(diffs):.2e} "
+                      f"(serve.golden_atol {settings.golden_atol:g})")  # fmt: skip
+    return {"status": "passed", "n_images": len(golden["images"]), "max_abs_diff": max(diffs)}
 
 
 def check_golden(ort_session, golden: dict | None, variant: str, settings: Serve) -> dict:
@@ -206,8 +266,8 @@ def _golden(client, run_id: str, tmp: str) -> dict | None:
         return None
     golden_uri = _concrete(client, f"runs:/{run_id}/{paths.GOLDEN_ARTIFACT}")
     golden_file = mlflow.artifacts.download_artifacts(artifact_uri=golden_uri, dst_path=tmp)
-    with np.load(golden_file) as npz:
-        return {key: npz[key] for key in ("images", "probabilities")}
+    with np.load(golden_file) as npz:  # a detector's: cls_logits and bbox_regression
+        return {key: npz[key] for key in npz.files}
 
 
 def _concrete(client, uri: str) -> str:

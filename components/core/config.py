@@ -36,6 +36,8 @@ from components.core.params_pipeline import (
 )
 from components.core.params_search import Compare, Tune
 
+CLASSIFIER, DETECTOR = "lensflow-classifier", "lensflow-detector"  # registry.model_name
+
 
 class Config(Section):
     seed: int = 42
@@ -44,7 +46,8 @@ class Config(Section):
     """`classification` (an ImageFolder, one label per image) or `detection` (boxes: COCO JSON
     or the YOLO layout, see the `detection` section). Under `detection` a built-in
     classification set (`digits`, `shapes`: no boxes) selects the built-in detection set
-    `detection_shapes`, so `--set task=detection` alone runs on it."""
+    `detection_shapes`, and the default `registry.model_name` (`lensflow-classifier`) becomes
+    `lensflow-detector`, so `--set task=detection` alone runs on it."""
     tracking: Tracking = Tracking()
     data: Data = Data()
     prepare: Prepare = Prepare()
@@ -78,10 +81,15 @@ class Config(Section):
             return data  # an assignment to a validated config: checked when it was built
         section = data.get("data") or {}
         source, task = section.get("source", "digits"), data.get("task", "classification")
-        if task == "detection" and source in ("digits", "shapes"):
-            return {**data, "data": {**section, "source": "detection_shapes"}}
         if task == "classification" and source == "detection_shapes":
             raise ValueError("data.source detection_shapes is a detection set: set task: detection")
+        if task != "detection":
+            return data
+        if source in ("digits", "shapes"):
+            data = {**data, "data": {**section, "source": "detection_shapes"}}
+        registry = data.get("registry") or {}
+        if isinstance(registry, dict) and registry.get("model_name", CLASSIFIER) == CLASSIFIER:
+            data = {**data, "registry": {**registry, "model_name": DETECTOR}}
         return data
 
     def as_dict(self) -> dict:

@@ -330,11 +330,19 @@ class Promote(Section):
     min_macro_f1: float = Field(0.85, ge=0, le=1)
     """… and its test macro-F1."""
     min_improvement: float = Field(0.0, ge=0, le=1)
-    """Its accuracy minus the champion's, on the same test files, must be strictly more than
-    this: a tie never moves `@champion`."""
+    """Its accuracy (`task: detection`: its mAP) minus the champion's, on the same test files,
+    must be strictly more than this: a tie never moves `@champion`."""
     mcnemar_p: float | None = Field(0.05, gt=0, le=1)
     """… and the exact McNemar test on the paired predictions must give p ≤ this, with more
     images only the candidate gets right than only the champion; `null` = off."""
+    min_map: float = Field(0.5, ge=0, le=1)
+    """`task: detection`: the candidate's test COCO mAP@[.5:.95] (ONNX Runtime, re-scored by
+    promote) must be at least this; `min_improvement` then applies to mAP."""
+    bootstrap_p: float | None = Field(0.05, gt=0, le=1)
+    """`task: detection`: the paired bootstrap over test images (mAP of candidate minus
+    champion, recomputed on each resample) must give a one-sided p ≤ this; `null` = off."""
+    bootstrap_samples: int = Field(500, ge=10)
+    """Resamples of that bootstrap (the smallest p it can give is 1 / (samples + 1))."""
     max_latency_ms_p95: float | None = Field(None, ge=0)
     """Batch-1 p95 latency budget in ms (ONNX Runtime, on this machine); `null` = off, since
     timings vary by machine."""

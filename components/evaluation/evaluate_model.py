@@ -31,6 +31,11 @@ def run(model_uri: str, data: str | None, report: str | Path) -> ModelEvaluation
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     session, meta = registry.load_onnx_session(model_uri)
+    if meta.get("task") == "detection":
+        raise UserError(
+            f"{model_uri} is a detector: `lensflow evaluate` scores classifiers; a detector's "
+            "COCO mAP is `lensflow stage evaluate --set task=detection` (or `lensflow predict`)"
+        )
     classes = meta["classes"]
     if data:
         if "image_size" not in meta:

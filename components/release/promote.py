@@ -41,8 +41,9 @@ class PromotionResult:
     report: str
 
 
-def run(cfg: Config, version: str | None = None) -> PromotionResult:
-    """Decide about `version` (default: the one reports/registry.json names)."""
+def run(cfg: Config, version: str | None = None, gates=None) -> PromotionResult:
+    """Decide about `version` (default: the one reports/registry.json names) by `gates`
+    (default `gate_results`; components/detection/promote.py passes its own)."""
     name = cfg.registry.model_name
     candidate = version or registry.read_report(paths.REGISTRY_REPORT)["version"]
     with tracking.step_run(cfg, "promote"):
@@ -52,7 +53,7 @@ def run(cfg: Config, version: str | None = None) -> PromotionResult:
             promotion_log.settle_incomplete(cfg)
             champion = promotion_log.champion(name)
             promotion_log.pause("read")
-            decision = _decide(cfg, name, candidate, champion)
+            decision = _decide(cfg, name, candidate, champion, gates or gate_results)
             if decision.gates:
                 promotion_log.client().set_model_version_tag(
                     name, candidate, "lensflow.gates", json.dumps(decision.gates)
@@ -85,14 +86,14 @@ def summary(result: PromotionResult) -> str:
     return f"promote: {result.decision} (record {result.record_run_id}; {result.report})"
 
 
-def _decide(cfg: Config, name: str, candidate: str, champion: str | None) -> Decision:
+def _decide(cfg: Config, name: str, candidate: str, champion: str | None, gates_of) -> Decision:
     actor = promotion_log.pipeline_actor(cfg)
     if champion == candidate:
         return Decision(
             name, "keep", champion, champion, candidate, actor,
             f"v{candidate} is already @{CHAMPION}",
         )  # fmt: skip
-    gates, evidence = gate_results(cfg, name, candidate, champion)
+    gates, evidence = gates_of(cfg, name, candidate, champion)
     failed = [gate for gate, result in gates.items() if not result["passed"]]
     if not failed:
         moved = f"@{CHAMPION} {_v(champion)} -> v{candidate}: every gate passed"
@@ -111,20 +112,20 @@ def _decide(cfg: Config, name: str, candidate: str, champion: str | None) -> Dec
 def gate_results(cfg: Config, name: str, candidate: str, champion: str | None):
     """{gate: {value, threshold, passed[, note]}} and the evidence they were decided on."""
     limits = cfg.promote
-    test_shas = _test_split_shas()
+    test_shas = holdout_shas()
     mine = _scored(cfg, name, candidate)
-    leaked = _leaked(name, candidate, test_shas)
-    parity = json.loads(_version_tag(name, candidate, "lensflow.export_parity") or "null")
+    leaked = images_seen(name, candidate, test_shas)
+    parity = json.loads(version_tag(name, candidate, "lensflow.export_parity") or "null")
     gates = {
-        "min_accuracy": _at_least(mine["accuracy"], limits.min_accuracy),
-        "min_macro_f1": _at_least(mine["macro_f1"], limits.min_macro_f1),
+        "min_accuracy": at_least(mine["accuracy"], limits.min_accuracy),
+        "min_macro_f1": at_least(mine["macro_f1"], limits.min_macro_f1),
         "export_parity": {
             "value": parity["max_abs_diff"] if parity else None,
             "threshold": parity["atol"] if parity else None,
             "passed": bool(parity and parity["passed"]),
             **({} if parity else {"note": "the version has no parity evidence"}),
         },
-        "no_leakage": _leakage_gate(candidate, leaked),
+        "no_leakage": leakage_gate(candidate, leaked),
     }
     if limits.max_latency_ms_p95 is None:
         gates["max_latency_ms_p95"] = {"passed": True, "note": "off"}
@@ -154,12 +155,12 @@ def _relative_gates(cfg, name, mine: dict, champion, test_shas: set, evidence: d
             **({} if same else {"note": "another class set: a person decides (lensflow promote)"}),
         }
     }  # fmt: skip
-    leaked = _leaked(name, champion, test_shas)
+    leaked = images_seen(name, champion, test_shas)
     refused = None
     if not same:
         refused = f"the champion v{champion} predicts other classes"
     elif leaked is None or leaked:
-        refused = _leakage_gate(champion, leaked)["note"].replace("this version", f"v{champion}")
+        refused = leakage_gate(champion, leaked)["note"].replace("this version", f"v{champion}")
     if refused:
         evidence["comparison_refused"] = refused
         for gate in ("beats_champion", "mcnemar"):
@@ -219,7 +220,7 @@ def _public(scored: dict) -> dict:
     return {k: v for k, v in scored.items() if k not in ("correct", "predict", "images")}
 
 
-def _leaked(name: str, version: str, test_shas: set) -> int | None:
+def images_seen(name: str, version: str, test_shas: set) -> int | None:
     """How many test-split images `version` trained on; None when its run has no record."""
     import mlflow
 
@@ -231,7 +232,7 @@ def _leaked(name: str, version: str, test_shas: set) -> int | None:
     return len(set(text.split()) & test_shas)
 
 
-def _leakage_gate(version: str, leaked: int | None) -> dict:
+def leakage_gate(version: str, leaked: int | None) -> dict:
     if leaked is None:
         note = "this version's run records no training images (lineage/trained_on.txt)"
         return {"value": None, "threshold": 0, "passed": False, "note": note}
@@ -241,7 +242,7 @@ def _leakage_gate(version: str, leaked: int | None) -> dict:
     return gate
 
 
-def _test_split_shas() -> set[str]:
+def holdout_shas() -> set[str]:
     import pandas as pd
 
     manifest = pd.read_parquet(paths.MANIFEST, columns=["sha256", "split"])
@@ -252,11 +253,11 @@ def _classes_of(name: str, version: str) -> list[str]:
     return registry.load_onnx_session(f"models:/{name}/{version}")[1]["classes"]
 
 
-def _version_tag(name: str, version: str, key: str) -> str | None:
+def version_tag(name: str, version: str, key: str) -> str | None:
     return promotion_log.client().get_model_version(name, version).tags.get(key)
 
 
-def _at_least(value: float, threshold: float) -> dict:
+def at_least(value: float, threshold: float) -> dict:
     return {"value": value, "threshold": threshold, "passed": value >= threshold}
 
 

@@ -1,0 +1,151 @@
+"""register, for `task: detection`, and a registered detector as its users run it.
+
+`run` logs the detector's ONNX export (components/detection/export.py: heads only, NMS after
+the graph) to MLflow with the metadata its users need to decode it, and registers it as a
+version of `registry.model_name` (`lensflow-detector` under `task: detection` by default). As
+in classification (components/release/registry.py, whose helpers it reuses), registering
+decides nothing, a checkpoint already registered reuses its version, and the version carries
+the lineage tags, the export's parity evidence and, in its run, the sha256 of every image it
+trained on (so promotion can refuse a test split it has seen) and golden inputs: a few test
+images with their raw outputs, which serving checks a version on before it serves it.
+
+The ONNX metadata (`metadata_props`): `task` (detection), `classes`, `category_ids`,
+`image_size` and `detector` (the JSON of what `model.Decoder` needs: widths, FPN channels,
+anchor sizes, score threshold, NMS IoU, detections per image). `decoder(meta)` rebuilds that
+decoder from it: the same postprocessing for the evaluator, promotion, the server and batch
+scoring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from components.core import config, paths, tracking
+from components.core.config import Config
+from components.core.errors import UserError
+from components.data.prepared import load_meta
+from components.detection import export, model, train
+from components.release import registry
+from components.release.registry import RegistryResult
+
+TASK = "detection"
+DECODER_KEYS = (
+    "image_size", "widths", "fpn_channels", "anchor_sizes", "score_threshold", "nms_iou",
+    "max_detections",
+)  # fmt: skip
+GOLDEN_IMAGES = 4
+
+
+def run(cfg: Config) -> RegistryResult:
+    export_report = registry.read_report(export.REPORT)
+    evaluation = registry.read_report(paths.EVALUATION_REPORT)
+    if not export.ONNX.exists() or not train.CHECKPOINT.exists():
+        raise UserError(f"{export.ONNX} or {train.CHECKPOINT} is missing: run train and export")
+    if evaluation.get("task") != TASK:
+        raise UserError(f"{paths.EVALUATION_REPORT} is not a detection report: run evaluate")
+    name = cfg.registry.model_name
+    checkpoint_sha = hashlib.sha256(train.CHECKPOINT.read_bytes()).hexdigest()
+    parity = {k: export_report[k] for k in ("parity", "parity_iou", "n_images")}
+    parity["mismatched_images"] = export_report["mismatched_images"]
+    with tracking.step_run(cfg, "register") as run:
+        import mlflow
+
+        existing = registry.version_of_checkpoint(name, checkpoint_sha)
+        if existing:
+            version = existing
+            mlflow.set_tag("lensflow.reused_version", version)
+        else:
+            tags = {
+                **tracking.lineage(cfg),
+                "mlflow.run_id": run.info.run_id,
+                "lensflow.task": TASK,
+                registry.CHECKPOINT_SHA_TAG: checkpoint_sha,
+                "lensflow.export_parity": json.dumps(parity),
+            }
+            mlflow.log_metrics({"test/map": evaluation["map"], "test/map_50": evaluation["map_50"]})
+            version = _log_and_register(cfg, name, tags)
+        report = {
+            "task": TASK,
+            "name": name,
+            "version": version,
+            "model_uri": f"models:/{name}/{version}",
+            "reused": bool(existing),
+            "checkpoint_sha256": checkpoint_sha,
+            "export_parity": parity,
+            "test_map": evaluation["map"],
+            "test_map_50": evaluation["map_50"],
+        }
+        paths.write_json(paths.REGISTRY_REPORT, report)
+        mlflow.log_artifact(str(paths.REGISTRY_REPORT))
+    return RegistryResult(name, version, bool(existing), str(paths.REGISTRY_REPORT))
+
+
+summary = registry.summary
+
+
+def metadata(cfg: Config) -> dict[str, str]:
+    """The ONNX metadata of this project's detector (all values strings, as ONNX keeps them)."""
+    meta = load_meta()
+    detection = cfg.detection.model_dump(mode="json")
+    return {
+        "task": TASK,
+        "classes": json.dumps(meta["classes"]),
+        "category_ids": json.dumps(meta["category_ids"]),
+        "image_size": str(cfg.detection.image_size),
+        "detector": json.dumps({key: detection[key] for key in DECODER_KEYS}),
+    }
+
+
+def decoder(meta: dict) -> model.Decoder:
+    """`model.Decoder` of a registered detector, from its ONNX metadata (the weights are in the
+    graph; the decoder needs only the anchors and the postprocessing's settings)."""
+    settings = json.loads(meta["detector"])
+    cfg = config.from_dict({"task": TASK, "detection": settings})
+    classes = meta["classes"]
+    n_classes = len(json.loads(classes) if isinstance(classes, str) else classes)
+    return model.Decoder(model.build(cfg, n_classes).eval(), settings["image_size"])
+
+
+def detect(session, decode: model.Decoder, images: np.ndarray) -> list[dict]:
+    """Boxes (x1, y1, x2, y2 in the images' pixels), scores and labels (class indices) of
+    uint8 images [N, 3, H, W] of one size, by the ONNX Runtime `session` then `decode`."""
+    outputs = session.run(["cls_logits", "bbox_regression"], {"images": images})
+    return decode(*outputs, [images.shape[-2:]] * len(images))
+
+
+def _log_and_register(cfg: Config, name: str, tags: dict) -> str:
+    import mlflow
+    import onnx
+
+    proto = onnx.load(export.ONNX)
+    onnx.helper.set_model_props(proto, metadata(cfg))
+    images, _, _ = train.split_data("test")
+    example = np.array(images[:GOLDEN_IMAGES])
+    # before log_model, which moves the weights of `proto` out to external data
+    golden_arrays = golden_outputs(proto.SerializeToString(), example)
+    info = mlflow.onnx.log_model(
+        proto, name="model", pip_requirements=["onnxruntime", "onnx"],
+        metadata={"task": TASK, "classes": load_meta()["classes"]},
+    )  # fmt: skip
+    mlflow.log_artifact(str(train.CHECKPOINT), tracking.CHECKPOINT_ARTIFACT.rpartition("/")[0])
+    mlflow.log_text("\n".join(registry.trained_on()) + "\n", registry.TRAINED_ON_ARTIFACT)
+    with tempfile.TemporaryDirectory() as tmp:
+        golden = Path(tmp) / Path(paths.GOLDEN_ARTIFACT).name
+        np.savez(golden, images=example, **golden_arrays)
+        mlflow.log_artifact(str(golden), paths.GOLDEN_ARTIFACT.rpartition("/")[0])
+    found = mlflow.register_model(info.model_uri, name, tags={**tags, "lensflow.int8": "none"})
+    return str(found.version)
+
+
+def golden_outputs(onnx_bytes: bytes, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The graph's outputs on the golden images: what serving compares a download with."""
+    from components.scoring.backends import ort_session
+
+    session = ort_session(onnx_bytes)
+    logits, regression = session.run(["cls_logits", "bbox_regression"], {"images": images})
+    return {"cls_logits": logits, "bbox_regression": regression}
