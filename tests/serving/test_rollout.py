@@ -3,8 +3,8 @@ registry, with labelled traffic from the test split and the controller's passes 
 The models are trained by the training component on a copy of the package's project (one
 module fixture, registered into the package's MLflow store):
 
-- a clearly worse challenger (version 6: trained fully with 30 % of the train split's labels
-  flipped, those of 3 of its 10 classes, against version 5, trained fully on the true
+- a clearly worse challenger (version 6: trained fully with about 30 % of the train split's
+  labels flipped, those of 3 of its 10 classes, against version 5, trained fully on the true
   labels): rolled back, never promoted;
 - a clearly better one (version 5, against version 4 as champion, trained for one epoch):
   ramped 50 → 100 % and promoted through the promotion log (action `rollout`);
@@ -58,24 +58,28 @@ def trained(registered, tmp_path_factory):
     work = tmp_path_factory.mktemp("rollout-models")
     keep_out = shutil.ignore_patterns("mlflow.db*", "mlartifacts")
     shutil.copytree(registered["root"], work, dirs_exist_ok=True, ignore=keep_out)
-    versions = {}
+    versions, accuracy = {}, {}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         cfg = config.with_values(config.load("params.yaml"), {"train.lr": LR})
         for key, epochs in (("one_epoch", 1), ("full", cfg.train.epochs)):
-            versions[key] = _trained_version(config.with_values(cfg, {"train.epochs": epochs}))
+            cfg_of = config.with_values(cfg, {"train.epochs": epochs})
+            versions[key], accuracy[key] = _trained_version(cfg_of)
         overrides.write(RAW, _flipped_train_labels(FLIPPED, cfg.seed))
         prepare.run(cfg)
         assert validate.run(cfg).success
-        versions["flipped"] = _trained_version(cfg)
+        versions["flipped"], accuracy["flipped"] = _trained_version(cfg)
     assert list(versions.values()) == ["4", "5", "6"]
+    # clearly worse and clearly better on the test split (the export's ONNX accuracy)
+    assert accuracy["full"] - accuracy["flipped"] >= 0.15, accuracy
+    assert accuracy["full"] - accuracy["one_epoch"] >= 0.3, accuracy
     return versions
 
 
-def _trained_version(cfg) -> str:
+def _trained_version(cfg) -> tuple[str, float]:
     train.run(cfg)
-    export.run(cfg)
-    return registry.run(cfg).version
+    accuracy = export.run(cfg).accuracy
+    return registry.run(cfg).version, accuracy
 
 
 def _flipped_train_labels(share: float, seed: int) -> dict[str, str]:
