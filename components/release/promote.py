@@ -147,14 +147,8 @@ def _relative_gates(cfg, name, mine: dict, champion, test_shas: set, evidence: d
     if champion is None:
         note = {"passed": True, "note": "there is no champion yet"}
         return {g: dict(note) for g in ("same_classes", "beats_champion", "mcnemar")}
-    theirs_classes = _classes_of(name, champion)
-    same = sorted(theirs_classes) == sorted(mine["classes"])
-    gates = {
-        "same_classes": {
-            "value": mine["classes"], "threshold": theirs_classes, "passed": same,
-            **({} if same else {"note": "another class set: a person decides (lensflow promote)"}),
-        }
-    }  # fmt: skip
+    gates = {"same_classes": same_classes(name, champion, mine["classes"])}
+    same = gates["same_classes"]["passed"]
     leaked = images_seen(name, champion, test_shas)
     refused = None
     if not same:
@@ -249,7 +243,18 @@ def holdout_shas() -> set[str]:
     return set(manifest.loc[manifest["split"] == "test", "sha256"])
 
 
-def _classes_of(name: str, version: str) -> list[str]:
+def same_classes(name: str, champion: str, classes: list[str]) -> dict:
+    """The `same_classes` gate: does a model predicting `classes` (in any order) predict what
+    version `champion` of `name` does? (Promotion and `lensflow rollout start` ask it.)"""
+    theirs = classes_of(name, champion)
+    same = sorted(theirs) == sorted(classes)
+    return {
+        "value": classes, "threshold": theirs, "passed": same,
+        **({} if same else {"note": "another class set: a person decides (lensflow promote)"}),
+    }  # fmt: skip
+
+
+def classes_of(name: str, version: str) -> list[str]:
     return registry.load_onnx_session(f"models:/{name}/{version}")[1]["classes"]
 
 

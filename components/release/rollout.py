@@ -27,7 +27,7 @@ import numpy as np
 from components.core import tracking
 from components.core.config import Config
 from components.core.errors import UserError
-from components.release import promotion_log, rollout_log, sequential
+from components.release import promote, promotion_log, rollout_log, sequential
 from components.release.promotion_log import CHALLENGER, Decision
 
 EXPERIMENT_SUFFIX = "-rollouts"
@@ -48,6 +48,13 @@ def start(cfg: Config, version: str, reason: str = "") -> dict:
         raise UserError(f"version {version} is already {name}@champion")
     if running(cfg) is not None:
         raise UserError(f"a rollout of {name} is running: `lensflow rollout stop` it first")
+    classes = promote.same_classes(name, champion, promote.classes_of(name, version))
+    if not classes["passed"]:
+        raise UserError(
+            f"version {version} of {name} predicts other classes than @champion v{champion} "
+            f"({len(classes['value'])} vs {len(classes['threshold'])}): no live comparison; "
+            "a person decides (lensflow promote)"
+        )
     client = promotion_log.client()
     tags = {
         "lensflow.model_name": name, STATE: "running", "lensflow.champion": champion,

@@ -1,79 +1,121 @@
 """Live rollouts against a real `lensflow serve` (canary, 2 workers) on the package's tiny
-registry, with labelled traffic from the test split and the controller's passes run here:
+registry, with labelled traffic from the test split and the controller's passes run here.
+The models are trained by the training component on a copy of the package's project (one
+module fixture, registered into the package's MLflow store):
 
-- a clearly worse challenger (version 4: the good model's ONNX with its class names shifted
-  by one, so it names the wrong class for every image): rolled back, never promoted;
-- a clearly better one (version 3, the good model, against version 4 as champion): ramped
-  5 → 100 % and promoted through the promotion log (action `rollout`);
-- an identical one (version 1 against version 3): nothing decided until rollout.max_labels.
+- a clearly worse challenger (version 6: trained fully with about 30 % of the train split's
+  labels flipped, those of 3 of its 10 classes, against version 5, trained fully on the true
+  labels): rolled back, never promoted;
+- a clearly better one (version 5, against version 4 as champion, trained for one epoch):
+  ramped 50 → 100 % and promoted through the promotion log (action `rollout`);
+- an identical one (version 1 against version 3, the same weights): nothing decided until
+  rollout.max_labels.
 
 Along the way: every answer names its version and the model that gave it, a client key keeps
 its model, /feedback answers 404/400 and ignores duplicates (across workers), /metrics counts
 pairs, and after SIGTERM every answered request's pair is in the log (across the hot swaps the
-rollouts made). Training a model on flipped labels would cost a training run; the shifted
-class names give a served model that is wrong in the same way as a badly trained one.
+rollouts made).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from functools import partial
 from pathlib import Path
 
 import mlflow
-import onnx
+import numpy as np
 import pandas as pd
 import pytest
 
 from cli.main import main
 from components.core import config, paths
-from components.release import promotion_log, registry, rollout, rollout_log
+from components.data import overrides, prepare, validate
+from components.release import export, promotion_log, registry, rollout, rollout_log
+from components.training import train
 from tests.servers import free_port
 from tests.serving import test_server
-from tests.serving.conftest import _as_another_checkpoint, request, start_server
+from tests.serving.conftest import request, start_server
 
 SERVE = ("serve.rollout=canary", "serve.poll_seconds=0.2", "serve.rollout_flush_seconds=2")
 CONTROL = ("rollout.min_pairs=8", "rollout.ramp=[0.5,1.0]", "rollout.ramp_labels=6",
-           "rollout.max_labels=60", "promote.lease_s=10")  # fmt: skip
+           "rollout.max_labels=300", "promote.lease_s=10")  # fmt: skip
 PNG = {"Content-Type": "image/png"}
+RAW = Path("data/raw/shapes")
+FLIPPED = 0.3  # of the train split's labels, for the worse challenger
+LR = 0.03  # the tiny model learns the shapes in its 8 epochs (0.003: about 65 % right)
 _until = partial(test_server._until, seconds=60)  # two workers, each following two aliases
 
 
 @pytest.fixture(scope="module")
-def rollout_server(registered, tmp_path_factory):
-    name, cfg = registered["name"], registered["cfg"]
-    _register_shifted(cfg)
+def trained(registered, tmp_path_factory):
+    """{"one_epoch": "4", "full": "5", "flipped": "6"}: trained (the tiny params' epochs, or
+    1, at LR: the full model is right on every test image), exported and registered from a
+    copy of the package's project, whose prepared data and reports stay as the other modules
+    expect."""
+    work = tmp_path_factory.mktemp("rollout-models")
+    keep_out = shutil.ignore_patterns("mlflow.db*", "mlartifacts")
+    shutil.copytree(registered["root"], work, dirs_exist_ok=True, ignore=keep_out)
+    versions, accuracy = {}, {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        cfg = config.with_values(config.load("params.yaml"), {"train.lr": LR})
+        for key, epochs in (("one_epoch", 1), ("full", cfg.train.epochs)):
+            cfg_of = config.with_values(cfg, {"train.epochs": epochs})
+            versions[key], accuracy[key] = _trained_version(cfg_of)
+        overrides.write(RAW, _flipped_train_labels(FLIPPED, cfg.seed))
+        prepare.run(cfg)
+        assert validate.run(cfg).success
+        versions["flipped"], accuracy["flipped"] = _trained_version(cfg)
+    assert list(versions.values()) == ["4", "5", "6"]
+    # clearly worse and clearly better on the test split (the export's ONNX accuracy)
+    assert accuracy["full"] - accuracy["flipped"] >= 0.15, accuracy
+    assert accuracy["full"] - accuracy["one_epoch"] >= 0.3, accuracy
+    return versions
+
+
+def _trained_version(cfg) -> tuple[str, float]:
+    train.run(cfg)
+    accuracy = export.run(cfg).accuracy
+    return registry.run(cfg).version, accuracy
+
+
+def _flipped_train_labels(share: float, seed: int) -> dict[str, str]:
+    """{path: another class} (labels.csv, the relabel file) for every train image of `share`
+    of the classes, rotated among them (a → b → c → a): `share` of the train labels flipped,
+    every class as large as before, and the model learns to name those classes wrongly. (Flips
+    spread at random over all classes cost the tiny model little accuracy: the true class
+    stays the majority of its images, so that model is not clearly worse.)"""
+    manifest = pd.read_parquet(paths.MANIFEST, columns=["path", "label", "split"])
+    classes = sorted(manifest["label"].unique())
+    picked = list(np.random.default_rng(seed).permutation(classes)[: round(share * len(classes))])
+    rotated = dict(zip(picked, picked[1:] + picked[:1], strict=True))
+    train_rows = manifest[(manifest["split"] == "train") & manifest["label"].isin(picked)]
+    rows = zip(train_rows["path"], train_rows["label"], strict=True)
+    return {path: rotated[label] for path, label in rows}
+
+
+@pytest.fixture(scope="module")
+def rollout_server(registered, trained, tmp_path_factory):
+    name = registered["name"]
     client = mlflow.MlflowClient()
-    client.set_registered_model_alias(name, "champion", "1")
+    client.set_registered_model_alias(name, "champion", trained["full"])
     log_dir = tmp_path_factory.mktemp("pair-log")
     settings = (*SERVE, f"serve.rollout_dir={log_dir}")
     control = config.load("params.yaml", ["train.epochs=2", *settings, *CONTROL])
     port = free_port()
     process = start_server(registered["root"], port, *settings, "serve.workers=2")
     yield {**registered, "port": port, "process": process, "log": Path(log_dir),
-           "control": control, "traffic": _test_split(), "answered": [], "labelled": 0}  # fmt: skip
+           "control": control, "traffic": _test_split(), "answered": [], "labelled": 0,
+           "sent": 0, "versions": trained}  # fmt: skip
     if process.poll() is None:
         process.kill()
     process.wait()
     client.set_registered_model_alias(name, "champion", "1")  # as the other modules expect
     if promotion_log._alias(name, "challenger"):
         client.delete_registered_model_alias(name, "challenger")
-
-
-def _register_shifted(cfg) -> None:
-    """Version 4: version 1's weights (its golden check passes), class names shifted by one."""
-    good = paths.ONNX.read_bytes()
-    proto = onnx.load(paths.ONNX)
-    entry = next(p for p in proto.metadata_props if p.key == "classes")
-    classes = json.loads(entry.value)
-    entry.value = json.dumps(classes[1:] + classes[:1])
-    onnx.save(proto, paths.ONNX)
-    _as_another_checkpoint(4)
-    try:
-        assert registry.run(cfg).version == "4"
-    finally:
-        paths.ONNX.write_bytes(good)
 
 
 def _test_split() -> list[tuple[bytes, str]]:
@@ -85,10 +127,12 @@ def _test_split() -> list[tuple[bytes, str]]:
 
 
 def _serve_traffic(server, n: int, version: str) -> list[dict]:
-    """n requests from the test split, 8 client keys; every answer checked and kept."""
+    """n requests from the test split, client keys client-(i % 8); every answer checked and
+    kept."""
     answers = []
-    for i in range(n):
-        png, label = server["traffic"][i % len(server["traffic"])]
+    for i in range(n):  # the test split in turn, across calls
+        png, label = server["traffic"][server["sent"] % len(server["traffic"])]
+        server["sent"] += 1
         status, body, _ = request(
             server["port"], "POST", "/predict", png, {**PNG, "X-Client-Key": f"client-{i % 8}"}
         )
@@ -127,24 +171,24 @@ def _step(server, cfg) -> dict:
     return rollout.step(cfg)
 
 
-def _until_decided(server, cfg, version: str, rounds: int = 6) -> dict:
-    """Controller passes, with 8 more labelled requests before each while it runs."""
+def _until_decided(server, cfg, version: str, batch: int, rounds: int) -> dict:
+    """Controller passes, with `batch` more labelled requests before each while it runs."""
     now = _step(server, cfg)
     for _ in range(rounds):
         if now["state"] != "running":
             return now
-        _label(server, _serve_traffic(server, 8, version))
+        _label(server, _serve_traffic(server, batch, version))
         now = _step(server, cfg)
     return now
 
 
 def test_a_worse_challenger_is_rolled_back_and_feedback_is_checked(rollout_server):
     server, cfg, name = rollout_server, rollout_server["control"], rollout_server["name"]
-    port = server["port"]
-    started, server["labelled"] = rollout.start(cfg, "4", "the shifted model"), 0
-    assert started["state"] == "running" and started["challenger"] == "4"
-    _both_workers_follow(port, "4")
-    answers = _serve_traffic(server, 24, "4")
+    port, full, worse = server["port"], server["versions"]["full"], server["versions"]["flipped"]
+    started, server["labelled"] = rollout.start(cfg, worse, "trained on flipped labels"), 0
+    assert started["state"] == "running" and started["challenger"] == worse
+    _both_workers_follow(port, worse)
+    answers = _serve_traffic(server, 24, worse)
     clients = {}
     for a in answers:  # a client key keeps its model
         assert clients.setdefault(a["client"], a["by"]) == a["by"]
@@ -160,14 +204,17 @@ def test_a_worse_challenger_is_rolled_back_and_feedback_is_checked(rollout_serve
     status, body, _ = request(port, "POST", "/feedback", json.dumps(bad).encode())
     assert status == 400 and "no-such-class" in body["error"]["message"]
 
-    final = _until_decided(server, cfg, "4")
+    final = _until_decided(server, cfg, worse, batch=34, rounds=4)
     assert final["state"] == "rolled-back", final
-    assert promotion_log.champion(name) == "1" and promotion_log._alias(name, "challenger") is None
+    assert final["summary"].endswith("the challenger is significantly less accurate")
+    assert promotion_log.champion(name) == full
+    assert promotion_log._alias(name, "challenger") is None
     last = promotion_log.history(cfg, 1)[0]
-    assert last["action"] == "rollout" and last["to_version"] == "1" and last["candidate"] == "4"
+    assert last["action"] == "rollout" and last["to_version"] == full
+    assert last["candidate"] == worse
     _both_workers_follow(port, None)
     answer = request(port, "POST", "/predict", server["traffic"][0][0], PNG)[1]
-    assert answer["model_version"] == "1" and answer["answered_by"] == "champion"
+    assert answer["model_version"] == full and answer["answered_by"] == "champion"
     metrics = request(port, "GET", "/metrics")[1]
     assert 'lensflow_feedback_total{outcome="duplicate"} 1.0' in metrics
     assert 'lensflow_feedback_total{outcome="unknown_id"} 1.0' in metrics
@@ -177,25 +224,27 @@ def test_a_worse_challenger_is_rolled_back_and_feedback_is_checked(rollout_serve
 
 def test_a_better_challenger_is_ramped_and_promoted(rollout_server, capsys):
     server, cfg, name = rollout_server, rollout_server["control"], rollout_server["name"]
-    promotion_log.override(cfg, "4", "the test's worse champion")
-    _until(lambda: request(server["port"], "GET", "/model")[1]["served"]["version"] == "4")
-    rollout.start(cfg, "3")
+    weak, full = server["versions"]["one_epoch"], server["versions"]["full"]
+    promotion_log.override(cfg, weak, "the test's champion, trained for one epoch")
+    _until(lambda: request(server["port"], "GET", "/model")[1]["served"]["version"] == weak)
+    rollout.start(cfg, full)
     server["labelled"] = 0
-    _both_workers_follow(server["port"], "3")
-    _label(server, _serve_traffic(server, 12, "3"))
+    _both_workers_follow(server["port"], full)
+    _label(server, _serve_traffic(server, 12, full))
     assert _step(server, cfg)["canary_step"] == 1  # ramped after rollout.ramp_labels labels
     _until(  # client-3's key hashes to 0.97: the challenger answers it only at 100 %
-        lambda: _serve_traffic(server, 4, "3")[3]["by"] == "challenger", what="ramp to 100 %"
+        lambda: _serve_traffic(server, 4, full)[3]["by"] == "challenger", what="ramp to 100 %"
     )
-    final = _until_decided(server, cfg, "3")
+    final = _until_decided(server, cfg, full, batch=16, rounds=6)
     assert final["state"] == "promoted", final
-    assert promotion_log.champion(name) == "3"
+    assert promotion_log.champion(name) == full
     last = promotion_log.history(cfg, 1)[0]
-    assert last["action"] == "rollout" and (last["from_version"], last["to_version"]) == ("4", "3")
+    assert last["action"] == "rollout"
+    assert (last["from_version"], last["to_version"]) == (weak, full)
     assert last["actor"] == f"rollout:{final['run_id']}"
     run = mlflow.MlflowClient().get_run(final["run_id"])
     assert run.data.tags[rollout.STATE] == "promoted" and run.data.metrics["labelled"] >= 8
-    assert main(["lineage", f"{name}/3", "--set", f"serve.rollout_dir={server['log']}"]) == 0
+    assert main(["lineage", f"{name}/{full}", "--set", f"serve.rollout_dir={server['log']}"]) == 0
     lineage = json.loads(capsys.readouterr().out)
     assert any(r["state"] == "promoted" for r in lineage["rollouts"])
 
@@ -204,6 +253,7 @@ def test_an_identical_challenger_is_never_decided_and_sigterm_loses_no_pair(
     rollout_server, tmp_path, capsys
 ):
     server, cfg, name = rollout_server, rollout_server["control"], rollout_server["name"]
+    promotion_log.override(cfg, "3", "the test's champion: the same weights as version 1")
     _until(lambda: request(server["port"], "GET", "/model")[1]["served"]["version"] == "3")
     cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"max_labels": 24})})
     rollout.start(cfg, "1")

@@ -24,7 +24,7 @@ from cli import main as cli
 from components.core import config, paths
 from components.core.errors import UserError
 from components.data import prepare
-from components.release import lease, promote, promotion_log, registry
+from components.release import lease, promote, promotion_log, registry, rollout
 from components.training import train, tuned
 from tests.components.conftest import trained_copy
 from tests.conftest import REPO, tiny_project
@@ -201,7 +201,7 @@ def test_each_absolute_gate_alone_keeps_the_alias(project, values, failing):
             assert latency == {"passed": True, "note": "off"}
 
 
-def test_another_class_set_needs_a_person(project, capsys):
+def test_another_class_set_needs_a_person(project, capsys, tmp_path):
     cfg = cfg_for("classes")
     model = onnx.load(paths.ONNX)
     prop = next(p for p in model.metadata_props if p.key == "classes")
@@ -222,6 +222,12 @@ def test_another_class_set_needs_a_person(project, capsys):
     )
     assert gates["beats_champion"]["note"].startswith("not comparable: the champion")
     sets = ["--set", "registry.model_name=classes"]
+    live = ["--set", "serve.rollout=canary", "--set", f"serve.rollout_dir={tmp_path}"]
+    capsys.readouterr()
+    assert cli.main(["rollout", "start", candidate, *sets, *live]) == 2  # nor live
+    refused = capsys.readouterr().err.strip().splitlines()[-1]
+    assert refused.startswith(f"lensflow: error: version {candidate} of classes predicts other")
+    assert rollout.status(cfg)["state"] == "none"
     assert cli.main(["promote", candidate, "--reason", "new classes", *sets]) == 0
     assert champion("classes") == candidate
 
