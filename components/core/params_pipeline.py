@@ -386,6 +386,24 @@ class DetectionPolicies(Section):
     later one is left out of the prepared annotations."""
 
 
+class DetectionAugment(Section):
+    """Box-aware augmentation of the detector's training images, per image (transforms.v2 on
+    the boxes too; `components/training/box_augment.py`). Horizontal flips follow
+    `augment.flip` (`auto`: never for the built-in sets)."""
+
+    crop_probability: float = Field(0.5, ge=0, le=1)
+    """Chance of a random resized crop (back to `detection.image_size`); 0 = never."""
+    crop_min_scale: float = Field(0.5, gt=0, le=1)
+    """The crop's smallest area, as a fraction of the image's (aspect 3/4 to 4/3); 1 = no
+    crop."""
+    jitter: float = Field(0.2, ge=0, le=1)
+    """Colour jitter: brightness, contrast and saturation each by a random factor in
+    1 ± this; 0 = off."""
+    min_box_size: float = Field(2.0, ge=0)
+    """After the transforms, a box with a side under this many pixels (outside the crop, or
+    cut to a sliver) is dropped with its label (`SanitizeBoundingBoxes`)."""
+
+
 class Detection(Section):
     """`task: detection`: the data, its prepared size and the detection gate (see Data)."""
 
@@ -411,13 +429,16 @@ class Detection(Section):
     widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 96], min_length=3)
     """Channels of the detector's backbone stages (Conv-BN-ReLU x 2; the first at stride 4,
     each next one halving); the FPN reads the last three."""
-    fpn_channels: int = Field(32, ge=8)
-    """Channels of each feature-pyramid level and of the RetinaNet heads."""
+    fpn_channels: int = Field(32, ge=8, multiple_of=8)
+    """Channels of each feature-pyramid level and of the FCOS heads (GroupNorm of 8 groups:
+    a multiple of 8)."""
     anchor_sizes: list[int] = Field(
         default_factory=lambda: [8, 16, 32, 64, 128], min_length=5, max_length=5
     )
-    """Base anchor size in input pixels of each pyramid level (P3-P7, strides 8-128); each is
-    used at scales 2^0, 2^(1/3), 2^(2/3) and aspect ratios 0.5, 1, 2."""
+    """FCOS's anchor size in input pixels of each pyramid level (P3-P7, strides 8-128; one
+    square per place): a box is learnt by the places within 1.5 sizes of its centre, on the
+    level whose range (4 to 8 sizes; the first from 0, the last without end) holds its
+    largest centre-to-edge distance."""
     score_threshold: float = Field(0.05, ge=0, lt=1)
     """Detections scoring below this are dropped before NMS."""
     nms_iou: float = Field(0.5, gt=0, le=1)
@@ -425,6 +446,8 @@ class Detection(Section):
     class at IoU above this is dropped."""
     max_detections: int = Field(100, ge=1)
     """Detections kept per image, highest scores first."""
+    augment: DetectionAugment = DetectionAugment()
+    """Box-aware training augmentation (`detection.augment.<key>`, below)."""
 
 
 Task = Literal["classification", "detection"]

@@ -1,15 +1,16 @@
-"""export, for `task: detection`: the detector as ONNX up to its heads, NMS after the graph,
-and its parity with PyTorch by box matching.
+"""export, for `task: detection`: the detector as ONNX up to its heads, NMS after the graph, and
+its parity with PyTorch by box matching.
 
 The graph (`model.Heads`) takes uint8 images [N, 3, H, W] of any size, resizes them to
-`detection.image_size` inside and returns `cls_logits` [N, A, C] and `bbox_regression`
-[N, A, 4]; anchors, decoding, score threshold and per-class NMS run after it in
-`model.Decoder`, the same code for PyTorch and ONNX Runtime. Why not NMS in the graph: the
-TorchScript exporter traces torchvision's postprocessing, and its Python branches (no box
-above the threshold: no NMS at all) are frozen by the example input, so a graph traced on an
-image with no detection silently has no NonMaxSuppression; the dynamo exporter does not export
-torchvision's detectors (see Object detection, Feasibility). The heads have no data-dependent
-shapes, so the TorchScript exporter (`dynamo=False`) exports them faithfully.
+`detection.image_size` inside and returns `model.OUTPUTS` (`cls_logits` [N, A, C],
+`bbox_regression` [N, A, 4], `bbox_ctrness` [N, A, 1]); anchors, decoding, score threshold and
+per-class NMS run after it in `model.Decoder`, the same code for PyTorch and ONNX Runtime. Why
+not NMS in the graph: the TorchScript exporter traces torchvision's postprocessing, and its
+Python branches (no box above the threshold: no NMS at all) are frozen by the example input, so
+a graph traced on an image with no detection silently has no NonMaxSuppression; the dynamo
+exporter does not export torchvision's detectors (see Object detection, Feasibility). The heads
+have no data-dependent shapes, so the TorchScript exporter (`dynamo=False`) exports them
+faithfully.
 
 Parity: on every test image, ONNX Runtime and eager PyTorch give the same number of boxes and
 each box has a partner of its class at IoU >= 0.99 (reports/detection_export.json, with ONNX
@@ -52,9 +53,9 @@ def export(detector, size: int, opset: int) -> bytes:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             heads, (example,), buffer, dynamo=False, opset_version=opset,
-            input_names=["images"], output_names=["cls_logits", "bbox_regression"],
+            input_names=["images"], output_names=list(model.OUTPUTS),
             dynamic_axes={"images": {0: "n", 2: "height", 3: "width"},
-                          "cls_logits": {0: "n"}, "bbox_regression": {0: "n"}},
+                          **{name: {0: "n"} for name in model.OUTPUTS}},
         )  # fmt: skip
     return buffer.getvalue()
 

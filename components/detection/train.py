@@ -2,7 +2,10 @@
 shards, then COCO mAP on the validation split.
 
 Reads `<split>-images.npy` and `<split>-annotations.json` (boxes scaled from each image's own
-pixels to the shard's size); AdamW at `train.lr` with `train.weight_decay`, a linear warmup of
+pixels to the shard's size); box-aware augmentation per image (`detection.augment`,
+`components.training.box_augment`; plots/detection_augmentation_preview.png shows 16 training
+images as the detector sees them, with their boxes, and is logged to the active MLflow run);
+AdamW at `train.lr` with `train.weight_decay`, a linear warmup of
 `train.warmup_epochs` then cosine decay, `train.batch_size` images a step, `train.epochs`
 epochs, gradient norm clipped to `train.grad_clip_norm` (10 when 0: focal loss from scratch
 spikes early). Writes models/detector.pt (state_dict) and reports/detection_training.json
@@ -20,15 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.core import paths
+from components.core import paths, plots
 from components.core.config import Config
 from components.data import validate
 from components.data.prepared import load_meta
 from components.detection import coco_map, model
 from components.detection import prepare as detection_prepare
+from components.training import box_augment
 
 CHECKPOINT = paths.MODELS / "detector.pt"
 REPORT = paths.REPORTS / "detection_training.json"
+PREVIEW = paths.PLOTS / "detection_augmentation_preview.png"
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ def run(cfg: Config) -> TrainResult:
     meta = load_meta()
     detector = model.build(cfg, len(meta["classes"]))
     images, targets, _ = split_data("train")
+    augment = box_augment.transform(cfg)
+    _preview(augment, images, targets, meta["classes"])
     optimizer = torch.optim.AdamW(
         detector.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
@@ -90,8 +97,10 @@ def run(cfg: Config) -> TrainResult:
             index = np.sort(order[first : first + batch])
             if len(index) < 2:  # batch norm cannot learn from one image at a 1x1 stage
                 continue
-            losses = detector(list(to_float(images[index])), [targets[i] for i in index])
-            loss = losses["classification"] + losses["bbox_regression"]
+            batch_images = torch.from_numpy(np.array(images[index]))
+            x, y = box_augment.apply(augment, batch_images, [targets[i] for i in index])
+            losses = detector(list(x), y)
+            loss = sum(losses.values())
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(detector.parameters(), clip)
@@ -109,6 +118,26 @@ def run(cfg: Config) -> TrainResult:
     return TrainResult(
         len(history), metrics["map"], metrics["map_50"], round(seconds, 2), str(CHECKPOINT)
     )
+
+
+def _preview(augment, images: np.ndarray, targets: list[dict], classes: list[str]) -> None:
+    """16 training images as augmented, with their boxes; drawn from a forked generator, so
+    training's random draws stay those of its seed."""
+    with torch.random.fork_rng():
+        x, y = box_augment.apply(
+            augment, torch.from_numpy(np.array(images[:16])), list(targets[:16])
+        )
+    boxes = [
+        [(*box.tolist(), classes[int(label)]) for box, label in zip(*t.values(), strict=True)]
+        for t in y
+    ]
+    titles = [f"{len(b)} boxes" for b in boxes]
+    pixels = (x * 255).round().to(torch.uint8).numpy()
+    plots.image_grid(pixels, titles, PREVIEW, boxes=boxes)
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_artifact(str(PREVIEW), "plots")
 
 
 def _schedule(optimizer, cfg: Config, steps_per_epoch: int):
