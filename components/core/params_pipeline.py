@@ -411,13 +411,13 @@ class Detection(Section):
     """The COCO JSON file, relative to `data.source` (or absolute); `null`:
     `annotations.json` there if it exists, else the YOLO layout (`labels/<image stem>.txt`
     and `classes.txt`), converted to COCO JSON at prepare. Images are under `images/`."""
-    image_size: int = Field(64, ge=32, le=2048, multiple_of=32)
+    image_size: int = Field(128, ge=32, le=2048, multiple_of=32)
     """Images are resized to this square size in the prepared shards (boxes scaled with
     them), and by the exported model; a multiple of 32 (the detector's coarsest stride)."""
-    synthetic_images: int = Field(300, ge=1)
+    synthetic_images: int = Field(1500, ge=1)
     """Images of the built-in set `detection_shapes` (used when its folder is first
     written)."""
-    synthetic_size: int = Field(64, ge=32, le=1024)
+    synthetic_size: int = Field(128, ge=32, le=1024)
     """Their width and height in pixels."""
     duplicate_iou: float = Field(0.95, gt=0, le=1)
     """Two boxes of one class and image this similar are duplicates (`duplicate_box`)."""
@@ -448,6 +448,20 @@ class Detection(Section):
     """Detections kept per image, highest scores first."""
     augment: DetectionAugment = DetectionAugment()
     """Box-aware training augmentation (`detection.augment.<key>`, below)."""
+    epochs: int = Field(12, ge=1)
+    """Training epochs of the detector (in place of `train.epochs`, a classifier's; the
+    detector also takes `train.weight_decay`, `train.warmup_epochs` and
+    `train.grad_clip_norm`)."""
+    batch_size: int = Field(16, ge=2)
+    """Images per training step of the detector (in place of `train.batch_size`): a detector
+    from scratch needs many small steps more than large ones."""
+    lr: float = Field(0.01, gt=0)
+    """The detector's AdamW peak learning rate (in place of `train.lr`)."""
+    threads: int = Field(1, ge=0)
+    """Torch threads while the detector trains and is evaluated; 0 = torch's default (one per
+    core). 1 by default: its small convolutions gain little from a second thread, and on a
+    loaded 2-core machine two threads were ten times slower a step than one
+    (`docs/detection.md`)."""
 
 
 Task = Literal["classification", "detection"]

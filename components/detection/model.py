@@ -27,18 +27,17 @@ the same code for PyTorch and ONNX Runtime, the evaluator and the exported model
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 
 import torch
 from torch import nn
-from functools import partial
-
 from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import (
     FCOSClassificationHead,
     FCOSHead,
     FCOSRegressionHead,
 )
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
