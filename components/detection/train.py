@@ -8,8 +8,8 @@ images as the detector sees them, with their boxes, and is logged to the active 
 AdamW at `detection.lr` with `train.weight_decay`, a linear warmup of `train.warmup_epochs`
 then cosine decay, `detection.batch_size` images a step, `detection.epochs` epochs, on
 `detection.threads` torch threads, gradient norm clipped to `train.grad_clip_norm` (10 when
-0: focal loss from scratch spikes early). Writes models/detector.pt (state_dict) and reports/detection_training.json
-(per-epoch loss, the validation mAP, seconds).
+0: focal loss from scratch spikes early). Writes models/detector.pt (state_dict) and
+reports/detection_training.json (per-epoch loss, the validation mAP, seconds).
 """
 
 from __future__ import annotations

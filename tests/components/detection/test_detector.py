@@ -15,8 +15,14 @@ def test_train_evaluate_export_with_box_parity(project):
     cfg = config.from_dict(
         {
             "task": "detection",
-            "detection": {"synthetic_images": 24, "synthetic_size": 32, "image_size": 32,
-                          "epochs": 2, "batch_size": 8, "lr": 0.003},
+            "detection": {
+                "synthetic_images": 24,
+                "synthetic_size": 32,
+                "image_size": 32,
+                "epochs": 2,
+                "batch_size": 8,
+                "lr": 0.003,
+            },
             "train": {"warmup_epochs": 0},
         }
     )
