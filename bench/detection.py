@@ -3,9 +3,9 @@ defaults: `lensflow data`, then `lensflow stage prepare|validate|train|evaluate|
 `--set task=detection`, in a fresh temporary project. Prints one JSON line: COCO mAP@0.5 and
 mAP@[.5:.95] on the test split, the wall time of the whole run, of train + evaluate (what the
 acceptance times) and of training alone, export parity, ONNX Runtime vs eager PyTorch images/s
-(batch 1, both with the shared postprocessing), and the load average before and after (other
-jobs on the cores slow every number). Target (issue 32): mAP@0.5 >= 0.9 within 10 minutes on
-2 cores.
+(batch 1, both with the shared postprocessing), the CPU seconds of each step, and the load
+average before and after (other jobs on the cores slow every wall time; CPU seconds much
+less). Target (issue 32): mAP@0.5 >= 0.9 within 10 minutes on 2 cores.
 
     python bench/detection.py [--epochs N] [--images N] [--lr LR] [--batch-size N]
                               [--set KEY=VALUE ...]
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -45,9 +46,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as project:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project}/mlflow.db"
-        start, steps = time.perf_counter(), {}
+        start, steps, cpu = time.perf_counter(), {}, {}
         for step in (["data"], *(["stage", s] for s in STAGES)):
-            began = time.perf_counter()
+            began, used = time.perf_counter(), _children_cpu()
             command = [sys.executable, "-m", "cli.main", *step]
             for item in overrides:
                 command += ["--set", item]
@@ -55,6 +56,7 @@ def main() -> None:
             if done.returncode != 0:
                 sys.exit(f"{' '.join(step)}: {done.stderr[-2000:]}")
             steps[step[-1]] = round(time.perf_counter() - began, 1)
+            cpu[step[-1]] = round(_children_cpu() - used, 1)
         wall = time.perf_counter() - start
         reports = Path(project) / "reports"
         evaluation = json.loads((reports / "evaluation.json").read_text())
@@ -71,6 +73,7 @@ def main() -> None:
                 "train_evaluate_s": round(steps["train"] + steps["evaluate"], 1),
                 "train_s": trained["train_seconds"],
                 "step_s": steps,
+                "step_cpu_s": cpu,
                 "parity": exported["parity"],
                 "onnx_images_per_s": _per_second(exported["onnx_ms_per_image"]),
                 "torch_images_per_s": _per_second(exported["torch_ms_per_image"]),
@@ -80,6 +83,13 @@ def main() -> None:
             }
         )
     )
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished subprocesses: with `detection.threads` 1,
+    about the wall time the step would take on an idle core."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _per_second(ms_per_image: float) -> float:

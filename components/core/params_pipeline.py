@@ -391,8 +391,10 @@ class DetectionAugment(Section):
     the boxes too; `components/training/box_augment.py`). Horizontal flips follow
     `augment.flip` (`auto`: never for the built-in sets)."""
 
-    crop_probability: float = Field(0.5, ge=0, le=1)
-    """Chance of a random resized crop (back to `detection.image_size`); 0 = never."""
+    crop_probability: float = Field(0.0, ge=0, le=1)
+    """Chance of a random resized crop (back to `detection.image_size`); 0 = never (the
+    default: the built-in set reaches its target without crops, and a crop's partial shapes
+    were not measured to help within its time budget; try 0.5 on photographs)."""
     crop_min_scale: float = Field(0.5, gt=0, le=1)
     """The crop's smallest area, as a fraction of the image's (aspect 3/4 to 4/3); 1 = no
     crop."""
