@@ -387,23 +387,16 @@ class DetectionPolicies(Section):
 
 
 class DetectionAugment(Section):
-    """Box-aware augmentation of the detector's training images, per image (transforms.v2 on
-    the boxes too; `components/training/box_augment.py`). Horizontal flips follow
-    `augment.flip` (`auto`: never for the built-in sets)."""
+    """Box-aware augmentation of detector training images; flips follow `augment.flip`."""
 
     crop_probability: float = Field(0.0, ge=0, le=1)
-    """Chance of a random resized crop (back to `detection.image_size`); 0 = never (the
-    default: the built-in set reaches its target without crops, and a crop's partial shapes
-    were not measured to help within its time budget; try 0.5 on photographs)."""
+    """Chance of a random resized crop (back to `detection.image_size`); 0 = never."""
     crop_min_scale: float = Field(0.5, gt=0, le=1)
-    """The crop's smallest area, as a fraction of the image's (aspect 3/4 to 4/3); 1 = no
-    crop."""
+    """The crop's smallest area, a fraction of the image's (aspect 3/4 to 4/3)."""
     jitter: float = Field(0.2, ge=0, le=1)
-    """Colour jitter: brightness, contrast and saturation each by a random factor in
-    1 ± this; 0 = off."""
+    """Brightness, contrast and saturation each by a random factor in 1 ± this; 0 = off."""
     min_box_size: float = Field(2.0, ge=0)
-    """After the transforms, a box with a side under this many pixels (outside the crop, or
-    cut to a sliver) is dropped with its label (`SanitizeBoundingBoxes`)."""
+    """Boxes left with a side under this (px) are dropped (`SanitizeBoundingBoxes`)."""
 
 
 class Detection(Section):
@@ -417,8 +410,7 @@ class Detection(Section):
     """Images are resized to this square size in the prepared shards (boxes scaled with
     them), and by the exported model; a multiple of 32 (the detector's coarsest stride)."""
     synthetic_images: int = Field(1500, ge=1)
-    """Images of the built-in set `detection_shapes` (used when its folder is first
-    written)."""
+    """Images of the built-in set `detection_shapes` (when its folder is first written)."""
     synthetic_size: int = Field(128, ge=32, le=1024)
     """Their width and height in pixels."""
     duplicate_iou: float = Field(0.95, gt=0, le=1)
@@ -429,41 +421,30 @@ class Detection(Section):
     policy: DetectionPolicies = DetectionPolicies()
     """Per check code, what a finding does (`detection.policy.<code>`, below)."""
     widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 96], min_length=3)
-    """Channels of the detector's backbone stages (Conv-BN-ReLU x 2; the first at stride 4,
-    each next one halving); the FPN reads the last three."""
+    """Channels of the detector's backbone stages (the first at stride 4, then halving)."""
     fpn_channels: int = Field(32, ge=8, multiple_of=8)
-    """Channels of each feature-pyramid level and of the FCOS heads (GroupNorm of 8 groups:
-    a multiple of 8)."""
+    """Channels of each feature-pyramid level and of the FCOS heads (GroupNorm, 8 groups)."""
     anchor_sizes: list[int] = Field(
         default_factory=lambda: [8, 16, 32, 64, 128], min_length=5, max_length=5
     )
-    """FCOS's anchor size in input pixels of each pyramid level (P3-P7, strides 8-128; one
-    square per place): a box is learnt by the places within 1.5 sizes of its centre, on the
-    level whose range (4 to 8 sizes; the first from 0, the last without end) holds its
-    largest centre-to-edge distance."""
+    """FCOS's anchor size (px) per pyramid level P3-P7: a box is learnt near its centre
+    (1.5 sizes) on the level whose range (4-8 sizes) holds its size (docs/detection.md)."""
     score_threshold: float = Field(0.05, ge=0, lt=1)
     """Detections scoring below this are dropped before NMS."""
     nms_iou: float = Field(0.5, gt=0, le=1)
-    """Non-maximum suppression, per class: a box overlapping a higher-scoring one of its
-    class at IoU above this is dropped."""
+    """Per-class NMS: a box over this IoU with a higher-scoring one of its class is dropped."""
     max_detections: int = Field(100, ge=1)
     """Detections kept per image, highest scores first."""
     augment: DetectionAugment = DetectionAugment()
-    """Box-aware training augmentation (`detection.augment.<key>`, below)."""
+    """Box-aware training augmentation (below)."""
     epochs: int = Field(12, ge=1)
-    """Training epochs of the detector (in place of `train.epochs`, a classifier's; the
-    detector also takes `train.weight_decay`, `train.warmup_epochs` and
-    `train.grad_clip_norm`)."""
+    """The detector's epochs (in place of `train.epochs`; the other `train.*` apply)."""
     batch_size: int = Field(16, ge=2)
-    """Images per training step of the detector (in place of `train.batch_size`): a detector
-    from scratch needs many small steps more than large ones."""
+    """The detector's images per step (in place of `train.batch_size`)."""
     lr: float = Field(0.01, gt=0)
     """The detector's AdamW peak learning rate (in place of `train.lr`)."""
     threads: int = Field(1, ge=0)
-    """Torch threads while the detector trains and is evaluated; 0 = torch's default (one per
-    core). 1 by default: its small convolutions gain little from a second thread, and on a
-    loaded 2-core machine two threads were ten times slower a step than one
-    (`docs/detection.md`)."""
+    """Torch threads for the detector's training and evaluation; 0 = one per core."""
 
 
 Task = Literal["classification", "detection"]
