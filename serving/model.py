@@ -181,7 +181,7 @@ def check_golden_outputs(ort_session, golden: dict | None, settings: Serve) -> d
     serve.golden_atol of those registered with it."""
     if golden is None:
         return {"status": "missing", "note": "no golden inputs registered with this version"}
-    names = ["cls_logits", "bbox_regression"]
+    names = [name for name in golden if name != "images"]  # the graph's outputs, by name
     try:
         actual = ort_session.run(names, {"images": golden["images"]})
     except Exception as exc:
@@ -266,7 +266,7 @@ def _golden(client, run_id: str, tmp: str) -> dict | None:
         return None
     golden_uri = _concrete(client, f"runs:/{run_id}/{paths.GOLDEN_ARTIFACT}")
     golden_file = mlflow.artifacts.download_artifacts(artifact_uri=golden_uri, dst_path=tmp)
-    with np.load(golden_file) as npz:  # a detector's: cls_logits and bbox_regression
+    with np.load(golden_file) as npz:  # a detector's: images and the graph's outputs
         return {key: npz[key] for key in npz.files}
 
 

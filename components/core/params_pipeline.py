@@ -336,11 +336,10 @@ class Promote(Section):
     """… and the exact McNemar test on the paired predictions must give p ≤ this, with more
     images only the candidate gets right than only the champion; `null` = off."""
     min_map: float = Field(0.5, ge=0, le=1)
-    """`task: detection`: the candidate's test COCO mAP@[.5:.95] (ONNX Runtime, re-scored by
-    promote) must be at least this; `min_improvement` then applies to mAP."""
+    """`task: detection`: the candidate's test COCO mAP@[.5:.95] must be at least this."""
     bootstrap_p: float | None = Field(0.05, gt=0, le=1)
-    """`task: detection`: the paired bootstrap over test images (mAP of candidate minus
-    champion, recomputed on each resample) must give a one-sided p ≤ this; `null` = off."""
+    """`task: detection`: the paired bootstrap of the mAP gain over test images must give a
+    one-sided p ≤ this; `null` = off."""
     bootstrap_samples: int = Field(500, ge=10)
     """Resamples of that bootstrap (the smallest p it can give is 1 / (samples + 1))."""
     max_latency_ms_p95: float | None = Field(None, ge=0)
@@ -364,24 +363,20 @@ class Promote(Section):
 
 
 class DetectionPolicies(Section):
-    """Per check, as in `validate.policy`: `error` fails the gate; `warn` reports; `quarantine`
-    reports and leaves the image out of the splits (a box check: the image of the box, since
-    an image with one untrustworthy box teaches the model wrong background); `off` skips it.
-    Annotation files and images are never modified, whatever the policy."""
+    """Per check, as in `validate.policy` (`quarantine` on a box check leaves its image out:
+    one untrustworthy box teaches wrong background). Files are never modified."""
 
     corrupt_annotations: FilePolicy = "error"
     """An annotation file that cannot be parsed (not JSON, not COCO's structure, a YOLO line
-    that is not `class cx cy w h`), or a COCO entry that is malformed; by file, or by entry
-    within the COCO file (its image, when the entry names one)."""
+    not `class cx cy w h`), or a malformed COCO entry (its image, when it names one)."""
     missing_image: GatePolicy = "warn"
     """A COCO image entry whose file is not under `images/`: its boxes cannot be used."""
     size_mismatch: FilePolicy = "error"
     """A COCO image entry whose width/height differ from the file's: its boxes are in
     another image's coordinates."""
     no_annotations: FilePolicy = "warn"
-    """An image with no box (a COCO image without annotations, an image file the COCO file
-    does not list, a YOLO image without a label file or with an empty one); `warn`: used as
-    a background image."""
+    """An image with no box (none in COCO, not listed there, no or an empty YOLO label file);
+    `warn`: used as a background image."""
     unknown_class: FilePolicy = "error"
     """A box whose class id is not one of the categories (COCO) or of `classes.txt` (YOLO)."""
     degenerate_box: FilePolicy = "quarantine"
@@ -394,20 +389,30 @@ class DetectionPolicies(Section):
     later one is left out of the prepared annotations."""
 
 
+class DetectionAugment(Section):
+    """Box-aware augmentation of detector training images; flips follow `augment.flip`."""
+
+    crop_probability: float = Field(0.0, ge=0, le=1)
+    """Chance of a random resized crop (back to `detection.image_size`); 0 = never."""
+    crop_min_scale: float = Field(0.5, gt=0, le=1)
+    """The crop's smallest area, a fraction of the image's (aspect 3/4 to 4/3)."""
+    jitter: float = Field(0.2, ge=0, le=1)
+    """Brightness, contrast and saturation each by a random factor in 1 ± this; 0 = off."""
+    min_box_size: float = Field(2.0, ge=0)
+    """Boxes left with a side under this (px) are dropped (`SanitizeBoundingBoxes`)."""
+
+
 class Detection(Section):
     """`task: detection`: the data, its prepared size and the detection gate (see Data)."""
 
     annotations: str | None = None
-    """The COCO JSON file, relative to `data.source` (or absolute); `null`:
-    `annotations.json` there if it exists, else the YOLO layout (`labels/<image stem>.txt`
-    and `classes.txt`), converted to COCO JSON at prepare. Images are under `images/`."""
-    image_size: int = Field(64, ge=32, le=2048, multiple_of=32)
-    """Images are resized to this square size in the prepared shards (boxes scaled with
-    them), and by the exported model; a multiple of 32 (the detector's coarsest stride)."""
-    synthetic_images: int = Field(300, ge=1)
-    """Images of the built-in set `detection_shapes` (used when its folder is first
-    written)."""
-    synthetic_size: int = Field(64, ge=32, le=1024)
+    """The COCO JSON file, relative to `data.source`; `null`: `annotations.json` there if it
+    exists, else the YOLO layout (converted at prepare). Images are under `images/`."""
+    image_size: int = Field(128, ge=32, le=2048, multiple_of=32)
+    """The square size of the prepared shards and the exported model's input (x 32)."""
+    synthetic_images: int = Field(1500, ge=1)
+    """Images of the built-in set `detection_shapes` (when its folder is first written)."""
+    synthetic_size: int = Field(128, ge=32, le=1024)
     """Their width and height in pixels."""
     duplicate_iou: float = Field(0.95, gt=0, le=1)
     """Two boxes of one class and image this similar are duplicates (`duplicate_box`)."""
@@ -417,22 +422,29 @@ class Detection(Section):
     policy: DetectionPolicies = DetectionPolicies()
     """Per check code, what a finding does (`detection.policy.<code>`, below)."""
     widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 96], min_length=3)
-    """Channels of the detector's backbone stages (Conv-BN-ReLU x 2; the first at stride 4,
-    each next one halving); the FPN reads the last three."""
-    fpn_channels: int = Field(32, ge=8)
-    """Channels of each feature-pyramid level and of the RetinaNet heads."""
+    """Channels of the detector's backbone stages (the first at stride 4, then halving)."""
+    fpn_channels: int = Field(32, ge=8, multiple_of=8)
+    """Channels of each feature-pyramid level and of the FCOS heads (GroupNorm, 8 groups)."""
     anchor_sizes: list[int] = Field(
         default_factory=lambda: [8, 16, 32, 64, 128], min_length=5, max_length=5
     )
-    """Base anchor size in input pixels of each pyramid level (P3-P7, strides 8-128); each is
-    used at scales 2^0, 2^(1/3), 2^(2/3) and aspect ratios 0.5, 1, 2."""
+    """FCOS's size (px) per pyramid level P3-P7: which level learns a box (see the docs)."""
     score_threshold: float = Field(0.05, ge=0, lt=1)
     """Detections scoring below this are dropped before NMS."""
     nms_iou: float = Field(0.5, gt=0, le=1)
-    """Non-maximum suppression, per class: a box overlapping a higher-scoring one of its
-    class at IoU above this is dropped."""
+    """Per-class NMS: a box over this IoU with a higher-scoring one of its class is dropped."""
     max_detections: int = Field(100, ge=1)
     """Detections kept per image, highest scores first."""
+    augment: DetectionAugment = DetectionAugment()
+    """Box-aware training augmentation (below)."""
+    epochs: int = Field(12, ge=1)
+    """The detector's epochs (in place of `train.epochs`; the other `train.*` apply)."""
+    batch_size: int = Field(16, ge=2)
+    """The detector's images per step (in place of `train.batch_size`)."""
+    lr: float = Field(0.01, gt=0)
+    """The detector's AdamW peak learning rate (in place of `train.lr`)."""
+    threads: int = Field(1, ge=0)
+    """Torch threads for the detector's training and evaluation; 0 = one per core."""
 
 
 Task = Literal["classification", "detection"]

@@ -57,18 +57,30 @@ def reliability_diagram(bins: list[dict], ece: float, out: Path) -> Path:
     return _save(fig, out)
 
 
-def image_grid(images: np.ndarray, titles: list[str], out: Path, cmap: str | None = None) -> Path:
-    """Up to 16 images [N, C, H, W] (uint8 or float) in a 4-column grid with titles."""
+def image_grid(
+    images: np.ndarray,
+    titles: list[str],
+    out: Path,
+    cmap: str | None = None,
+    boxes: list | None = None,
+) -> Path:
+    """Up to 16 images [N, C, H, W] (uint8 or float) in a 4-column grid with titles; with
+    `boxes`, per image a list of (x1, y1, x2, y2, name) drawn over it in pixels."""
     plt = _pyplot()
     n = max(1, min(16, len(images)))
     rows = (n + 3) // 4
     fig, axes = plt.subplots(rows, 4, figsize=(8, 2.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, title in zip(axes.flat, images[:n], titles[:n], strict=False):
+    for i, (ax, image, title) in enumerate(zip(axes.flat, images[:n], titles[:n], strict=False)):
         picture = image.transpose(1, 2, 0)
         ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap=cmap or "gray")
         ax.set_title(title, fontsize=8)
+        for x1, y1, x2, y2, name in boxes[i] if boxes else ():
+            ax.add_patch(
+                plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow", lw=1)
+            )
+            ax.text(x1, y1, name, color="yellow", fontsize=6, va="bottom")
     return _save(fig, out)
 
 

@@ -24,6 +24,7 @@ class EvaluationResult:
 
 
 def run(cfg: Config) -> EvaluationResult:
+    train.use_threads(cfg)
     metrics = train.evaluate(train.load(cfg), "test")
     paths.write_json(paths.EVALUATION_REPORT, {"task": "detection", "split": "test", **metrics})
     paths.write_metrics(

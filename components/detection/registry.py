@@ -114,7 +114,7 @@ def decoder(meta: dict) -> model.Decoder:
 def detect(session, decode: model.Decoder, images: np.ndarray) -> list[dict]:
     """Boxes (x1, y1, x2, y2 in the images' pixels), scores and labels (class indices) of
     uint8 images [N, 3, H, W] of one size, by the ONNX Runtime `session` then `decode`."""
-    outputs = session.run(["cls_logits", "bbox_regression"], {"images": images})
+    outputs = session.run(list(model.OUTPUTS), {"images": images})
     return decode(*outputs, [images.shape[-2:]] * len(images))
 
 
@@ -147,5 +147,6 @@ def golden_outputs(onnx_bytes: bytes, images: np.ndarray) -> dict[str, np.ndarra
     from components.scoring.backends import ort_session
 
     session = ort_session(onnx_bytes)
-    logits, regression = session.run(["cls_logits", "bbox_regression"], {"images": images})
-    return {"cls_logits": logits, "bbox_regression": regression}
+    return dict(
+        zip(model.OUTPUTS, session.run(list(model.OUTPUTS), {"images": images}), strict=True)
+    )

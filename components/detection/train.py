@@ -1,12 +1,15 @@
-"""train, for `task: detection`: the RetinaNet of `model` from scratch on the prepared
-shards, then COCO mAP on the validation split.
+"""train, for `task: detection`: the FCOS of `model` from scratch on the prepared shards,
+then COCO mAP on the validation split.
 
 Reads `<split>-images.npy` and `<split>-annotations.json` (boxes scaled from each image's own
-pixels to the shard's size); AdamW at `train.lr` with `train.weight_decay`, a linear warmup of
-`train.warmup_epochs` then cosine decay, `train.batch_size` images a step, `train.epochs`
-epochs, gradient norm clipped to `train.grad_clip_norm` (10 when 0: focal loss from scratch
-spikes early). Writes models/detector.pt (state_dict) and reports/detection_training.json
-(per-epoch loss, the validation mAP, seconds).
+pixels to the shard's size); box-aware augmentation per image (`detection.augment`,
+`components.training.box_augment`; plots/detection_augmentation_preview.png shows 16 training
+images as the detector sees them, with their boxes, and is logged to the active MLflow run);
+AdamW at `detection.lr` with `train.weight_decay`, a linear warmup of `train.warmup_epochs`
+then cosine decay, `detection.batch_size` images a step, `detection.epochs` epochs, on
+`detection.threads` torch threads, gradient norm clipped to `train.grad_clip_norm` (10 when
+0: focal loss from scratch spikes early). Writes models/detector.pt (state_dict) and
+reports/detection_training.json (per-epoch loss, the validation mAP, seconds).
 """
 
 from __future__ import annotations
@@ -20,15 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.core import paths
+from components.core import paths, plots
 from components.core.config import Config
 from components.data import validate
 from components.data.prepared import load_meta
 from components.detection import coco_map, model
 from components.detection import prepare as detection_prepare
+from components.training import box_augment
 
 CHECKPOINT = paths.MODELS / "detector.pt"
 REPORT = paths.REPORTS / "detection_training.json"
+PREVIEW = paths.PLOTS / "detection_augmentation_preview.png"
 
 
 @dataclass(frozen=True)
@@ -69,20 +74,23 @@ def to_float(images: np.ndarray) -> torch.Tensor:
 
 def run(cfg: Config) -> TrainResult:
     validate.require_passed()
+    use_threads(cfg)
     torch.manual_seed(cfg.seed)
     meta = load_meta()
     detector = model.build(cfg, len(meta["classes"]))
     images, targets, _ = split_data("train")
+    augment = box_augment.transform(cfg)
+    _preview(augment, images, targets, meta["classes"])
     optimizer = torch.optim.AdamW(
-        detector.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        detector.parameters(), lr=cfg.detection.lr, weight_decay=cfg.train.weight_decay
     )
-    batch = cfg.train.batch_size
+    batch = cfg.detection.batch_size
     steps_per_epoch = max(1, math.ceil(len(images) / batch))
     schedule = _schedule(optimizer, cfg, steps_per_epoch)
     clip = cfg.train.grad_clip_norm or 10.0
     generator = torch.Generator().manual_seed(cfg.seed)
     history, start = [], time.perf_counter()
-    for epoch in range(cfg.train.epochs):
+    for epoch in range(cfg.detection.epochs):
         detector.train()
         order = torch.randperm(len(images), generator=generator).numpy()
         total = 0.0
@@ -90,8 +98,10 @@ def run(cfg: Config) -> TrainResult:
             index = np.sort(order[first : first + batch])
             if len(index) < 2:  # batch norm cannot learn from one image at a 1x1 stage
                 continue
-            losses = detector(list(to_float(images[index])), [targets[i] for i in index])
-            loss = losses["classification"] + losses["bbox_regression"]
+            batch_images = torch.from_numpy(np.array(images[index]))
+            x, y = box_augment.apply(augment, batch_images, [targets[i] for i in index])
+            losses = detector(list(x), y)
+            loss = sum(losses.values())
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(detector.parameters(), clip)
@@ -111,9 +121,34 @@ def run(cfg: Config) -> TrainResult:
     )
 
 
+def use_threads(cfg: Config) -> None:
+    if cfg.detection.threads:
+        torch.set_num_threads(cfg.detection.threads)
+
+
+def _preview(augment, images: np.ndarray, targets: list[dict], classes: list[str]) -> None:
+    """16 training images as augmented, with their boxes; drawn from a forked generator, so
+    training's random draws stay those of its seed."""
+    with torch.random.fork_rng():
+        x, y = box_augment.apply(
+            augment, torch.from_numpy(np.array(images[:16])), list(targets[:16])
+        )
+    boxes = [
+        [(*box.tolist(), classes[int(label)]) for box, label in zip(*t.values(), strict=True)]
+        for t in y
+    ]
+    titles = [f"{len(b)} boxes" for b in boxes]
+    pixels = (x * 255).round().to(torch.uint8).numpy()
+    plots.image_grid(pixels, titles, PREVIEW, boxes=boxes)
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_artifact(str(PREVIEW), "plots")
+
+
 def _schedule(optimizer, cfg: Config, steps_per_epoch: int):
     warmup = cfg.train.warmup_epochs * steps_per_epoch
-    total = max(1, cfg.train.epochs * steps_per_epoch)
+    total = max(1, cfg.detection.epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warmup:

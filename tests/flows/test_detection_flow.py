@@ -29,8 +29,9 @@ TINY_DETECTION = {
     "detection": {
         "synthetic_images": 24, "synthetic_size": 32, "image_size": 32,
         "score_threshold": 0.0,  # a barely trained detector still answers with boxes
+        "epochs": 2, "batch_size": 8, "lr": 0.003,
     },
-    "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "warmup_epochs": 0},
+    "train": {"warmup_epochs": 0},
     "registry": {"model_name": NAME},
     "promote": {"min_map": 0.0, "bootstrap_samples": 20},
 }  # fmt: skip

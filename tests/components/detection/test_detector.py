@@ -15,8 +15,15 @@ def test_train_evaluate_export_with_box_parity(project):
     cfg = config.from_dict(
         {
             "task": "detection",
-            "detection": {"synthetic_images": 24, "synthetic_size": 32, "image_size": 32},
-            "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "warmup_epochs": 0},
+            "detection": {
+                "synthetic_images": 24,
+                "synthetic_size": 32,
+                "image_size": 32,
+                "epochs": 2,
+                "batch_size": 8,
+                "lr": 0.003,
+            },
+            "train": {"warmup_epochs": 0},
         }
     )
     synthetic.run(cfg)
@@ -24,7 +31,8 @@ def test_train_evaluate_export_with_box_parity(project):
     assert validate.run(cfg, track=False).success
     trained = train.run(cfg)
     losses = [e["train_loss"] for e in json.loads(train.REPORT.read_text())["epochs"]]
-    assert trained.epochs == 2 and losses[1] < losses[0]
+    assert trained.epochs == 2 and losses[1] < losses[0]  # augmented (the default) and learning
+    assert train.PREVIEW.stat().st_size > 0  # the augmentation preview, boxes drawn
     assert 0.0 <= trained.val_map <= 1.0
     scored = evaluate.run(cfg)
     report = json.loads(paths.EVALUATION_REPORT.read_text())
