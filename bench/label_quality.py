@@ -14,13 +14,12 @@ K = 3 against one training run (the median of the noisy runs on digits), on digi
 10,000 shapes (1,000 a class, 16 px RGB). Prints one JSON line, `targets_met` saying which
 of the issue's targets hold.
 
-Defaults: 6 digits trainings + one `lensflow labels`, then one 10k-shapes training + one
-`lensflow labels`: under an hour on 2 cores (the last run, under load, took 414 s for one
-digits training, 631 s for its labels, 268 + 53 s for shapes).
+Defaults: 20 digits trainings + one `lensflow labels`, then one 10k-shapes training + one
+`lensflow labels`: about 15 minutes on 2 cores (see bench/README.md).
 A smoke run (minutes, numbers meaningless): `--seeds 2 --shapes-per-class 30 --set
 train.epochs=2`.
 
-    python bench/label_quality.py [--flip 0.05] [--folds 3] [--seeds 3]
+    python bench/label_quality.py [--flip 0.05] [--folds 3] [--seeds 10]
                                   [--shapes-per-class 1000] [--no-digits]
 """
 
@@ -57,7 +56,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="which labels are flipped")
     parser.add_argument(
-        "--seeds", type=int, default=3, help="training seeds averaged, noisy and after ingest"
+        "--seeds", type=int, default=10, help="training seeds averaged, noisy and after ingest"
     )
     parser.add_argument("--shapes-per-class", type=int, default=1000, help="0: skip shapes")
     parser.add_argument("--no-digits", action="store_true", help="only the shapes timing")
