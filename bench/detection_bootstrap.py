@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from components.detection import coco_map, promote
+from components.detection import coco_map
+from components.detection_release import promote
 
 
 def split(rng, n_images: int, per_image: int, noise: float):

@@ -27,9 +27,9 @@ DETECTION_STAGES = {
     "validate": "components.detection.validate",
     "train": "components.detection.train",
     "evaluate": "components.detection.evaluate",
-    "export": "components.detection.export",
-    "register": "components.detection.registry",
-    "promote": "components.detection.promote",  # the version reports/registry.json names
+    "export": "components.detection_release.export",
+    "register": "components.detection_release.registry",
+    "promote": "components.detection_release.promote",  # the version reports/registry.json names
 }
 
 
@@ -233,7 +233,8 @@ def _where_to_look(summary: dict) -> str:
     )
     exported = paths.EXPORT_REPORT
     if summary.get("task") == "detection":
-        exported = paths.REPORTS / "detection_export.json"  # components.detection.export.REPORT
+        # components.detection_release.export.REPORT
+        exported = paths.REPORTS / "detection_export.json"
         scores = (
             f"test mAP@[.5:.95] {summary['test_map']:.4f}, mAP@0.5 {summary['test_map_50']:.4f}, "
             f"ONNX parity {'yes' if summary['export_parity'] else 'NO'}"

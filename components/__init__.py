@@ -16,5 +16,6 @@ ORDER = (
     "monitoring",
     "experiments",
     "detection",
+    "detection_release",
     "labelling",
 )

@@ -6,10 +6,10 @@ from prefect import flow, runtime
 
 from components.core import config, tracking, versioning
 from components.detection import evaluate as detection_evaluate
-from components.detection import export as detection_export
-from components.detection import promote as detection_promote
-from components.detection import registry as detection_registry
 from components.detection import train as detection_train
+from components.detection_release import export as detection_export
+from components.detection_release import promote as detection_promote
+from components.detection_release import registry as detection_registry
 from components.evaluation import evaluate
 from components.experiments import tune
 from components.labelling import labels

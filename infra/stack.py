@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from components.core import processes
+from components.core import tracking
 from components.core.errors import UserError
 from infra import accounts
 
@@ -39,7 +39,7 @@ STOP_TIMEOUT_S = 10.0
 class Server:
     name: str
     pid: int
-    started: float  # seconds after boot (components/core/processes.py): a reused PID is not ours
+    started: float  # seconds after boot (components/core/tracking.py): a reused PID is not ours
     port: int
     log: str
     auth: bool = False  # started by `up --auth`
@@ -51,7 +51,7 @@ class Server:
     def process(self) -> psutil.Process | None:
         """The running server process, or None when it is gone."""
         try:
-            return processes.find(self.pid, self.started)
+            return tracking.find_process(self.pid, self.started)
         except psutil.Error:
             return None
 
@@ -61,7 +61,7 @@ class Server:
         holds its PID: the server itself (down stops its group), or a newer process, which the
         OS gives that PID only once no group has it as its ID any more."""
         try:
-            if processes.find(self.pid, None) is not None:
+            if tracking.find_process(self.pid, None) is not None:
                 return []
         except psutil.Error:
             return []
@@ -70,7 +70,7 @@ class Server:
             try:
                 if (
                     os.getpgid(process.pid) == self.pid
-                    and processes.started_after_boot(process) >= self.started
+                    and tracking.started_after_boot(process) >= self.started
                 ):
                     found.append(process)
             except (OSError, psutil.Error):
@@ -296,7 +296,7 @@ def _start(name: str, port: int, auth: bool = False) -> Server:
             env=env,
             start_new_session=True,  # outlives this command; Ctrl-C in the shell spares it
         )
-    started = processes.started_after_boot(psutil.Process(process.pid))
+    started = tracking.started_after_boot(psutil.Process(process.pid))
     return Server(name, process.pid, started, port, str(log), auth)
 
 

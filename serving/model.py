@@ -71,7 +71,7 @@ class ServedModel:
         """Per image: a classifier's probabilities, or a detector's boxes (x1, y1, x2, y2 in
         the image's pixels), scores and labels after the same decoder as its evaluation."""
         if self.decoder is not None:
-            from components.detection import registry
+            from components.detection_release import registry
 
             return registry.detect(self.session, self.decoder, images)
         return self.session.run(["probabilities"], {"images": images})[0]
@@ -167,11 +167,11 @@ def load(source: Source, version: str | None, settings: Serve) -> ServedModel:
 
 
 def _decoder(meta: dict):
-    """A detector's decoder, rebuilt from its ONNX metadata (components/detection/registry.py);
-    None for a classifier. torch is imported only here, for a detector."""
+    """A detector's decoder, rebuilt from its ONNX metadata
+    (components/detection_release/registry.py); None for a classifier. torch is imported only here, for a detector."""
     if meta.get("task") != "detection":
         return None
-    from components.detection import registry
+    from components.detection_release import registry
 
     return registry.decoder(meta)
 

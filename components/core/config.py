@@ -1,8 +1,8 @@
 """The schema of params.yaml and the one way to read it: `load(path, overrides)`.
 
 The Prefect flow, the DVC stages and the tests all see the same validated values. Each section
-is a pydantic model in params_pipeline, params_search or params_operations; unknown keys are
-errors that name the key.
+is a pydantic model in params_pipeline, params_detection, params_search or
+params_operations; unknown keys are errors that name the key.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from components.core import credentials
 from components.core.errors import UserError
+from components.core.params_detection import Detection
 from components.core.params_operations import Labels, Monitor, Review, Rollout, Schedule, Serve
 from components.core.params_pipeline import (
     Augment,
     Data,
-    Detection,
     Evaluate,
     Export,
     Model,

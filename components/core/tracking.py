@@ -15,7 +15,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from components.core import credentials, paths, processes, versioning
+import psutil
+
+from components.core import credentials, paths, versioning
 from components.core.config import Config
 from components.core.errors import UserError
 
@@ -26,7 +28,7 @@ LOCAL_ARTIFACTS = Path("mlartifacts")
 # The experiment's kind: model training, not a GenAI app (traces). MLflow 3.17's UI still opens
 # in its GenAI mode unless told otherwise: runs_page() is the address that opens on the runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-# seconds after boot its process started (components/core/processes.py): a reused PID is not it
+# seconds after boot its process started (started_after_boot): a reused PID is not it
 PID_STARTED_TAG = "lensflow.pid_started_after_boot"
 MODEL_TRAINING = "custom_model_development"
 
@@ -135,7 +137,7 @@ def process_tags() -> dict[str, str]:
     return {
         "lensflow.host": socket.gethostname(),
         "lensflow.pid": str(os.getpid()),
-        PID_STARTED_TAG: f"{processes.started_after_boot(psutil.Process()):.2f}",
+        PID_STARTED_TAG: f"{started_after_boot(psutil.Process()):.2f}",
     }
 
 
@@ -175,7 +177,7 @@ def _alive(pid: int, started: str | None) -> bool:
     import psutil
 
     try:
-        return processes.find(pid, None if started is None else float(started)) is not None
+        return find_process(pid, None if started is None else float(started)) is not None
     except psutil.AccessDenied:  # another user's process: alive
         return True
 
@@ -307,3 +309,30 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)
     return flat
+
+
+# Telling a process apart from a later one that reuses its PID, from another process.
+#
+# A PID alone is not an identity: the OS hands it out again. PID + start time is, but the start
+# time psutil reports is boot time + ticks since boot, and boot time is derived from the wall
+# clock: when the clock steps (NTP, a virtual machine resumed), every process's start time moves
+# by the same amount and a living server looks like a stranger. Seconds after boot do not move.
+SAME_START_S = 0.05  # start times are clock ticks (10 ms on Linux)
+
+
+def started_after_boot(process: psutil.Process) -> float:
+    """When `process` started, in seconds after boot; unaffected by wall-clock steps."""
+    return round(process.create_time() - psutil.boot_time(), 2)
+
+
+def find_process(pid: int, started: float | None) -> psutil.Process | None:
+    """The running (not zombie) process `pid` that started `started` seconds after boot, or None
+    when it is gone or its PID now belongs to another process. `started` None: any process
+    with that PID. AccessDenied (another user's process) propagates."""
+    try:
+        process = psutil.Process(pid)
+        if started is not None and abs(started_after_boot(process) - started) > SAME_START_S:
+            return None
+        return None if process.status() == psutil.STATUS_ZOMBIE else process
+    except psutil.NoSuchProcess:
+        return None

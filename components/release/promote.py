@@ -43,7 +43,7 @@ class PromotionResult:
 
 def run(cfg: Config, version: str | None = None, gates=None) -> PromotionResult:
     """Decide about `version` (default: the one reports/registry.json names) by `gates`
-    (default `gate_results`; components/detection/promote.py passes its own)."""
+    (default `gate_results`; components/detection_release/promote.py passes its own)."""
     name = cfg.registry.model_name
     candidate = version or registry.read_report(paths.REGISTRY_REPORT)["version"]
     with tracking.step_run(cfg, "promote"):

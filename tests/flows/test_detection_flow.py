@@ -16,7 +16,8 @@ import yaml
 from PIL import Image
 
 from components.core import config, paths
-from components.detection import export, promote, registry, train
+from components.detection import train
+from components.detection_release import export, promote, registry
 from serving import batch
 from tests.conftest import _track_into, tiny_project
 from tests.servers import free_port

@@ -22,7 +22,7 @@ import mlflow
 import psutil
 import pytest
 
-from components.core import processes, tracking
+from components.core import tracking
 from infra import stack as lensflow_stack
 from tests.conftest import REPO, write_tiny_params
 
@@ -38,7 +38,7 @@ def _lensflow(project, *args, env=None, timeout=600) -> subprocess.CompletedProc
 
 
 def _alive(pid: int, started: float) -> bool:
-    return processes.find(pid, started) is not None
+    return tracking.find_process(pid, started) is not None
 
 
 def _post(url: str, body: dict) -> list[dict]:
@@ -63,7 +63,7 @@ def stack(tmp_path_factory):
         assert up.returncode == 0, up.stderr[-3000:]
         found["state"] = json.loads((project / ".lensflow/stack.json").read_text())
         found["processes"] = {
-            (p.pid, processes.started_after_boot(p))
+            (p.pid, tracking.started_after_boot(p))
             for server in found["state"].values()
             for p in [psutil.Process(server["pid"])]
             + psutil.Process(server["pid"]).children(recursive=True)
@@ -185,8 +185,8 @@ def test_down_stops_the_workers_a_server_killed_outright_left_behind(tmp_path, m
         while not psutil.Process(leader.pid).children() and time.monotonic() < deadline:
             time.sleep(0.05)
         [worker] = psutil.Process(leader.pid).children()
-        worker_started = processes.started_after_boot(worker)
-        started = processes.started_after_boot(psutil.Process(leader.pid))
+        worker_started = tracking.started_after_boot(worker)
+        started = tracking.started_after_boot(psutil.Process(leader.pid))
         monkeypatch.chdir(tmp_path)
         server = lensflow_stack.Server("mlflow", leader.pid, started, 1, "log")
         lensflow_stack._write_state({"mlflow": server})
@@ -228,7 +228,7 @@ def test_the_stack_writes_into_an_experiment_the_direct_mode_made(stack):
 def test_down_stops_every_process_and_removes_the_state(stack):
     # the fixture's teardown runs `down` again, a no-op then
     started = stack["processes"] | {
-        (child.pid, processes.started_after_boot(child))
+        (child.pid, tracking.started_after_boot(child))
         for server in stack["state"].values()
         for child in psutil.Process(server["pid"]).children(recursive=True)
     }

@@ -7,7 +7,7 @@ import sys
 import psutil
 import pytest
 
-from components.core import processes, tracking
+from components.core import tracking
 from infra import stack
 from infra.stack import Server
 
@@ -36,7 +36,7 @@ def _step_the_clock(monkeypatch):
 
 def test_a_living_process_is_found_after_the_clock_steps(sleeper, monkeypatch):
     before = psutil.Process(sleeper.pid)
-    epoch_start, started = before.create_time(), processes.started_after_boot(before)
+    epoch_start, started = before.create_time(), tracking.started_after_boot(before)
     tags = {**tracking.process_tags(), "lensflow.pid": str(sleeper.pid)}
     tags[tracking.PID_STARTED_TAG] = f"{started:.2f}"
     server = Server("mlflow", sleeper.pid, started, 5000, "mlflow.log")
@@ -44,17 +44,17 @@ def test_a_living_process_is_found_after_the_clock_steps(sleeper, monkeypatch):
     _step_the_clock(monkeypatch)
 
     assert psutil.Process(sleeper.pid).create_time() == pytest.approx(epoch_start + CLOCK_STEP_S)
-    assert processes.find(sleeper.pid, started).pid == sleeper.pid
+    assert tracking.find_process(sleeper.pid, started).pid == sleeper.pid
     assert server.process() is not None
     assert tracking.process_alive(tags) is True
 
 
 def test_a_reused_pid_is_not_the_process_that_had_it(sleeper):
-    started = processes.started_after_boot(psutil.Process(sleeper.pid))
-    assert processes.find(sleeper.pid, started - 1.0) is None  # same PID, earlier start
+    started = tracking.started_after_boot(psutil.Process(sleeper.pid))
+    assert tracking.find_process(sleeper.pid, started - 1.0) is None  # same PID, earlier start
     sleeper.kill()
     sleeper.wait()
-    assert processes.find(sleeper.pid, started) is None
+    assert tracking.find_process(sleeper.pid, started) is None
 
 
 def test_a_stack_started_by_an_older_lensflow_is_still_found(sleeper, tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ import onnxruntime as ort
 import torch
 
 from components.core import config, paths
-from components.detection import evaluate, export, model, prepare, synthetic, train, validate
+from components.detection import evaluate, model, prepare, synthetic, train, validate
+from components.detection_release import export
 
 
 def test_train_evaluate_export_with_box_parity(project):

@@ -4,7 +4,8 @@ resample a reweighting, equal to faster-coco-eval's mAP recomputed on the resamp
 import numpy as np
 import pytest
 
-from components.detection import coco_map, promote
+from components.detection import coco_map
+from components.detection_release import promote
 
 
 def test_the_bootstrap_recomputes_faster_coco_evals_map_on_each_resample():

@@ -34,7 +34,7 @@ import numpy as np
 from components.core.config import Config
 from components.core.errors import UserError
 from components.detection import coco_map, train
-from components.detection import registry as detection_registry
+from components.detection_release import registry as detection_registry
 from components.release import promote, registry
 from components.release.promote import PromotionResult
 

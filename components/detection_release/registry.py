@@ -1,6 +1,6 @@
 """register, for `task: detection`, and a registered detector as its users run it.
 
-`run` logs the detector's ONNX export (components/detection/export.py: heads only, NMS after
+`run` logs the detector's ONNX export (components/detection_release/export.py: heads only, NMS after
 the graph) to MLflow with the metadata its users need to decode it, and registers it as a
 version of `registry.model_name` (`lensflow-detector` under `task: detection` by default). As
 in classification (components/release/registry.py, whose helpers it reuses), registering
@@ -29,7 +29,8 @@ from components.core import config, paths, tracking
 from components.core.config import Config
 from components.core.errors import UserError
 from components.data.prepared import load_meta
-from components.detection import export, model, train
+from components.detection import model, train
+from components.detection_release import export
 from components.release import registry
 from components.release.registry import RegistryResult
 
