@@ -168,7 +168,8 @@ def load(source: Source, version: str | None, settings: Serve) -> ServedModel:
 
 def _decoder(meta: dict):
     """A detector's decoder, rebuilt from its ONNX metadata
-    (components/detection_release/registry.py); None for a classifier. torch is imported only here, for a detector."""
+    (components/detection_release/registry.py); None for a classifier. torch is imported only
+    here, for a detector."""
     if meta.get("task") != "detection":
         return None
     from components.detection_release import registry
