@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,16 @@ from serving.follower import Follower
 log = logging.getLogger("lensflow.serve")
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def lower_priority() -> None:
+    """Nice 19 for the calling thread only (Linux schedules threads): the other model's scoring
+    and the pair log's writes get a core only when the answers leave one free; past
+    serve.rollout_max_pending waiting jobs, requests go unpaired (counted) instead."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux: the threads keep the process's priority
+        pass
 
 
 def bucket(key: str) -> float:
@@ -134,7 +145,9 @@ class Rollout:
         self.rows: list[dict] = []
         self.lock = threading.Lock()
         self.pending = 0
-        self.offpath = ThreadPoolExecutor(1, thread_name_prefix="lensflow-offpath")
+        self.offpath = ThreadPoolExecutor(
+            1, thread_name_prefix="lensflow-offpath", initializer=lower_priority
+        )
         self.stop = threading.Event()
         self.flusher = threading.Thread(
             target=self._flush_often, name="lensflow-pairlog", daemon=True
@@ -234,6 +247,7 @@ class Rollout:
         self.pairs.write(rows, rollout_log.PAIR_COLUMNS)
 
     def _flush_often(self) -> None:
+        lower_priority()
         while not self.stop.wait(self.settings.rollout_flush_seconds):
             try:
                 self.flush()
