@@ -276,3 +276,25 @@ def test_an_identical_challenger_is_never_decided_and_sigterm_loses_no_pair(
     assert promotion_log.champion(name) == "3"
     assert main(["rollout", "status", *sets]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "ended"
+
+
+def test_the_off_path_threads_leave_the_cores_to_the_answers(tmp_path):
+    """Linux: nice 19 on the off-path scoring thread alone, not on the threads that answer."""
+    import os
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from components.core.params_operations import Serve
+    from serving.rollout import Rollout
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = nice()
+    live = Rollout(Serve(rollout="shadow"), tmp_path, CollectorRegistry())
+    try:
+        assert live.offpath.submit(nice).result(timeout=10) == 19
+        assert nice() == before  # the caller's (the event loop's) priority is unchanged
+    finally:
+        live.close()
