@@ -325,14 +325,20 @@ async def _read_body(request: Request, service: Service) -> bytes:
         raise service.busy(f"{service.reading} request bodies being read, retry")
     service.reading += 1
     service.metrics.reading.inc()
-    chunks, size = [], 0
+    chunks, size, receive = [], 0, request.receive  # ASGI messages: no stream generator
     try:
         async with asyncio.timeout(settings.body_timeout_seconds):
-            async for chunk in request.stream():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
                     raise BadRequest(413, too_large)
                 chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
     except TimeoutError:
         seconds = settings.body_timeout_seconds
         raise BadRequest(408, f"the body did not arrive within {seconds:g} s "
