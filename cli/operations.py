@@ -72,7 +72,7 @@ def cmd_monitor(args, cfg) -> int:
     from components import preflight
     from components.core.errors import UserError
 
-    preflight.check_task(cfg, "monitor")  # box statistics are not watched yet
+    preflight.check_task(cfg, "monitor")
     data = args.data or cfg.monitor.data
     if not data:
         raise UserError("no batch to check: pass --data PATH or set monitor.data")

@@ -65,7 +65,8 @@ def image_grid(
     boxes: list | None = None,
 ) -> Path:
     """Up to 16 images [N, C, H, W] (uint8 or float) in a 4-column grid with titles; with
-    `boxes`, per image a list of (x1, y1, x2, y2, name) drawn over it in pixels."""
+    `boxes`, per image a list of (x1, y1, x2, y2, name) drawn over it in pixels, yellow, or
+    (x1, y1, x2, y2, name, colour)."""
     plt = _pyplot()
     n = max(1, min(16, len(images)))
     rows = (n + 3) // 4
@@ -76,11 +77,10 @@ def image_grid(
         picture = image.transpose(1, 2, 0)
         ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap=cmap or "gray")
         ax.set_title(title, fontsize=8)
-        for x1, y1, x2, y2, name in boxes[i] if boxes else ():
-            ax.add_patch(
-                plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow", lw=1)
-            )
-            ax.text(x1, y1, name, color="yellow", fontsize=6, va="bottom")
+        for x1, y1, x2, y2, name, *colour in boxes[i] if boxes else ():
+            colour = colour[0] if colour else "yellow"
+            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=1))
+            ax.text(x1, y1, name, color=colour, fontsize=6, va="bottom")
     return _save(fig, out)
 
 
@@ -100,6 +100,21 @@ def comparison_curves(panels: dict[str, dict[str, list[dict]]], out: Path) -> Pa
         for ax in (by_epoch, by_time):
             ax.grid(alpha=0.3)
             ax.legend()
+    return _save(fig, out)
+
+
+def precision_recall(curves: dict[str, list[float] | None], recalls, title: str, out: Path) -> Path:
+    """One precision-recall curve per class ({name: precisions at `recalls`}, None: a class
+    without ground truth, left out), its area in the legend."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for name, precision in curves.items():
+        if precision is not None:
+            ax.plot(recalls, precision, label=f"{name} (AP {np.mean(precision):.3f})")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left", fontsize=7)
     return _save(fig, out)
 
 

@@ -6,6 +6,8 @@ checked against pycocotools to 1e-4 in the tests).
 [x, y, w, h], score}]` in the same pixels. Returns mAP@[.5:.95], mAP@0.5, mAP@0.75, by object
 size, and the AP of each class (mAP@[.5:.95] over that class; `null` for a class with no
 ground-truth box). Crowd boxes (`iscrowd: 1`) are ignored regions, as COCO defines them.
+With `curves`, also `pr_curves`: each class's precision at COCO's 101 recall points at IoU
+0.5 (`null` for a class with no ground-truth box; 0 where that recall is never reached).
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ STATS = (
 )  # fmt: skip
 
 
-def evaluate(ground_truth: dict, detections: list[dict], backend: str = "faster") -> dict:
+RECALLS = np.linspace(0, 1, 101)  # COCO's recall points, those of `pr_curves`
+
+
+def evaluate(
+    ground_truth: dict, detections: list[dict], backend: str = "faster", curves: bool = False
+) -> dict:
     """The COCO metrics of `detections` against `ground_truth`; `backend` "pycocotools" runs
     the reference implementation instead (installed for the tests)."""
     gt = copy.deepcopy(ground_truth)
@@ -33,10 +40,19 @@ def evaluate(ground_truth: dict, detections: list[dict], backend: str = "faster"
         box.setdefault("area", box["bbox"][2] * box["bbox"][3])
         box.setdefault("iscrowd", 0)
     if not detections or not gt["annotations"]:
-        return _empty(gt)
+        found = _empty(gt)
+        if curves:
+            zero = [0.0] * len(RECALLS)
+            found["pr_curves"] = {
+                k: None if v is None else zero for k, v in found["per_class"].items()
+            }
+        return found
     coco_eval = _run(gt, copy.deepcopy(detections), backend)
     stats = dict(zip(STATS, (float(v) for v in coco_eval.stats[: len(STATS)]), strict=True))
-    return {**stats, "per_class": _per_class(coco_eval, gt)}
+    found = {**stats, "per_class": _per_class(coco_eval, gt)}
+    if curves:
+        found["pr_curves"] = _curves_at_50(coco_eval, found["per_class"])
+    return found
 
 
 def _run(gt: dict, detections: list[dict], backend: str):
@@ -69,6 +85,16 @@ def _per_class(coco_eval, gt: dict) -> dict[str, float | None]:
         known = category in with_truth and valid.size
         found[names.get(category, str(category))] = float(valid.mean()) if known else None
     return found
+
+
+def _curves_at_50(coco_eval, per_class: dict) -> dict[str, list[float] | None]:
+    """precision [T, R, K, area, maxDets] at IoU 0.5 (T = 0), every area, 100 boxes."""
+    precision = np.asarray(coco_eval.eval["precision"])[0, :, :, 0, -1]
+    names = list(per_class)
+    return {
+        names[k]: None if per_class[names[k]] is None else np.maximum(precision[:, k], 0).tolist()
+        for k in range(len(coco_eval.params.catIds))
+    }
 
 
 def _empty(gt: dict) -> dict:

@@ -26,6 +26,7 @@ same code for PyTorch and ONNX Runtime, the evaluator and the exported model's u
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from functools import partial
 
@@ -42,6 +43,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from components.core import config
 from components.core.config import Config
 
 OUTPUTS = ("cls_logits", "bbox_regression", "bbox_ctrness")  # what `Heads` returns, in order
@@ -164,3 +166,14 @@ class Decoder:
             scale = torch.tensor([width, height, width, height]) / self.size
             out["boxes"] = out["boxes"] * scale
         return found
+
+
+def decoder_from_metadata(meta: dict) -> Decoder:
+    """The `Decoder` of an exported detector, from its ONNX metadata (`detector`: the JSON of
+    its settings; `classes`): the weights are in the graph, the decoder needs only the anchors
+    and the postprocessing's settings."""
+    settings = json.loads(meta["detector"])
+    cfg = config.from_dict({"task": "detection", "detection": settings})
+    classes = meta["classes"]
+    n_classes = len(json.loads(classes) if isinstance(classes, str) else classes)
+    return Decoder(build(cfg, n_classes).eval(), settings["image_size"])

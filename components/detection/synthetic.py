@@ -1,6 +1,8 @@
 """The built-in detection set (`data.source: detection_shapes`): seeded synthetic images of
 shapes on textured backgrounds, several per image, of several sizes, overlapping, with their
-boxes in COCO JSON.
+boxes in COCO JSON. Every annotated shape is visible: a shape is placed again (up to 10 tries,
+then left out) when it would overlap one already drawn at IoU > 0.4 or leave less than half
+of any earlier shape's box uncovered.
 
 Written as `<root>/images/<n>.png` and `<root>/annotations.json`, the layout any COCO dataset
 uses here. Nothing is downloaded; the same seed writes the same bytes.
@@ -19,6 +21,9 @@ from components.core import paths
 BUILTIN = "detection_shapes"  # data.source naming this set
 CLASSES = ("circle", "square", "triangle")
 MAX_OVERLAP = 0.4  # IoU above which a new shape would hide one already drawn: placed again
+# a new shape is placed again if it would leave less than this fraction of an earlier shape's
+# box uncovered (IoU alone lets a small box vanish under a bigger one drawn after it)
+MIN_VISIBLE = 0.5
 
 
 def write(root: Path, n_images: int, size: int, seed: int) -> int:
@@ -53,15 +58,22 @@ def _image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list]:
     canvas = Image.fromarray(_texture(rng, size), mode="RGB")
     draw = ImageDraw.Draw(canvas)
     boxes: list[tuple[int, list[float]]] = []
+    owner = np.full((size, size), -1)  # which box is on top at each pixel
     for _ in range(int(rng.integers(1, 5))):
         for _attempt in range(10):
             side = int(rng.integers(max(6, size // 8), max(8, size // 2) + 1))
             x, y = (int(v) for v in rng.integers(0, size - side + 1, size=2))
             box = [float(x), float(y), float(side), float(side)]
-            if all(_iou(box, other) <= MAX_OVERLAP for _, other in boxes):
+            placed = owner.copy()
+            placed[y : y + side, x : x + side] = len(boxes)
+            if all(_iou(box, other) <= MAX_OVERLAP for _, other in boxes) and all(
+                visible_fraction(placed, k, other) >= MIN_VISIBLE
+                for k, (_, other) in enumerate(boxes)
+            ):
                 break
         else:
             continue
+        owner = placed
         category = int(rng.integers(0, len(CLASSES)))
         colour = tuple(int(c) for c in rng.integers(150, 256, size=3))
         _draw(draw, CLASSES[category], x, y, side, colour)
@@ -92,6 +104,12 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, side: int, colo
         draw.rectangle([x, y, x + last, y + last], fill=colour)
     else:
         draw.polygon([(x + last / 2, y), (x, y + last), (x + last, y + last)], fill=colour)
+
+
+def visible_fraction(owner: np.ndarray, k: int, box: list[float]) -> float:
+    """The fraction of box `k`'s pixels ([x, y, w, h]) where it is on top in `owner`."""
+    x, y, w, h = (int(v) for v in box)
+    return float((owner[y : y + h, x : x + w] == k).mean())
 
 
 def _iou(a: list[float], b: list[float]) -> float:

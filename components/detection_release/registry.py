@@ -6,8 +6,10 @@ version of `registry.model_name` (`lensflow-detector` under `task: detection` by
 in classification (components/release/registry.py, whose helpers it reuses), registering
 decides nothing, a checkpoint already registered reuses its version, and the version carries
 the lineage tags, the export's parity evidence and, in its run, the sha256 of every image it
-trained on (so promotion can refuse a test split it has seen) and golden inputs: a few test
-images with their raw outputs, which serving checks a version on before it serves it.
+trained on (so promotion can refuse a test split it has seen), golden inputs: a few test
+images with their raw outputs, which serving checks a version on before it serves it, and the
+reference profile of its box statistics that `lensflow monitor` compares batches with
+(components/detection/monitor.py).
 
 The ONNX metadata (`metadata_props`): `task` (detection), `classes`, `category_ids`,
 `image_size` and `detector` (the JSON of what `model.Decoder` needs: widths, FPN channels,
@@ -25,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from components.core import config, paths, tracking
+from components.core import paths, tracking
 from components.core.config import Config
 from components.core.errors import UserError
 from components.data.prepared import load_meta
 from components.detection import model, train
+from components.detection import monitor as box_monitor
 from components.detection_release import export
 from components.release import registry
 from components.release.registry import RegistryResult
@@ -103,13 +106,8 @@ def metadata(cfg: Config) -> dict[str, str]:
 
 
 def decoder(meta: dict) -> model.Decoder:
-    """`model.Decoder` of a registered detector, from its ONNX metadata (the weights are in the
-    graph; the decoder needs only the anchors and the postprocessing's settings)."""
-    settings = json.loads(meta["detector"])
-    cfg = config.from_dict({"task": TASK, "detection": settings})
-    classes = meta["classes"]
-    n_classes = len(json.loads(classes) if isinstance(classes, str) else classes)
-    return model.Decoder(model.build(cfg, n_classes).eval(), settings["image_size"])
+    """`model.Decoder` of a registered detector, from its ONNX metadata."""
+    return model.decoder_from_metadata(meta)
 
 
 def detect(session, decode: model.Decoder, images: np.ndarray) -> list[dict]:
@@ -128,13 +126,16 @@ def _log_and_register(cfg: Config, name: str, tags: dict) -> str:
     images, _, _ = train.split_data("test")
     example = np.array(images[:GOLDEN_IMAGES])
     # before log_model, which moves the weights of `proto` out to external data
-    golden_arrays = golden_outputs(proto.SerializeToString(), example)
+    onnx_bytes = proto.SerializeToString()
+    golden_arrays = golden_outputs(onnx_bytes, example)
+    profile = box_monitor.write_profile(cfg, onnx_bytes, metadata(cfg))
     info = mlflow.onnx.log_model(
         proto, name="model", pip_requirements=["onnxruntime", "onnx"],
         metadata={"task": TASK, "classes": load_meta()["classes"]},
     )  # fmt: skip
     mlflow.log_artifact(str(train.CHECKPOINT), tracking.CHECKPOINT_ARTIFACT.rpartition("/")[0])
     mlflow.log_text("\n".join(registry.trained_on()) + "\n", registry.TRAINED_ON_ARTIFACT)
+    mlflow.log_artifact(str(profile), box_monitor.PROFILE_ARTIFACT.rpartition("/")[0])
     with tempfile.TemporaryDirectory() as tmp:
         golden = Path(tmp) / Path(paths.GOLDEN_ARTIFACT).name
         np.savez(golden, images=example, **golden_arrays)

@@ -53,7 +53,7 @@ def run(cfg: Config, data: str | None = None, model: str | None = None) -> dict:
     spec = (int(meta["channels"]), int(meta["image_size"]))
     batch = monitor_data.read(cfg, data, meta["classes"], *spec)
 
-    checks = [_data_check(batch), _usable_check(batch)]
+    checks = [data_check(batch), usable_check(batch)]
     tested, permutations = [], {"used": cfg.monitor.permutations, "note": ""}
     if len(batch.images):
         signals = reference_profile.signals(
@@ -96,12 +96,12 @@ def run(cfg: Config, data: str | None = None, model: str | None = None) -> dict:
             "images": str(paths.MONITORING_IMAGES),
             "n_flagged": sum(row["flagged"] for row in table),
         },
-        "validation": _validation_summary(batch.validation),
+        "validation": validation_summary(batch.validation),
         "reference": {k: profile.meta[k] for k in ("reference_split", "n_reference")},
     }
     report["webhook"] = alert_hook(report)
     paths.write_json(paths.MONITORING_VALIDATION, batch.validation)
-    report["mlflow_run_id"] = _log_run(cfg, report)
+    report["mlflow_run_id"] = log_run(cfg, report)
     paths.write_json(paths.MONITORING_REPORT, report)
     return report
 
@@ -156,7 +156,7 @@ def describe_model(model_uri: str) -> dict:
     return {"uri": model_uri, "name": name, "version": str(version.version)}
 
 
-def _data_check(batch: monitor_data.Batch) -> dict:
+def data_check(batch: monitor_data.Batch) -> dict:
     errors = sum(1 for issue in batch.validation["issues"] if issue["severity"] == "error")
     return {
         "name": "data_validation",
@@ -166,7 +166,7 @@ def _data_check(batch: monitor_data.Batch) -> dict:
     }
 
 
-def _usable_check(batch: monitor_data.Batch) -> dict:
+def usable_check(batch: monitor_data.Batch) -> dict:
     n = len(batch.images)
     return {"name": "usable_images", "value": n, "threshold": 1, "passed": n >= 1}
 
@@ -227,7 +227,7 @@ def _challenger_right(cfg: Config, batch, data, model_meta: dict) -> np.ndarray 
     return predicted == labels
 
 
-def _validation_summary(report: dict) -> dict:
+def validation_summary(report: dict) -> dict:
     return {
         "success": report["success"],
         "n_images": report["n_images"],
@@ -267,7 +267,7 @@ def alert_hook(report: dict) -> dict:
         return {"status": "failed", "url": redact(url), "error": redact(str(exc))}
 
 
-def _log_run(cfg: Config, report: dict) -> str:
+def log_run(cfg: Config, report: dict) -> str:
     """One run in `<experiment>-monitoring`: a metric per check, so the UI shows trends."""
     import mlflow
 

@@ -1,8 +1,10 @@
 """`task: detection` end to end on a tiny built-in set, against the session's MLflow server
 (PostgreSQL behind it): the Prefect flow validates, trains, evaluates, exports with parity,
-registers and promotes the first version; a second version of the same detector is gated out
-by the paired bootstrap; `lensflow serve` and `lensflow predict` return the same boxes in the
-image's pixels, and /predict keeps its errors."""
+registers and promotes the first version; evaluate logs precision-recall curves and a gallery
+of misdetections; a second version of the same detector is gated out by the paired bootstrap;
+`lensflow monitor` raises no alert on fresh shapes and a named box-statistics alert on images
+without shapes; `lensflow serve` and `lensflow predict` return the same boxes in the image's
+pixels, and /predict keeps its errors."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from cli import main as cli
 from components.core import config, paths
-from components.detection import train
+from components.detection import evaluate, monitor, synthetic, train
 from components.detection_release import export, promote, registry
 from serving import batch
 from tests.conftest import _track_into, tiny_project
@@ -28,10 +31,12 @@ TINY_DETECTION = {
     "task": "detection",
     "tracking": {"experiment": "lensflow-detection-e2e"},
     "detection": {
-        "synthetic_images": 24, "synthetic_size": 32, "image_size": 32,
-        "score_threshold": 0.0,  # a barely trained detector still answers with boxes
-        "epochs": 2, "batch_size": 8, "lr": 0.003,
+        "synthetic_images": 48, "synthetic_size": 32, "image_size": 32,
+        # ~20 boxes an image at 0.2; 20 epochs (~5 s) give scores and sizes that depend on
+        # the image, which the monitoring of box statistics needs
+        "score_threshold": 0.2, "epochs": 20, "batch_size": 8, "lr": 0.01,
     },
+    "prepare": {"test_fraction": 0.4},  # ~19 test images: the monitor's reference profile
     "train": {"warmup_epochs": 0},
     "registry": {"model_name": NAME},
     "promote": {"min_map": 0.0, "bootstrap_samples": 20},
@@ -70,6 +75,8 @@ def test_detection_runs_end_to_end_and_serves_boxes(detection_project, tmp_path)
     meta = {p.key: p.value for p in proto.metadata_props}
     classes = ["circle", "square", "triangle"]
     assert meta["task"] == "detection" and json.loads(meta["classes"]) == classes
+    assert_evaluation_figures(client)
+    assert_monitoring_box_statistics(cfg, tmp_path)
 
     # the same detector again, as v2: no gain, bootstrap p = 1, it stays @challenger
     train.CHECKPOINT.write_bytes(train.CHECKPOINT.read_bytes() + b"\0")  # another sha256
@@ -111,3 +118,42 @@ def test_detection_runs_end_to_end_and_serves_boxes(detection_project, tmp_path)
     assert result.scored == 1 and list(table.columns) == list(batch.DETECTION_COLUMNS)
     by_server = sorted((b["class"], round(b["score"], 4)) for b in found)
     assert sorted(zip(table["class"], table["score"].round(4), strict=True)) == by_server
+
+
+def assert_evaluation_figures(client) -> None:
+    """evaluate: the misdetection counts in its report, both figures in its MLflow run."""
+    report = json.loads(paths.EVALUATION_REPORT.read_text())
+    errors = report["misdetections"]
+    assert errors["score"] == 0.5 and errors["iou"] == 0.5
+    assert errors["missed"] + errors["false_positives"] >= errors["images_with_errors"] > 0
+    run = mlflow.search_runs(
+        experiment_names=[TINY_DETECTION["tracking"]["experiment"]],
+        filter_string="tags.`lensflow.step` = 'evaluate'",
+        output_format="list",
+    )[0]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert logged == {"plots/detection_pr_curves.png", "plots/detection_misdetections.png"}
+    assert run.data.metrics["test/map"] == pytest.approx(report["map"])
+    for figure in (evaluate.PR_CURVES, evaluate.MISDETECTIONS):
+        assert Image.open(figure).size[0] > 300
+
+
+def assert_monitoring_box_statistics(cfg, tmp_path) -> None:
+    """The @champion's box statistics (its reference profile, logged at register) against a
+    batch of fresh shapes (no alert) and one of the same backgrounds without shapes: an alert
+    on the box checks, exit 1."""
+    synthetic.write(tmp_path / "fresh", 24, 32, seed=1234)  # a seed the detector never saw
+    clean = monitor.run(cfg, str(tmp_path / "fresh/images"))
+    assert not clean["alert"], clean["checks"]
+    tested = {c["name"] for c in clean["checks"]}
+    assert tested >= {*monitor.BOX_SIGNALS, "class_prior", "brightness"} and not clean["skipped"]
+    rng = np.random.default_rng(5)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for i in range(24):
+        Image.fromarray(synthetic._texture(rng, 32)).save(empty / f"{i:02d}.png")
+    assert cli.main(["monitor", "--data", str(empty)]) == 1
+    shifted = json.loads(paths.MONITORING_REPORT.read_text())
+    assert shifted["task"] == "detection" and shifted["model"]["version"] == "1"
+    assert {"box_size", "box_score"} <= set(shifted["fired"]), shifted["checks"]
+    assert shifted["boxes"]["reference"]["box_count"] > 0

@@ -219,6 +219,15 @@ def test_the_built_in_set_is_seeded_and_has_several_overlapping_shapes_of_severa
                     and min(a[1] + a[3], b[1] + b[3]) > max(a[1], b[1])
                 )
     assert overlapping >= 1
+    # every annotated shape stays visible: shapes drawn later (in annotation order) leave at
+    # least half of each earlier box uncovered (IoU alone let one vanish under a bigger one)
+    for image_id, group in boxes.groupby(0):
+        on_top = np.full((64, 64), -1)
+        xyxy = group[[1, 2, 3, 4]].to_numpy(int)
+        for k, (x, y, w, h) in enumerate(xyxy):
+            on_top[y : y + h, x : x + w] = k
+        for k, (x, y, w, h) in enumerate(xyxy):
+            assert (on_top[y : y + h, x : x + w] == k).mean() >= 0.5, (image_id, k)
     image = np.asarray(Image.open(tmp_path / "a/images/00000.png"))
     x, y, w, h = (int(v) for v in coco["annotations"][0]["bbox"])
     inside = image[y + h // 2, x + w // 2].astype(int).sum()
