@@ -11,7 +11,8 @@ images with their raw outputs, which serving checks a version on before it serve
 
 The ONNX metadata (`metadata_props`): `task` (detection), `classes`, `category_ids`,
 `image_size` and `detector` (the JSON of what `model.Decoder` needs: widths, FPN channels,
-anchor sizes, score threshold, NMS IoU, detections per image). `decoder(meta)` rebuilds that
+anchor sizes, score threshold, NMS IoU, detections per image; `backbone`: null, or the arch and
+widths of the classifier a transferred backbone came from). `decoder(meta)` rebuilds that
 decoder from it: the same postprocessing for the evaluator, promotion, the server and batch
 scoring.
 """
@@ -67,6 +68,7 @@ def run(cfg: Config) -> RegistryResult:
                 "lensflow.task": TASK,
                 registry.CHECKPOINT_SHA_TAG: checkpoint_sha,
                 "lensflow.export_parity": json.dumps(parity),
+                **_pretrained_tags(),
             }
             mlflow.log_metrics({"test/map": evaluation["map"], "test/map_50": evaluation["map_50"]})
             version = _log_and_register(cfg, name, tags)
@@ -98,18 +100,36 @@ def metadata(cfg: Config) -> dict[str, str]:
         "classes": json.dumps(meta["classes"]),
         "category_ids": json.dumps(meta["category_ids"]),
         "image_size": str(cfg.detection.image_size),
-        "detector": json.dumps({key: detection[key] for key in DECODER_KEYS}),
+        "detector": json.dumps(
+            {**{key: detection[key] for key in DECODER_KEYS}, "backbone": _backbone()}
+        ),
     }
+
+
+def _pretrained_tags() -> dict[str, str]:
+    """Lineage: the classifier the detector's backbone started from (`none`: from scratch)."""
+    backbone, _ = train.read_checkpoint()
+    if backbone is None:
+        return {"lensflow.pretrained": "none"}
+    run_id = backbone["run_id"]
+    return {"lensflow.pretrained": backbone["source"], "lensflow.pretrained_run_id": run_id}
+
+
+def _backbone() -> dict | None:
+    """What the anchors need of a transferred backbone: its classifier's stages."""
+    backbone, _ = train.read_checkpoint()
+    return backbone and {k: backbone[k] for k in ("arch", "widths", "se", "mean", "std")}
 
 
 def decoder(meta: dict) -> model.Decoder:
     """`model.Decoder` of a registered detector, from its ONNX metadata (the weights are in the
     graph; the decoder needs only the anchors and the postprocessing's settings)."""
     settings = json.loads(meta["detector"])
+    backbone = settings.pop("backbone", None)
     cfg = config.from_dict({"task": TASK, "detection": settings})
     classes = meta["classes"]
     n_classes = len(json.loads(classes) if isinstance(classes, str) else classes)
-    return model.Decoder(model.build(cfg, n_classes).eval(), settings["image_size"])
+    return model.Decoder(model.build(cfg, n_classes, backbone).eval(), settings["image_size"])
 
 
 def detect(session, decode: model.Decoder, images: np.ndarray) -> list[dict]:
