@@ -89,6 +89,7 @@ def run(cfg: Config) -> TrainResult:
     use_threads(cfg)
     meta = load_meta()
     images, targets, _ = split_data("train")
+    torch.manual_seed(cfg.seed)  # the preview's draws, from a fork of this state
     _preview(box_augment.transform(cfg), images, targets, meta["classes"])
     fitted = fit(cfg, images, targets, len(meta["classes"]))
     save(fitted, CHECKPOINT)
@@ -165,12 +166,12 @@ def source(fitted: Fitted) -> dict | None:
 def transferred(cfg: Config) -> tuple[dict | None, dict | None]:
     """(the backbone's description, its weights) of `detection.pretrained`'s classifier;
     (None, None) from scratch."""
-    source = cfg.detection.pretrained
-    if not source:
+    uri = cfg.detection.pretrained
+    if not uri:
         return None, None
-    checkpoint = pretrained.lensflow_checkpoint(source, "detection.pretrained")
-    backbone, weights = model.from_classifier(checkpoint, source)
-    return {**backbone, "source": source, "run_id": checkpoint["run_id"]}, weights
+    checkpoint = pretrained.lensflow_checkpoint(uri, "detection.pretrained")
+    backbone, weights = model.from_classifier(checkpoint, uri)
+    return {**backbone, "source": uri, "run_id": checkpoint["run_id"]}, weights
 
 
 def _parameter_groups(detector, cfg: Config, backbone: dict | None, frozen: bool) -> list[dict]:
