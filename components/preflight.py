@@ -23,11 +23,11 @@ from components.training import archs
 FOLDER_LAYOUT = "expected <root>/<class>/<image>"
 
 
-# What `task: detection` runs so far: `lensflow data` and the stages of
+# What `task: detection` runs so far: `lensflow run`, `data`, `compare` and the stages of
 # cli.pipeline.DETECTION_STAGES; the others come in the next stages of issue 32.
 DETECTION_STEPS = (
-    "run", "data", "monitor", "prepare", "validate", "train", "evaluate", "export", "register",
-    "promote",
+    "run", "data", "compare", "monitor",
+    "prepare", "validate", "train", "evaluate", "export", "register", "promote",
 )  # fmt: skip
 
 
@@ -35,8 +35,8 @@ def check_task(cfg: Config, step: str) -> None:
     """A step `task: detection` does not have yet is refused before anything starts."""
     if cfg.task == "detection" and step not in DETECTION_STEPS:
         raise UserError(
-            f"task: detection has only `lensflow run`, `lensflow data`, `lensflow monitor` and "
-            f"`lensflow stage {'|'.join(DETECTION_STEPS[3:])}` so far; `{step}` runs for task: "
+            f"task: detection has only `lensflow run`, `data`, `compare`, `monitor` and "
+            f"`lensflow stage {'|'.join(DETECTION_STEPS[4:])}` so far; `{step}` runs for task: "
             "classification"
         )
 
@@ -47,6 +47,8 @@ def check(cfg: Config, *, data: bool = True, model: bool = True, resume: bool = 
     if cfg.task == "detection":
         if data:
             check_detection_data(cfg)
+        if model:
+            check_detection_transfer(cfg)
         return
     if data:
         check_data(cfg)
@@ -90,6 +92,34 @@ def check_detection_data(cfg: Config) -> None:
         )
 
 
+DETECTION_STRATEGIES = ("fine_tune", "feature_extraction")
+
+
+def check_detection_transfer(cfg: Config, prefix: str = "") -> None:
+    """detection.pretrained names a lensflow model that logged its checkpoint (whether it is a
+    classifier that fits is known once train reads it), and the transfer keys fit."""
+    source = cfg.detection.pretrained
+    if not source:
+        return
+    where = f"{prefix}detection.pretrained {source}"
+    if not source.startswith(("models:/", "runs:/")):
+        raise UserError(
+            f"{where}: name a classifier lensflow trained: models:/NAME@ALIAS, "
+            "models:/NAME/VERSION or runs:/RUN_ID"
+        )
+    if cfg.train.strategy not in DETECTION_STRATEGIES:
+        raise UserError(
+            f"{prefix}train.strategy {cfg.train.strategy}: a detector's transferred backbone "
+            f"learns by {' or '.join(DETECTION_STRATEGIES)}"
+        )
+    if cfg.train.layer_lr_decay != 1:
+        raise UserError(
+            f"{prefix}train.layer_lr_decay: a detector's transferred stages learn at one LR "
+            "(train.backbone_lr_factor); leave it at 1"
+        )
+    _check_lensflow_model(source, prefix, "detection.pretrained")
+
+
 def check_model(model: Model, image_size: int, prefix: str = "") -> None:
     """The network takes its input size, and model.pretrained names weights that exist and fit
     model.arch. `prefix` names where the model section comes from (a compare arm)."""
@@ -127,21 +157,24 @@ def check_compare_arms(cfg: Config) -> None:
     from components.experiments import compare_arms
 
     for arm, arm_cfg in compare_arms.arm_configs(cfg).items():  # a bad override fails here
-        check_model(arm_cfg.model, cfg.prepare.image_size, prefix=f"compare.{arm}: ")
+        if cfg.task == "detection":
+            check_detection_transfer(arm_cfg, prefix=f"compare.{arm}: ")
+        else:
+            check_model(arm_cfg.model, cfg.prepare.image_size, prefix=f"compare.{arm}: ")
 
 
-def _check_lensflow_model(uri: str, prefix: str) -> None:
+def _check_lensflow_model(uri: str, prefix: str, key: str = "model.pretrained") -> None:
     """The model or run exists and logged the checkpoint the backbone is read from."""
     import mlflow
 
     try:
         run_id = tracking.model_run_id(uri)
     except UserError as exc:
-        raise UserError(f"{prefix}model.pretrained {exc}") from None
+        raise UserError(f"{prefix}{key} {exc}") from None
     folder = tracking.CHECKPOINT_ARTIFACT.rpartition("/")[0]
     logged = mlflow.MlflowClient(tracking.tracking_uri()).list_artifacts(run_id, folder)
     if tracking.CHECKPOINT_ARTIFACT not in {f.path for f in logged}:
-        raise UserError(f"{prefix}model.pretrained {tracking.no_checkpoint(uri, run_id)}")
+        raise UserError(f"{prefix}{key} {tracking.no_checkpoint(uri, run_id)}")
 
 
 def _as_trained(cfg: Config) -> Config:

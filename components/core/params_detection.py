@@ -69,6 +69,14 @@ class Detection(Section):
     """Per check code, what a finding does (`detection.policy.<code>`, below)."""
     widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 96], min_length=3)
     """Channels of the detector's backbone stages (the first at stride 4, then halving)."""
+    pretrained: str | None = None
+    """The backbone by transfer: `null` = the stages above, from scratch; or a classifier
+    lensflow trained, `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID`, of
+    `model.arch` `simple_cnn` or `resnet_cnn` with 3 or more widths: its convolutional stages
+    and their weights (`widths` above then does not apply; the FPN reads its last three
+    stages), its normalisation; a grayscale one's first convolution is made RGB. With it,
+    `train.strategy` `fine_tune` or `feature_extraction` (frozen stages), and
+    `train.backbone_lr_factor`. See Object detection, Transfer."""
     fpn_channels: int = Field(32, ge=8, multiple_of=8)
     """Channels of each feature-pyramid level and of the FCOS heads (GroupNorm, 8 groups)."""
     anchor_sizes: list[int] = Field(

@@ -205,7 +205,9 @@ class Compare(Section):
     transfer: dict = Field(default_factory=_default_transfer)
     """The same for the transfer arm; `model.pretrained` is required. Default: ImageNet
     EfficientNet-Lite0 from an installed wheel, 64 px inside the model,
-    `feature_extraction`, lr 0.01."""
+    `feature_extraction`, lr 0.01. Under `task: detection` both arms set `detection.*`,
+    `train.*`, `augment.*` keys instead, and the transfer arm `detection.pretrained` (replace
+    this default: `{"detection.pretrained": "models:/NAME@ALIAS"}`)."""
 
     @field_validator("fractions")
     @classmethod

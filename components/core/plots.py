@@ -84,18 +84,24 @@ def image_grid(
     return _save(fig, out)
 
 
-def comparison_curves(panels: dict[str, dict[str, list[dict]]], out: Path) -> Path:
-    """Validation accuracy of each arm against epochs and against training seconds (log
-    scale), one row per regime. `panels`: {regime: {arm: history rows of loop.fit}}."""
+def comparison_curves(
+    panels: dict[str, dict[str, list[dict]]],
+    out: Path,
+    metric: tuple[str, str] = ("val_accuracy", "validation accuracy"),
+) -> Path:
+    """`metric` (its history key, its label; validation accuracy by default) of each arm
+    against epochs and against training seconds (log scale), one row per regime. `panels`:
+    {regime: {arm: history rows with epoch, seconds and the metric (loop.fit's)}}."""
     plt = _pyplot()
+    key, label = metric
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
     for (regime, arms), (by_epoch, by_time) in zip(panels.items(), axes, strict=True):
         for arm, history in arms.items():
-            accuracy = [row["val_accuracy"] for row in history]
-            by_epoch.plot([row["epoch"] for row in history], accuracy, marker=".", label=arm)
-            by_time.plot([row["seconds"] for row in history], accuracy, marker=".", label=arm)
-        by_epoch.set(xlabel="epoch", ylabel="validation accuracy", title=f"{regime}: per epoch")
-        by_time.set(xlabel="training seconds", ylabel="validation accuracy", xscale="log")
+            values = [row[key] for row in history]
+            by_epoch.plot([row["epoch"] for row in history], values, marker=".", label=arm)
+            by_time.plot([row["seconds"] for row in history], values, marker=".", label=arm)
+        by_epoch.set(xlabel="epoch", ylabel=label, title=f"{regime}: per epoch")
+        by_time.set(xlabel="training seconds", ylabel=label, xscale="log")
         by_time.set_title(f"{regime}: against training time")
         for ax in (by_epoch, by_time):
             ax.grid(alpha=0.3)

@@ -13,7 +13,12 @@ convs each) read every level. Its "anchors" are one square per place, of
 its centre, on the level whose range (4 to 8 anchor sizes; the first level from 0, the last to
 infinity) holds its largest distance from such a place to its edges.
 
-`build(cfg, n_classes)` returns the detector; it takes float images in [0, 1] at
+Or, by transfer (`detection.pretrained`), a lensflow classifier's convolutional stages
+(`ClassifierBackbone`, `from_classifier`): the same FPN over its last three stages, plus P6 and
+P7, at that classifier's strides.
+
+`build(cfg, n_classes, backbone)` returns the detector (`backbone`: None for the stages above,
+or `from_classifier`'s description); it takes float images in [0, 1] at
 `detection.image_size` and, in eval mode, returns torchvision's boxes (x1, y1, x2, y2 in input
 pixels), scores and labels (0..n_classes-1) after its score threshold and NMS.
 
@@ -45,6 +50,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from components.core import config
 from components.core.config import Config
+from components.core.errors import UserError
 
 OUTPUTS = ("cls_logits", "bbox_regression", "bbox_ctrness")  # what `Heads` returns, in order
 
@@ -86,6 +92,100 @@ class Backbone(nn.Module):
         return self.fpn(features)
 
 
+TRANSFER_ARCHS = ("simple_cnn", "resnet_cnn")  # classifiers whose every stage halves the size
+LUMINANCE = (0.299, 0.587, 0.114)  # grey = these weights of R, G, B (PIL's "L", prepare's)
+
+
+class ClassifierBackbone(nn.Module):
+    """A lensflow classifier's convolutional stages (`simple_cnn`: each Conv-BN-ReLU-max-pool;
+    `resnet_cnn`: its stem with the first block, then each block), its input normalisation in
+    front (buffers `mean`, `std`); an FPN over the last three stages, plus P6 and P7."""
+
+    def __init__(self, spec: dict, out_channels: int):
+        from components.training import models
+
+        super().__init__()
+        widths = list(spec["widths"])
+        if spec["arch"] == "simple_cnn":
+            self.body = models.SimpleCNN(3, 1, widths, 0.0)
+        else:
+            self.body = models.ResidualCNN(3, 1, widths, 0.0, spec["se"])
+        self.body.head = nn.Identity()  # the classifier's head has no place in a detector
+        self.register_buffer("mean", torch.tensor(spec["mean"]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec["std"]).view(1, 3, 1, 1))
+        self.fpn = FeaturePyramidNetwork(
+            widths[-3:], out_channels, extra_blocks=LastLevelP6P7(out_channels, out_channels)
+        )
+        self.out_channels = out_channels
+
+    def stages(self) -> list[nn.Module]:
+        """Input to output, each halving the size (resnet_cnn's stem keeps it: it goes with
+        the first block); what `train.strategy: feature_extraction` freezes."""
+        if hasattr(self.body, "features"):  # simple_cnn
+            return list(self.body.features)
+        return [nn.Sequential(self.body.stem, self.body.stages[0]), *self.body.stages[1:]]
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        x = (x - self.mean) / self.std
+        stages, features = self.stages(), OrderedDict()
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i >= len(stages) - 3:
+                features[str(i - len(stages) + 3)] = x
+        return self.fpn(features)
+
+
+def from_classifier(checkpoint: dict, source: str) -> tuple[dict, dict]:
+    """(the backbone's description, its weights for `ClassifierBackbone`) of a lensflow
+    classifier's checkpoint {spec, state_dict}. A grayscale classifier's first convolution
+    becomes an RGB one that computes the same on the image's luminance; its normalisation is
+    repeated over R, G, B. Anything else than a `TRANSFER_ARCHS` classifier of at least three
+    stages is one UserError naming `source` (`detection.pretrained`)."""
+    where = f"detection.pretrained {source}"
+    spec = checkpoint.get("spec")
+    if not isinstance(spec, dict) or "arch" not in spec:
+        raise UserError(f"{where}: not a lensflow classifier (no model spec in its checkpoint)")
+    if spec["arch"] not in TRANSFER_ARCHS:
+        raise UserError(
+            f"{where}: a {spec['arch']} classifier; a detector's backbone can be the stages of "
+            f"a {' or '.join(TRANSFER_ARCHS)} classifier (their every stage halves the size)"
+        )
+    if len(spec["widths"]) < 3:
+        raise UserError(
+            f"{where}: its model.widths {spec['widths']} give {len(spec['widths'])} stages; "
+            "the feature pyramid reads the last three (train it with model.widths of 3 or more)"
+        )
+    grey = spec["channels"] == 1
+    backbone = {
+        "arch": spec["arch"], "widths": list(spec["widths"]), "se": bool(spec.get("se")),
+        "mean": list(spec["mean"]) * 3 if grey else list(spec["mean"]),
+        "std": list(spec["std"]) * 3 if grey else list(spec["std"]),
+    }  # fmt: skip
+    weights = {}
+    for name, tensor in checkpoint["state_dict"].items():
+        if name.startswith("network.") and not name.startswith("network.head."):
+            if tensor.dim() == 4 and tensor.shape[1] == 1 and grey:  # the first convolution
+                tensor = tensor * torch.tensor(LUMINANCE).view(1, 3, 1, 1)
+            weights[f"body.{name.removeprefix('network.')}"] = tensor
+    return backbone, weights
+
+
+def load_classifier(detector: FCOS, weights: dict, source: str) -> None:
+    """`from_classifier`'s weights into a detector built with its backbone; every stage's
+    tensor must fit (a UserError naming `source` otherwise)."""
+    try:
+        missing, unexpected = detector.backbone.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a shape that does not fit
+        problem = str(exc).splitlines()[-1].strip()
+        raise UserError(f"detection.pretrained {source}: {problem}") from None
+    missing = [name for name in missing if name.startswith("body.")]
+    if missing or unexpected:
+        raise UserError(
+            f"detection.pretrained {source}: its classifier's layers do not fit "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
 def anchors(sizes: list[int]) -> AnchorGenerator:
     return AnchorGenerator(tuple((size,) for size in sizes), ((1.0,),) * len(sizes))
 
@@ -100,16 +200,22 @@ def head(channels: int, n_classes: int) -> FCOSHead:
     return heads
 
 
-def build(cfg: Config, n_classes: int) -> FCOS:
+def build(cfg: Config, n_classes: int, backbone: dict | None = None) -> FCOS:
     d = cfg.detection
     size = d.image_size
+    if backbone is None:
+        body = Backbone(list(d.widths), d.fpn_channels)
+    else:
+        body = ClassifierBackbone(backbone, d.fpn_channels)
     return FCOS(
-        Backbone(list(d.widths), d.fpn_channels),
+        body,
         n_classes,
         head=head(d.fpn_channels, n_classes),
         min_size=size,
         max_size=size,
-        image_mean=[0.0, 0.0, 0.0],  # images arrive as [0, 1]; BN after each conv normalises
+        # images arrive as [0, 1]; BN after each conv normalises (a classifier's backbone
+        # normalises as that classifier did, inside: `Heads` skips this transform)
+        image_mean=[0.0, 0.0, 0.0],
         image_std=[1.0, 1.0, 1.0],
         anchor_generator=anchors(list(d.anchor_sizes)),
         score_thresh=d.score_threshold,
@@ -173,7 +279,8 @@ def decoder_from_metadata(meta: dict) -> Decoder:
     its settings; `classes`): the weights are in the graph, the decoder needs only the anchors
     and the postprocessing's settings."""
     settings = json.loads(meta["detector"])
+    backbone = settings.pop("backbone", None)  # a classifier's stages (detection.pretrained)
     cfg = config.from_dict({"task": "detection", "detection": settings})
     classes = meta["classes"]
     n_classes = len(json.loads(classes) if isinstance(classes, str) else classes)
-    return Decoder(build(cfg, n_classes).eval(), settings["image_size"])
+    return Decoder(build(cfg, n_classes, backbone).eval(), settings["image_size"])

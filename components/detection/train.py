@@ -1,5 +1,7 @@
-"""train, for `task: detection`: the FCOS of `model` from scratch on the prepared shards,
-then COCO mAP on the validation split.
+"""train, for `task: detection`: the FCOS of `model` on the prepared shards, from scratch or,
+with `detection.pretrained`, on the stages of a lensflow classifier (its weights; frozen by
+`train.strategy: feature_extraction`, at `train.backbone_lr_factor` x the LR otherwise), then
+COCO mAP on the validation split.
 
 Reads `<split>-images.npy` and `<split>-annotations.json` (boxes scaled from each image's own
 pixels to the shard's size); box-aware augmentation per image (`detection.augment`,
@@ -8,8 +10,9 @@ images as the detector sees them, with their boxes, and is logged to the active 
 AdamW at `detection.lr` with `train.weight_decay`, a linear warmup of `train.warmup_epochs`
 then cosine decay, `detection.batch_size` images a step, `detection.epochs` epochs, on
 `detection.threads` torch threads, gradient norm clipped to `train.grad_clip_norm` (10 when
-0: focal loss from scratch spikes early). Writes models/detector.pt (state_dict) and
-reports/detection_training.json (per-epoch loss, the validation mAP, seconds).
+0: focal loss from scratch spikes early). Writes models/detector.pt ({backbone: None or the
+classifier backbone's description, with its `source` and `run_id`; state_dict}) and
+reports/detection_training.json (per-epoch loss, the validation mAP, seconds, `pretrained`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from components.data import validate
 from components.data.prepared import load_meta
 from components.detection import coco_map, model
 from components.detection import prepare as detection_prepare
-from components.training import box_augment
+from components.training import box_augment, pretrained
 
 CHECKPOINT = paths.MODELS / "detector.pt"
 REPORT = paths.REPORTS / "detection_training.json"
@@ -72,17 +75,45 @@ def to_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(images, dtype=np.float32) / 255)
 
 
+@dataclass(frozen=True)
+class Fitted:
+    detector: torch.nn.Module
+    backbone: dict | None  # None: the detector's own stages; else `transferred`'s description
+    history: list[dict]  # per epoch: epoch, train_loss, seconds (since training began)
+    seconds: float
+    frozen: bool  # the transferred stages did not learn
+
+
 def run(cfg: Config) -> TrainResult:
     validate.require_passed()
     use_threads(cfg)
-    torch.manual_seed(cfg.seed)
     meta = load_meta()
-    detector = model.build(cfg, len(meta["classes"]))
     images, targets, _ = split_data("train")
+    torch.manual_seed(cfg.seed)  # the preview's draws, from a fork of this state
+    _preview(box_augment.transform(cfg), images, targets, meta["classes"])
+    fitted = fit(cfg, images, targets, len(meta["classes"]))
+    save(fitted, CHECKPOINT)
+    metrics = evaluate(fitted.detector, "val")
+    report = {"epochs": fitted.history, "train_seconds": round(fitted.seconds, 2), "val": metrics}
+    paths.write_json(REPORT, {**report, "pretrained": source(fitted)})
+    return TrainResult(
+        len(fitted.history), metrics["map"], metrics["map_50"], round(fitted.seconds, 2),
+        str(CHECKPOINT),
+    )  # fmt: skip
+
+
+def fit(cfg: Config, images: np.ndarray, targets: list[dict], n_classes: int) -> Fitted:
+    """The detector of `cfg`, trained on `images` (uint8 [N, 3, S, S]) and their `targets`."""
+    torch.manual_seed(cfg.seed)
+    backbone, weights = transferred(cfg)
+    detector = model.build(cfg, n_classes, backbone)
+    if backbone is not None:
+        model.load_classifier(detector, weights, backbone["source"])
+        _log_source(backbone)
+    frozen = backbone is not None and cfg.train.strategy == "feature_extraction"
     augment = box_augment.transform(cfg)
-    _preview(augment, images, targets, meta["classes"])
     optimizer = torch.optim.AdamW(
-        detector.parameters(), lr=cfg.detection.lr, weight_decay=cfg.train.weight_decay
+        _parameter_groups(detector, cfg, backbone, frozen), weight_decay=cfg.train.weight_decay
     )
     batch = cfg.detection.batch_size
     steps_per_epoch = max(1, math.ceil(len(images) / batch))
@@ -92,6 +123,8 @@ def run(cfg: Config) -> TrainResult:
     history, start = [], time.perf_counter()
     for epoch in range(cfg.detection.epochs):
         detector.train()
+        if frozen:  # nor do their batch-norm statistics move
+            detector.backbone.body.eval()
         order = torch.randperm(len(images), generator=generator).numpy()
         total = 0.0
         for first in range(0, len(order), batch):
@@ -108,17 +141,65 @@ def run(cfg: Config) -> TrainResult:
             optimizer.step()
             schedule.step()
             total += loss.item() * len(index)
-        history.append({"epoch": epoch + 1, "train_loss": total / max(1, len(images))})
-    seconds = time.perf_counter() - start
-    CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
-    with paths.atomic(CHECKPOINT) as partial:
-        torch.save(detector.state_dict(), partial)
-    metrics = evaluate(detector, "val")
-    report = {"epochs": history, "train_seconds": round(seconds, 2), "val": metrics}
-    paths.write_json(REPORT, report)
-    return TrainResult(
-        len(history), metrics["map"], metrics["map_50"], round(seconds, 2), str(CHECKPOINT)
-    )
+        seconds = round(time.perf_counter() - start, 2)
+        history.append(
+            {"epoch": epoch + 1, "train_loss": total / max(1, len(images)), "seconds": seconds}
+        )
+    return Fitted(detector, backbone, history, time.perf_counter() - start, frozen)
+
+
+def save(fitted: Fitted, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with paths.atomic(path) as partial:
+        state = fitted.detector.state_dict()
+        torch.save({"backbone": fitted.backbone, "state_dict": state}, partial)
+
+
+def source(fitted: Fitted) -> dict | None:
+    """Where the backbone came from (None: from scratch), for reports."""
+    if fitted.backbone is None:
+        return None
+    keys = ("source", "run_id", "arch", "widths")
+    return {**{k: fitted.backbone[k] for k in keys}, "frozen": fitted.frozen}
+
+
+def transferred(cfg: Config) -> tuple[dict | None, dict | None]:
+    """(the backbone's description, its weights) of `detection.pretrained`'s classifier;
+    (None, None) from scratch."""
+    uri = cfg.detection.pretrained
+    if not uri:
+        return None, None
+    checkpoint = pretrained.lensflow_checkpoint(uri, "detection.pretrained")
+    backbone, weights = model.from_classifier(checkpoint, uri)
+    return {**backbone, "source": uri, "run_id": checkpoint["run_id"]}, weights
+
+
+def _parameter_groups(detector, cfg: Config, backbone: dict | None, frozen: bool) -> list[dict]:
+    """The classifier's stages learn at `train.backbone_lr_factor` x the LR, or not at all
+    (`frozen`); the FPN and the heads at `detection.lr`."""
+    lr = cfg.detection.lr
+    if backbone is None:
+        return [{"params": list(detector.parameters()), "lr": lr}]
+    stages = list(detector.backbone.body.parameters())
+    own = {id(p) for p in stages}
+    groups = [{"params": [p for p in detector.parameters() if id(p) not in own], "lr": lr}]
+    for parameter in stages:
+        parameter.requires_grad = not frozen
+    if not frozen:
+        groups.append({"params": stages, "lr": lr * cfg.train.backbone_lr_factor})
+    return groups
+
+
+def _log_source(backbone: dict) -> None:
+    """The classifier the backbone came from, on the active MLflow run (lineage)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tags(
+            {"lensflow.pretrained": backbone["source"],
+             "lensflow.pretrained_run_id": backbone["run_id"],
+             "lensflow.pretrained_arch": backbone["arch"]}
+        )  # fmt: skip
 
 
 def use_threads(cfg: Config) -> None:
@@ -198,9 +279,19 @@ def evaluate(detector, split: str) -> dict:
 
 
 def load(cfg: Config, path: Path = CHECKPOINT):
-    detector = model.build(cfg, len(load_meta()["classes"]))
-    detector.load_state_dict(torch.load(path, weights_only=True))
+    backbone, state = read_checkpoint(path)
+    detector = model.build(cfg, len(load_meta()["classes"]), backbone)
+    detector.load_state_dict(state)
     return detector.eval()
+
+
+def read_checkpoint(path: Path = CHECKPOINT) -> tuple[dict | None, dict]:
+    """(the backbone's description or None, the state_dict); a checkpoint of before transfer
+    was the state_dict alone."""
+    checkpoint = torch.load(path, weights_only=True)
+    if "state_dict" not in checkpoint:
+        return None, checkpoint
+    return checkpoint["backbone"], checkpoint["state_dict"]
 
 
 def summary(result: TrainResult) -> str:

@@ -13,7 +13,8 @@ reference profile of its box statistics that `lensflow monitor` compares batches
 
 The ONNX metadata (`metadata_props`): `task` (detection), `classes`, `category_ids`,
 `image_size` and `detector` (the JSON of what `model.Decoder` needs: widths, FPN channels,
-anchor sizes, score threshold, NMS IoU, detections per image). `decoder(meta)` rebuilds that
+anchor sizes, score threshold, NMS IoU, detections per image; `backbone`: null, or the arch and
+widths of the classifier a transferred backbone came from). `decoder(meta)` rebuilds that
 decoder from it: the same postprocessing for the evaluator, promotion, the server and batch
 scoring.
 """
@@ -70,6 +71,7 @@ def run(cfg: Config) -> RegistryResult:
                 "lensflow.task": TASK,
                 registry.CHECKPOINT_SHA_TAG: checkpoint_sha,
                 "lensflow.export_parity": json.dumps(parity),
+                **_pretrained_tags(),
             }
             mlflow.log_metrics({"test/map": evaluation["map"], "test/map_50": evaluation["map_50"]})
             version = _log_and_register(cfg, name, tags)
@@ -101,8 +103,25 @@ def metadata(cfg: Config) -> dict[str, str]:
         "classes": json.dumps(meta["classes"]),
         "category_ids": json.dumps(meta["category_ids"]),
         "image_size": str(cfg.detection.image_size),
-        "detector": json.dumps({key: detection[key] for key in DECODER_KEYS}),
+        "detector": json.dumps(
+            {**{key: detection[key] for key in DECODER_KEYS}, "backbone": _backbone()}
+        ),
     }
+
+
+def _pretrained_tags() -> dict[str, str]:
+    """Lineage: the classifier the detector's backbone started from (`none`: from scratch)."""
+    backbone, _ = train.read_checkpoint()
+    if backbone is None:
+        return {"lensflow.pretrained": "none"}
+    run_id = backbone["run_id"]
+    return {"lensflow.pretrained": backbone["source"], "lensflow.pretrained_run_id": run_id}
+
+
+def _backbone() -> dict | None:
+    """What the anchors need of a transferred backbone: its classifier's stages."""
+    backbone, _ = train.read_checkpoint()
+    return backbone and {k: backbone[k] for k in ("arch", "widths", "se", "mean", "std")}
 
 
 def decoder(meta: dict) -> model.Decoder:

@@ -95,15 +95,22 @@ def _local_file(path: Path) -> dict:
 
 
 def _mlflow_backbone(uri: str) -> dict:
-    """The network weights of an earlier lensflow model: the checkpoint its register run
-    logged (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID[/PATH]`)."""
+    """The network weights of an earlier lensflow model (see `lensflow_checkpoint`)."""
+    state = lensflow_checkpoint(uri, "model.pretrained")["state_dict"]
+    return {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
+
+
+def lensflow_checkpoint(uri: str, key: str) -> dict:
+    """The checkpoint an earlier lensflow model's register run logged (`models:/NAME@ALIAS`,
+    `models:/NAME/VERSION`, `runs:/RUN_ID[/PATH]`), loaded with weights_only=True, with
+    `run_id` added; a UserError starting with `key` (the params key naming `uri`)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
         run_id = tracking.model_run_id(uri)
     except UserError as exc:
-        raise UserError(f"model.pretrained {exc}") from None
+        raise UserError(f"{key} {exc}") from None
     try:
         local = mlflow.artifacts.download_artifacts(
             run_id=run_id,
@@ -111,6 +118,8 @@ def _mlflow_backbone(uri: str) -> dict:
             tracking_uri=tracking.tracking_uri(),
         )
     except (MlflowException, OSError):
-        raise UserError(f"model.pretrained {tracking.no_checkpoint(uri, run_id)}") from None
-    state = torch.load(local, weights_only=True, map_location="cpu")["state_dict"]
-    return {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
+        raise UserError(f"{key} {tracking.no_checkpoint(uri, run_id)}") from None
+    checkpoint = torch.load(local, weights_only=True, map_location="cpu")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        checkpoint = {"state_dict": checkpoint}  # a detector before its checkpoint held a spec
+    return {**checkpoint, "run_id": run_id}
