@@ -26,7 +26,8 @@ FOLDER_LAYOUT = "expected <root>/<class>/<image>"
 # What `task: detection` runs so far: `lensflow data` and the stages of
 # cli.pipeline.DETECTION_STAGES; the others come in the next stages of issue 32.
 DETECTION_STEPS = (
-    "run", "data", "prepare", "validate", "train", "evaluate", "export", "register", "promote",
+    "run", "data", "tune", "prepare", "validate", "train", "evaluate", "export", "quantize",
+    "register", "promote",
 )  # fmt: skip
 
 
@@ -35,7 +36,7 @@ def check_task(cfg: Config, step: str) -> None:
     if cfg.task == "detection" and step not in DETECTION_STEPS:
         raise UserError(
             f"task: detection has only `lensflow run`, `lensflow data` and `lensflow stage "
-            f"{'|'.join(DETECTION_STEPS[2:])}` so far; `{step}` runs for task: classification"
+            f"{'|'.join(DETECTION_STEPS[3:])}` so far; `{step}` runs for task: classification"
         )
 
 

@@ -3,13 +3,14 @@ then COCO mAP on the validation split.
 
 Reads `<split>-images.npy` and `<split>-annotations.json` (boxes scaled from each image's own
 pixels to the shard's size); box-aware augmentation per image (`detection.augment`,
-`components.training.box_augment`; plots/detection_augmentation_preview.png shows 16 training
+`components.training.box_augment`; plots/augmentation_preview.png shows 16 training
 images as the detector sees them, with their boxes, and is logged to the active MLflow run);
 AdamW at `detection.lr` with `train.weight_decay`, a linear warmup of `train.warmup_epochs`
 then cosine decay, `detection.batch_size` images a step, `detection.epochs` epochs, on
 `detection.threads` torch threads, gradient norm clipped to `train.grad_clip_norm` (10 when
-0: focal loss from scratch spikes early). Writes models/detector.pt (state_dict) and
-reports/detection_training.json (per-epoch loss, the validation mAP, seconds).
+0: focal loss from scratch spikes early). Writes what dvc.yaml's train stage declares:
+models/checkpoint.pt (state_dict), reports/training.json (per-epoch loss, the validation mAP,
+seconds), metrics/training.json, reports/training_curve.csv and plots/training.png.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from components.data import validate
 from components.data.prepared import load_meta
 from components.detection import coco_map, model
 from components.detection import prepare as detection_prepare
-from components.training import box_augment
+from components.training import box_augment, tuned
 
-CHECKPOINT = paths.MODELS / "detector.pt"
-REPORT = paths.REPORTS / "detection_training.json"
-PREVIEW = paths.PLOTS / "detection_augmentation_preview.png"
+# the paths dvc.yaml's train stage declares, as classification's train writes them
+CHECKPOINT = paths.CHECKPOINT
+REPORT = paths.TRAINING_REPORT
+PREVIEW = paths.PLOTS / "augmentation_preview.png"
+CURVE_PLOT = paths.PLOTS / "training.png"
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ def to_float(images: np.ndarray) -> torch.Tensor:
 
 def run(cfg: Config) -> TrainResult:
     validate.require_passed()
+    cfg = settings(cfg)
     use_threads(cfg)
     torch.manual_seed(cfg.seed)
     meta = load_meta()
@@ -81,6 +85,37 @@ def run(cfg: Config) -> TrainResult:
     images, targets, _ = split_data("train")
     augment = box_augment.transform(cfg)
     _preview(augment, images, targets, meta["classes"])
+    start = time.perf_counter()
+    history = fit(cfg, detector, images, targets, augment)
+    seconds = time.perf_counter() - start
+    CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
+    with paths.atomic(CHECKPOINT) as partial:
+        torch.save(detector.state_dict(), partial)
+    metrics = evaluate(detector, "val")
+    report = {"task": "detection", "epochs": history, "train_seconds": round(seconds, 2),
+              "val": metrics}  # fmt: skip
+    paths.write_json(REPORT, report)
+    paths.write_metrics(
+        paths.TRAINING_METRICS,
+        {"epochs_run": len(history), "val_map": round(metrics["map"], 6),
+         "val_map_50": round(metrics["map_50"], 6), "train_seconds": report["train_seconds"]},
+    )  # fmt: skip
+    paths.write_csv(paths.TRAINING_CURVE, history, ["epoch", "train_loss"])
+    plots.detection_training_curve(history, CURVE_PLOT)
+    return TrainResult(
+        len(history), metrics["map"], metrics["map_50"], round(seconds, 2), str(CHECKPOINT)
+    )
+
+
+def settings(cfg: Config) -> Config:
+    """`cfg` with, when `train.use_tuned`, the best detection params of reports/tuning.json
+    (components/detection/tune.py); train, evaluate, export, quantize and register use it."""
+    return tuned.apply_tuned(cfg) if cfg.train.use_tuned else cfg
+
+
+def fit(cfg: Config, detector, images: np.ndarray, targets: list[dict], augment) -> list[dict]:
+    """`detection.epochs` epochs of `detector` on the images and their targets; the
+    per-epoch mean loss. Its random draws come from torch's generator, seeded by the caller."""
     optimizer = torch.optim.AdamW(
         detector.parameters(), lr=cfg.detection.lr, weight_decay=cfg.train.weight_decay
     )
@@ -89,7 +124,7 @@ def run(cfg: Config) -> TrainResult:
     schedule = _schedule(optimizer, cfg, steps_per_epoch)
     clip = cfg.train.grad_clip_norm or 10.0
     generator = torch.Generator().manual_seed(cfg.seed)
-    history, start = [], time.perf_counter()
+    history = []
     for epoch in range(cfg.detection.epochs):
         detector.train()
         order = torch.randperm(len(images), generator=generator).numpy()
@@ -109,16 +144,7 @@ def run(cfg: Config) -> TrainResult:
             schedule.step()
             total += loss.item() * len(index)
         history.append({"epoch": epoch + 1, "train_loss": total / max(1, len(images))})
-    seconds = time.perf_counter() - start
-    CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
-    with paths.atomic(CHECKPOINT) as partial:
-        torch.save(detector.state_dict(), partial)
-    metrics = evaluate(detector, "val")
-    report = {"epochs": history, "train_seconds": round(seconds, 2), "val": metrics}
-    paths.write_json(REPORT, report)
-    return TrainResult(
-        len(history), metrics["map"], metrics["map_50"], round(seconds, 2), str(CHECKPOINT)
-    )
+    return history
 
 
 def use_threads(cfg: Config) -> None:
@@ -198,6 +224,7 @@ def evaluate(detector, split: str) -> dict:
 
 
 def load(cfg: Config, path: Path = CHECKPOINT):
+    """The trained detector, built with `cfg` as given (callers pass `settings(cfg)`)."""
     detector = model.build(cfg, len(load_meta()["classes"]))
     detector.load_state_dict(torch.load(path, weights_only=True))
     return detector.eval()

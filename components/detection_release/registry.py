@@ -31,7 +31,7 @@ from components.core.errors import UserError
 from components.data.prepared import load_meta
 from components.detection import model, train
 from components.detection_release import export
-from components.release import registry
+from components.release import quantize, registry
 from components.release.registry import RegistryResult
 
 TASK = "detection"
@@ -43,6 +43,7 @@ GOLDEN_IMAGES = 4
 
 
 def run(cfg: Config) -> RegistryResult:
+    cfg = train.settings(cfg)  # the decoder's settings in the metadata: as evaluated
     export_report = registry.read_report(export.REPORT)
     evaluation = registry.read_report(paths.EVALUATION_REPORT)
     if not export.ONNX.exists() or not train.CHECKPOINT.exists():
@@ -139,7 +140,10 @@ def _log_and_register(cfg: Config, name: str, tags: dict) -> str:
         golden = Path(tmp) / Path(paths.GOLDEN_ARTIFACT).name
         np.savez(golden, images=example, **golden_arrays)
         mlflow.log_artifact(str(golden), paths.GOLDEN_ARTIFACT.rpartition("/")[0])
-    found = mlflow.register_model(info.model_uri, name, tags={**tags, "lensflow.int8": "none"})
+    int8 = "shipped" if quantize.int8_shipped() else "not_shipped"  # quantize's gate
+    if int8 == "shipped":
+        mlflow.log_artifact(str(paths.ONNX_INT8), "int8")
+    found = mlflow.register_model(info.model_uri, name, tags={**tags, "lensflow.int8": int8})
     return str(found.version)
 
 
