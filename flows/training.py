@@ -7,8 +7,8 @@ from prefect import flow, runtime
 from components.core import config, tracking, versioning
 from components.detection import evaluate as detection_evaluate
 from components.detection import train as detection_train
-from components.detection_release import export as detection_export
 from components.detection import tune as detection_tune
+from components.detection_release import export as detection_export
 from components.detection_release import promote as detection_promote
 from components.detection_release import quantize as detection_quantize
 from components.detection_release import registry as detection_registry

@@ -45,9 +45,7 @@ def run(cfg: Config) -> EvaluationResult:
     train.use_threads(cfg)
     images, targets, coco = train.split_data("test")
     found = train.predict(train.load(cfg), images)
-    metrics = coco_map.evaluate(
-        coco, train.detections_as_coco(found, coco, images.shape[-1])
-    )
+    metrics = coco_map.evaluate(coco, train.detections_as_coco(found, coco, images.shape[-1]))
     _figures(images, targets, found, load_meta()["classes"])
     paths.write_json(paths.EVALUATION_REPORT, {"task": "detection", "split": "test", **metrics})
     paths.write_metrics(

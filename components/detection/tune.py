@@ -132,9 +132,7 @@ class _Scorer:
         size = cfg.detection.image_size
         decode = model.Decoder(detector, size)
         found = [d for batch in outputs for d in decode(*batch, [(size, size)] * len(batch[0]))]
-        return coco_map.evaluate(self.coco, train.detections_as_coco(found, self.coco, size))[
-            "map"
-        ]
+        return coco_map.evaluate(self.coco, train.detections_as_coco(found, self.coco, size))["map"]
 
     def _raw(self, cfg: Config) -> tuple:
         """The detector of these anchor sizes, trained as train trains it, and its raw

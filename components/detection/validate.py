@@ -17,8 +17,8 @@ import pandas as pd
 from components.core import paths
 from components.core.config import Config
 from components.core.errors import UserError
-from components.data.prepared import load_meta, manifest_sha256
 from components.data import data_report
+from components.data.prepared import load_meta, manifest_sha256
 from components.data.validate import ValidationResult
 from components.detection import box_checks
 from components.detection import prepare as detection_prepare
