@@ -83,11 +83,50 @@ def run(cfg: Config) -> RegistryResult:
             "test_map_50": evaluation["map_50"],
         }
         paths.write_json(paths.REGISTRY_REPORT, report)
+        paths.write_text(paths.MODEL_CARD, model_card(cfg, version, evaluation, parity))
         mlflow.log_artifact(str(paths.REGISTRY_REPORT))
+        mlflow.log_artifact(str(paths.MODEL_CARD))
     return RegistryResult(name, version, bool(existing), str(paths.REGISTRY_REPORT))
 
 
 summary = registry.summary
+
+
+def model_card(cfg: Config, version: str, evaluation: dict, parity: dict) -> str:
+    """reports/model_card.md (dvc.yaml's register declares it): use, data, metrics, formats."""
+    lineage = tracking.lineage(cfg)
+    quantized = (
+        registry.read_report(paths.QUANTIZE_REPORT) if paths.QUANTIZE_REPORT.exists() else None
+    )
+    int8 = "not made"
+    if quantized:
+        int8 = f"{quantized['status']}: {'; '.join(quantized['reasons']) or 'gates passed'}"
+    d = cfg.detection
+    return "\n".join(
+        [
+            f"# {cfg.registry.model_name} version {version}",
+            "",
+            "## Intended use",
+            f"Detect {', '.join(load_meta()['classes'])}: boxes (x1, y1, x2, y2 in the input's "
+            f"pixels), scores and classes. Input: uint8 images [batch, 3, H, W], resized to "
+            f"{d.image_size} px inside; score threshold {d.score_threshold}, per-class NMS at "
+            f"IoU {d.nms_iou}, at most {d.max_detections} boxes, after the graph.",
+            "",
+            "## Data",
+            f"Source `{cfg.data.source}`, DVC hash `{lineage['data.md5']}`; "
+            f"code `{lineage['git.commit']}` (dirty: {lineage['git.dirty']}); "
+            f"params hash `{lineage['params.hash']}`.",
+            "",
+            "## Metrics (test split)",
+            f"COCO mAP@[.5:.95] {evaluation['map']:.4f}, mAP@0.5 {evaluation['map_50']:.4f}.",
+            "",
+            "## Formats",
+            f"- fp32 ONNX up to the heads (box parity with PyTorch: {parity['parity']}, "
+            f"{parity['mismatched_images']} of {parity['n_images']} test images mismatched)",
+            f"- int8 ONNX ({int8})",
+            "",
+        ]
+    )
 
 
 def metadata(cfg: Config) -> dict[str, str]:
