@@ -124,7 +124,7 @@ def cmd_stage(args, cfg) -> int:
     memory.use_returning_allocator()  # as the flow's stages do (see components/core/memory.py)
     if args.resume and args.name != "train":
         raise UserError("--resume applies to the train stage only")
-    preflight.check_task(cfg, args.name)
+    preflight.check_task(cfg, "stage")  # every stage has its detection module
     preflight.check(
         cfg, data=args.name == "prepare", model=args.name in ("tune", "train"), resume=args.resume
     )
