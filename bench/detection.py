@@ -60,8 +60,8 @@ def main() -> None:
         wall = time.perf_counter() - start
         reports = Path(project) / "reports"
         evaluation = json.loads((reports / "evaluation.json").read_text())
-        exported = json.loads((reports / "detection_export.json").read_text())
-        trained = json.loads((reports / "detection_training.json").read_text())
+        exported = json.loads((reports / "export.json").read_text())
+        trained = json.loads((reports / "training.json").read_text())
     print(
         json.dumps(
             {

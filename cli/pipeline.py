@@ -21,13 +21,15 @@ STAGES = {
     "register": "components.release.registry",
     "promote": "components.release.promote",  # the version reports/registry.json names
 }
-# The stages `task: detection` has so far, in place of those of STAGES (the others refuse).
+# `task: detection`: the modules of the same stages (each writes what its dvc.yaml stage declares).
 DETECTION_STAGES = {
     "prepare": "components.detection.prepare",
     "validate": "components.detection.validate",
+    "tune": "components.detection.tune",
     "train": "components.detection.train",
     "evaluate": "components.detection.evaluate",
     "export": "components.detection_release.export",
+    "quantize": "components.detection_release.quantize",
     "register": "components.detection_release.registry",
     "promote": "components.detection_release.promote",  # the version reports/registry.json names
 }
@@ -122,7 +124,7 @@ def cmd_stage(args, cfg) -> int:
     memory.use_returning_allocator()  # as the flow's stages do (see components/core/memory.py)
     if args.resume and args.name != "train":
         raise UserError("--resume applies to the train stage only")
-    preflight.check_task(cfg, args.name)
+    preflight.check_task(cfg, "stage")  # every stage has its detection module
     preflight.check(
         cfg, data=args.name == "prepare", model=args.name in ("tune", "train"), resume=args.resume
     )
@@ -233,8 +235,6 @@ def _where_to_look(summary: dict) -> str:
     )
     exported = paths.EXPORT_REPORT
     if summary.get("task") == "detection":
-        # components.detection_release.export.REPORT
-        exported = paths.REPORTS / "detection_export.json"
         scores = (
             f"test mAP@[.5:.95] {summary['test_map']:.4f}, mAP@0.5 {summary['test_map_50']:.4f}, "
             f"ONNX parity {'yes' if summary['export_parity'] else 'NO'}"

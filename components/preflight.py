@@ -23,21 +23,17 @@ from components.training import archs
 FOLDER_LAYOUT = "expected <root>/<class>/<image>"
 
 
-# What `task: detection` runs so far: `lensflow run`, `data`, `compare` and the stages of
-# cli.pipeline.DETECTION_STAGES; the others come in the next stages of issue 32.
-DETECTION_STEPS = (
-    "run", "data", "compare", "monitor",
-    "prepare", "validate", "train", "evaluate", "export", "register", "promote",
-)  # fmt: skip
+# What `task: detection` does not run (yet): the commands that are not in DETECTION_STEPS
+# (`lensflow stage` runs cli.pipeline.DETECTION_STAGES).
+DETECTION_STEPS = ("run", "data", "tune", "compare", "monitor", "stage")
 
 
 def check_task(cfg: Config, step: str) -> None:
     """A step `task: detection` does not have yet is refused before anything starts."""
     if cfg.task == "detection" and step not in DETECTION_STEPS:
         raise UserError(
-            f"task: detection has only `lensflow run`, `data`, `compare`, `monitor` and "
-            f"`lensflow stage {'|'.join(DETECTION_STEPS[4:])}` so far; `{step}` runs for task: "
-            "classification"
+            f"task: detection has only `lensflow {'`, `'.join(DETECTION_STEPS)}` so far; "
+            f"`{step}` runs for task: classification"
         )
 
 

@@ -7,8 +7,10 @@ from prefect import flow, runtime
 from components.core import config, tracking, versioning
 from components.detection import evaluate as detection_evaluate
 from components.detection import train as detection_train
+from components.detection import tune as detection_tune
 from components.detection_release import export as detection_export
 from components.detection_release import promote as detection_promote
+from components.detection_release import quantize as detection_quantize
 from components.detection_release import registry as detection_registry
 from components.evaluation import evaluate
 from components.experiments import tune
@@ -28,9 +30,11 @@ promote_task = component_task(promote.run, "promote")
 dvc_commit_task = component_task(versioning.dvc_commit, "record-in-dvc-lock")
 # task: detection (cli.pipeline.DETECTION_STAGES)
 detection_tasks = {
+    "tune": component_task(detection_tune.run, "tune"),  # a study only when tune.enabled
     "train": component_task(detection_train.run, "train"),
     "evaluate": component_task(detection_evaluate.run, "evaluate"),
     "export": component_task(detection_export.run, "export"),
+    "quantize": component_task(detection_quantize.run, "quantize"),
     "register": component_task(detection_registry.run, "register"),
     "promote": component_task(detection_promote.run, "promote"),
 }
@@ -42,7 +46,7 @@ def training_flow(
 ) -> dict:
     cfg = config.load(params_path, overrides)
     if cfg.task == "detection":
-        return detection_flow(cfg)
+        return detection_flow(cfg, overrides)
     with tracking.pipeline_run(cfg, "training", flow_run_id=str(runtime.flow_run.id)) as run:
         validated_data(cfg)
         if cfg.labels.enabled:  # a gate when labels.max_noise_rate is set
@@ -76,15 +80,20 @@ def training_flow(
     }
 
 
-def detection_flow(cfg: config.Config) -> dict:
-    """`task: detection`: validate, train, evaluate, export with parity, register, promote."""
+def detection_flow(cfg: config.Config, overrides: list[str] | None = None) -> dict:
+    """`task: detection`: validate, tune (when enabled), train, evaluate, export with parity,
+    quantize, register, promote: dvc.yaml's stages, recorded in dvc.lock as classification's."""
     with tracking.pipeline_run(cfg, "training", flow_run_id=str(runtime.flow_run.id)) as run:
         validated_data(cfg)
+        detection_tasks["tune"](cfg)  # reports/tuning.json, which train.use_tuned reads
         detection_tasks["train"](cfg)
         evaluation = detection_tasks["evaluate"](cfg)
         exported = detection_tasks["export"](cfg)  # promote's export_parity gate reads it
+        quantized = detection_tasks["quantize"](cfg)
         registered = detection_tasks["register"](cfg)
         promoted = detection_tasks["promote"](cfg)
+    if versioning.in_dvc_repo() and not overrides:
+        dvc_commit_task()
     return {
         "task": "detection",
         "mlflow_run_id": run.info.run_id,
@@ -93,6 +102,7 @@ def detection_flow(cfg: config.Config) -> dict:
         "test_map": evaluation.map,
         "test_map_50": evaluation.map_50,
         "export_parity": exported.parity,
+        "int8_shipped": quantized.shipped,
         "model_name": registered.name,
         "version": registered.version,
         "promoted": promoted.promoted,

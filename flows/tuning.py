@@ -10,7 +10,7 @@ from prefect import flow
 from components.core import config
 from components.experiments import tune
 from flows.data import validated_data
-from flows.training import tune_task
+from flows.training import detection_tasks, tune_task
 
 
 @flow(name="lensflow-tuning", log_prints=True)
@@ -19,4 +19,6 @@ def tuning_flow(
 ) -> tune.TuneResult:
     cfg = config.load(params_path, overrides)
     validated_data(cfg)
+    if cfg.task == "detection":
+        return detection_tasks["tune"](cfg)
     return tune_task(cfg)

@@ -1,5 +1,6 @@
 """params.yaml, the sections that search: tune (its space of distributions over augment, model
-and train keys) and compare (the scratch and transfer arms)."""
+and train keys, and for `task: detection` detection keys) and compare (the scratch and transfer
+arms)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from components.core.params_detection import Detection
 from components.core.params_pipeline import Augment, Model, Section, Train
 
 
@@ -25,7 +27,8 @@ class Distribution(Section):
     high: int | float | None = None
     log: bool = False
     step: int | float | None = Field(None, gt=0)
-    choices: list[str | int | float | bool | None] | None = Field(None, min_length=1)
+    # a list choice: for a list key (`detection.anchor_sizes`), which tune samples by index
+    choices: list[str | int | float | bool | None | list[int]] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> Distribution:
@@ -107,24 +110,34 @@ def _space_of(section: type[Section]) -> type[SpaceSection]:
 AugmentSpace = _space_of(Augment)
 ModelSpace = _space_of(Model)
 TrainSpace = _space_of(Train)
+DetectionSpace = _space_of(Detection)
 
 
 class Space(Section):
-    """tune.space: what to search. Only augment, model and train keys can be tuned: the trials
-    train on the data as prepared."""
+    """tune.space: what to search. Only augment, model and train keys can be tuned (and, for
+    `task: detection`, detection keys): the trials train on the data as prepared."""
 
     augment: AugmentSpace = AugmentSpace()
     model: ModelSpace = ModelSpace()
     train: TrainSpace = TrainSpace()
+    detection: DetectionSpace = Field(default_factory=lambda: _default_detection_space())
+    """`task: detection` tunes these only (components/detection/tune.py)."""
 
-    def flat(self) -> dict[str, Distribution]:
+    def flat(self, sections: tuple[str, ...] = ("augment", "model", "train")) -> dict:
         """{"train.lr": Distribution, ...}: the tuned keys, as dotted params keys."""
         return {
             f"{section}.{key}": dist
-            for section in ("augment", "model", "train")
+            for section in sections
             for key, dist in getattr(self, section)
             if dist is not None
         }
+
+
+def _default_detection_space() -> DetectionSpace:
+    return DetectionSpace(
+        score_threshold=Distribution(type="float", low=0.001, high=0.3, log=True),
+        nms_iou=Distribution(type="float", low=0.3, high=0.8),
+    )
 
 
 def _default_space() -> Space:
@@ -176,10 +189,12 @@ class Tune(Section):
     """Seconds a running trial may go without a heartbeat before it counts as failed: its
     worker died."""
     space: Space = Field(default_factory=_default_space)
-    """Per section (`augment`, `model`, `train`) and key, how to sample it:
-    `{type: float|int, low, high, log | step}` or `{type: categorical, choices}`. A space in
-    params.yaml replaces the default (`model.dropout`, `train.lr`, `train.weight_decay`,
-    `train.batch_size`, `train.label_smoothing`)."""
+    """Per section (`augment`, `model`, `train`; `detection` for `task: detection`) and key,
+    how to sample it: `{type: float|int, low, high, log | step}` or `{type: categorical,
+    choices}`. A space in params.yaml replaces the default (`model.dropout`, `train.lr`,
+    `train.weight_decay`, `train.batch_size`, `train.label_smoothing`; for detection
+    `detection.score_threshold` on a log scale and `detection.nms_iou`; `detection.anchor_sizes`
+    takes categorical choices of lists, each a retraining)."""
 
 
 def _default_transfer() -> dict:

@@ -145,3 +145,12 @@ def training_curves(history, out: Path) -> Path:
     axes[2].plot(history["epoch"], history["lr"])
     axes[2].set(xlabel="epoch", title="learning rate (head, end of epoch)")
     return _save(fig, out)
+
+
+def detection_training_curve(history: list[dict], out: Path) -> Path:
+    """A detector's training loss per epoch (`task: detection`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot([row["epoch"] for row in history], [row["train_loss"] for row in history])
+    ax.set(xlabel="epoch", title="training loss (focal + GIoU + centre-ness)")
+    return _save(fig, out)

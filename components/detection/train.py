@@ -5,14 +5,16 @@ COCO mAP on the validation split.
 
 Reads `<split>-images.npy` and `<split>-annotations.json` (boxes scaled from each image's own
 pixels to the shard's size); box-aware augmentation per image (`detection.augment`,
-`components.training.box_augment`; plots/detection_augmentation_preview.png shows 16 training
+`components.training.box_augment`; plots/augmentation_preview.png shows 16 training
 images as the detector sees them, with their boxes, and is logged to the active MLflow run);
 AdamW at `detection.lr` with `train.weight_decay`, a linear warmup of `train.warmup_epochs`
 then cosine decay, `detection.batch_size` images a step, `detection.epochs` epochs, on
 `detection.threads` torch threads, gradient norm clipped to `train.grad_clip_norm` (10 when
-0: focal loss from scratch spikes early). Writes models/detector.pt ({backbone: None or the
-classifier backbone's description, with its `source` and `run_id`; state_dict}) and
-reports/detection_training.json (per-epoch loss, the validation mAP, seconds, `pretrained`).
+0: focal loss from scratch spikes early). Writes what dvc.yaml's train stage declares:
+models/checkpoint.pt ({backbone: None or the classifier backbone's description, with its
+`source` and `run_id`; state_dict}), reports/training.json (per-epoch loss and seconds, the
+validation mAP, `pretrained`), metrics/training.json, reports/training_curve.csv and
+plots/training.png.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from components.data import validate
 from components.data.prepared import load_meta
 from components.detection import coco_map, model
 from components.detection import prepare as detection_prepare
-from components.training import box_augment, pretrained
+from components.training import box_augment, pretrained, tuned
 
-CHECKPOINT = paths.MODELS / "detector.pt"
-REPORT = paths.REPORTS / "detection_training.json"
-PREVIEW = paths.PLOTS / "detection_augmentation_preview.png"
+# the paths dvc.yaml's train stage declares, as classification's train writes them
+CHECKPOINT = paths.CHECKPOINT
+REPORT = paths.TRAINING_REPORT
+PREVIEW = paths.PLOTS / "augmentation_preview.png"
+CURVE_PLOT = paths.PLOTS / "training.png"
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class Fitted:
 
 def run(cfg: Config) -> TrainResult:
     validate.require_passed()
+    cfg = settings(cfg)
     use_threads(cfg)
     meta = load_meta()
     images, targets, _ = split_data("train")
@@ -94,12 +99,27 @@ def run(cfg: Config) -> TrainResult:
     fitted = fit(cfg, images, targets, len(meta["classes"]))
     save(fitted, CHECKPOINT)
     metrics = evaluate(fitted.detector, "val")
-    report = {"epochs": fitted.history, "train_seconds": round(fitted.seconds, 2), "val": metrics}
-    paths.write_json(REPORT, {**report, "pretrained": source(fitted)})
+    seconds = round(fitted.seconds, 2)
+    paths.write_json(REPORT, {"task": "detection", "epochs": fitted.history,
+                              "train_seconds": seconds, "val": metrics,
+                              "pretrained": source(fitted)})  # fmt: skip
+    paths.write_metrics(
+        paths.TRAINING_METRICS,
+        {"epochs_run": len(fitted.history), "val_map": round(metrics["map"], 6),
+         "val_map_50": round(metrics["map_50"], 6), "train_seconds": seconds},
+    )  # fmt: skip
+    paths.write_csv(paths.TRAINING_CURVE, fitted.history, ["epoch", "train_loss", "seconds"])
+    plots.detection_training_curve(fitted.history, CURVE_PLOT)
     return TrainResult(
         len(fitted.history), metrics["map"], metrics["map_50"], round(fitted.seconds, 2),
         str(CHECKPOINT),
     )  # fmt: skip
+
+
+def settings(cfg: Config) -> Config:
+    """`cfg` with, when `train.use_tuned`, the best detection params of reports/tuning.json
+    (components/detection/tune.py); train, evaluate, export, quantize and register use it."""
+    return tuned.apply_tuned(cfg) if cfg.train.use_tuned else cfg
 
 
 def fit(cfg: Config, images: np.ndarray, targets: list[dict], n_classes: int) -> Fitted:
@@ -120,7 +140,7 @@ def fit(cfg: Config, images: np.ndarray, targets: list[dict], n_classes: int) ->
     schedule = _schedule(optimizer, cfg, steps_per_epoch)
     clip = cfg.train.grad_clip_norm or 10.0
     generator = torch.Generator().manual_seed(cfg.seed)
-    history, start = [], time.perf_counter()
+    history = []
     for epoch in range(cfg.detection.epochs):
         detector.train()
         if frozen:  # nor do their batch-norm statistics move
@@ -279,6 +299,7 @@ def evaluate(detector, split: str) -> dict:
 
 
 def load(cfg: Config, path: Path = CHECKPOINT):
+    """The trained detector, built with `cfg` as given (callers pass `settings(cfg)`)."""
     backbone, state = read_checkpoint(path)
     detector = model.build(cfg, len(load_meta()["classes"]), backbone)
     detector.load_state_dict(state)

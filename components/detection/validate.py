@@ -17,6 +17,7 @@ import pandas as pd
 from components.core import paths
 from components.core.config import Config
 from components.core.errors import UserError
+from components.data import data_report
 from components.data.prepared import load_meta, manifest_sha256
 from components.data.validate import ValidationResult
 from components.detection import box_checks
@@ -65,6 +66,7 @@ def run(cfg: Config, track: bool = True) -> ValidationResult:
     if not enough:
         report["reason"] = "no box left in the training split"
     paths.write_json(paths.VALIDATION_REPORT, report)
+    _write_pages(report)
     if track:
         _log_to_mlflow(cfg, report)
     problems = [(code, policies[code], counts[code]) for code in active if counts[code]]
@@ -73,6 +75,31 @@ def run(cfg: Config, track: bool = True) -> ValidationResult:
         report["success"], len(manifest), len(issues), str(paths.VALIDATION_REPORT),
         report["n_used"], problems,
     )  # fmt: skip
+
+
+def _write_pages(report: dict) -> None:
+    """What dvc.yaml's validate stage declares besides the report: reports/data_stats.json
+    (images, boxes per split, check counts) and reports/validation.html (verdict, checks,
+    issues)."""
+    keys = ("task", "n_images", "n_used", "n_boxes", "boxes_per_split", "counts")
+    paths.write_json(data_report.DATA_STATS, {key: report[key] for key in keys})
+    verdict = "passed" if report["success"] else "FAILED"
+    issues = report["issues"][: data_report.HTML_MAX_ISSUES]
+    body = "\n".join(
+        [
+            f"<h1>Detection data validation {verdict}</h1>",
+            f"<p>{report['n_images']} images, {report['n_used']} used, {report['n_boxes']} "
+            "boxes.</p><h2>Checks</h2>",
+            data_report._table(
+                ["code", "policy", "findings"],
+                [[c["code"], c["policy"], c["n_failed"]] for c in report["checks"]],
+            ),
+            f"<h2>Issues ({len(report['issues'])})</h2>",
+            data_report._table(["finding"], [[json.dumps(issue)] for issue in issues]),
+        ]
+    )
+    page = f"<!doctype html><html><head><meta charset='utf-8'></head><body>{body}</body></html>"
+    paths.write_text(data_report.HTML_REPORT, page)
 
 
 def summary(result: ValidationResult) -> str:

@@ -13,8 +13,10 @@ have no data-dependent shapes, so the TorchScript exporter (`dynamo=False`) expo
 faithfully.
 
 Parity: on every test image, ONNX Runtime and eager PyTorch give the same number of boxes and
-each box has a partner of its class at IoU >= 0.99 (reports/detection_export.json, with ONNX
-Runtime vs eager PyTorch ms per image at batch 1).
+each box has a partner of its class at IoU >= 0.99 (reports/export.json, with ONNX Runtime vs
+eager PyTorch ms per image at batch 1). Also what dvc.yaml's export stage declares:
+metrics/export.json, models/golden.npz (golden images and the graph's outputs on them) and
+models/profile.npz (the test detections' box statistics).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from components.core import paths
 from components.core.config import Config
 from components.detection import model, train
 
-ONNX = paths.MODELS / "detector.onnx"
-REPORT = paths.REPORTS / "detection_export.json"
+# the paths dvc.yaml's export stage declares, as classification's export writes them
+ONNX = paths.ONNX
+REPORT = paths.EXPORT_REPORT
 PARITY_IOU = 0.99
+GOLDEN_IMAGES = 4
 SCORE_MARGIN = 1e-3
 
 
@@ -89,6 +93,7 @@ def same_boxes(a: dict, b: dict, iou: float = PARITY_IOU, cuts: tuple = ()) -> b
 def run(cfg: Config) -> ExportResult:
     import onnxruntime as ort
 
+    cfg = train.settings(cfg)  # train.use_tuned: the study's score threshold, NMS IoU
     train.use_threads(cfg)  # eager PyTorch's speed on the threads it trained with
     detector = train.load(cfg)
     data = export(detector, cfg.detection.image_size, cfg.export.opset)
@@ -100,7 +105,7 @@ def run(cfg: Config) -> ExportResult:
     size = cfg.detection.image_size
     heads, decode = model.Heads(detector, size), model.Decoder(detector, size)
     cuts = (cfg.detection.score_threshold, cfg.detection.max_detections)
-    mismatched, seconds = 0, {"onnx": 0.0, "torch": 0.0}
+    mismatched, seconds, found = 0, {"onnx": 0.0, "torch": 0.0}, []
     for i in range(len(images)):
         one = np.array(images[i : i + 1])
         start = time.perf_counter()
@@ -111,6 +116,7 @@ def run(cfg: Config) -> ExportResult:
             by_torch = decode(*heads(torch.from_numpy(one)), [one.shape[-2:]])[0]
         seconds["torch"] += time.perf_counter() - start
         mismatched += not same_boxes(by_onnx, by_torch, cuts=cuts)
+        found.append(by_onnx)
     n = max(1, len(images))
     report = {
         "onnx": str(ONNX),
@@ -123,7 +129,37 @@ def run(cfg: Config) -> ExportResult:
         "torch_ms_per_image": round(1000 * seconds["torch"] / n, 3),
     }
     paths.write_json(REPORT, report)
+    paths.write_metrics(
+        paths.EXPORT_METRICS,
+        {"export_parity": report["parity"], "onnx_ms_per_image": report["onnx_ms_per_image"]},
+    )
+    _write_golden(session, np.array(images[:GOLDEN_IMAGES]))
+    _write_profile(found, size)
     return ExportResult(str(ONNX), mismatched == 0, len(images), mismatched)
+
+
+def _write_golden(session, images: np.ndarray) -> None:
+    """models/golden.npz: a few test images and the graph's outputs on them (what register
+    logs with the version, and serving compares a download with)."""
+    outputs = session.run(list(model.OUTPUTS), {"images": images})
+    with paths.atomic(paths.GOLDEN) as partial, partial.open("wb") as file:
+        np.savez(file, images=images, **dict(zip(model.OUTPUTS, outputs, strict=True)))
+
+
+def _write_profile(found: list[dict], size: int) -> None:
+    """models/profile.npz: the box statistics of the test split's detections (boxes per image,
+    widths and heights as fractions of the image, scores), a reference for monitoring."""
+    boxes = [d["boxes"].numpy().reshape(-1, 4) / size for d in found]
+    sides = np.concatenate(boxes) if boxes else np.zeros((0, 4))
+    with paths.atomic(paths.PROFILE) as partial, partial.open("wb") as file:
+        np.savez(
+            file,
+            task=np.array("detection"),
+            boxes_per_image=np.array([len(b) for b in boxes]),
+            widths=sides[:, 2] - sides[:, 0],
+            heights=sides[:, 3] - sides[:, 1],
+            scores=np.concatenate([d["scores"].numpy() for d in found] or [np.zeros(0)]),
+        )
 
 
 def summary(result: ExportResult) -> str:

@@ -35,7 +35,7 @@ from components.data.prepared import load_meta
 from components.detection import model, train
 from components.detection import monitor as box_monitor
 from components.detection_release import export
-from components.release import registry
+from components.release import quantize, registry
 from components.release.registry import RegistryResult
 
 TASK = "detection"
@@ -47,6 +47,7 @@ GOLDEN_IMAGES = 4
 
 
 def run(cfg: Config) -> RegistryResult:
+    cfg = train.settings(cfg)  # the decoder's settings in the metadata: as evaluated
     export_report = registry.read_report(export.REPORT)
     evaluation = registry.read_report(paths.EVALUATION_REPORT)
     if not export.ONNX.exists() or not train.CHECKPOINT.exists():
@@ -87,11 +88,50 @@ def run(cfg: Config) -> RegistryResult:
             "test_map_50": evaluation["map_50"],
         }
         paths.write_json(paths.REGISTRY_REPORT, report)
+        paths.write_text(paths.MODEL_CARD, model_card(cfg, version, evaluation, parity))
         mlflow.log_artifact(str(paths.REGISTRY_REPORT))
+        mlflow.log_artifact(str(paths.MODEL_CARD))
     return RegistryResult(name, version, bool(existing), str(paths.REGISTRY_REPORT))
 
 
 summary = registry.summary
+
+
+def model_card(cfg: Config, version: str, evaluation: dict, parity: dict) -> str:
+    """reports/model_card.md (dvc.yaml's register declares it): use, data, metrics, formats."""
+    lineage = tracking.lineage(cfg)
+    quantized = (
+        registry.read_report(paths.QUANTIZE_REPORT) if paths.QUANTIZE_REPORT.exists() else None
+    )
+    int8 = "not made"
+    if quantized:
+        int8 = f"{quantized['status']}: {'; '.join(quantized['reasons']) or 'gates passed'}"
+    d = cfg.detection
+    return "\n".join(
+        [
+            f"# {cfg.registry.model_name} version {version}",
+            "",
+            "## Intended use",
+            f"Detect {', '.join(load_meta()['classes'])}: boxes (x1, y1, x2, y2 in the input's "
+            f"pixels), scores and classes. Input: uint8 images [batch, 3, H, W], resized to "
+            f"{d.image_size} px inside; score threshold {d.score_threshold}, per-class NMS at "
+            f"IoU {d.nms_iou}, at most {d.max_detections} boxes, after the graph.",
+            "",
+            "## Data",
+            f"Source `{cfg.data.source}`, DVC hash `{lineage['data.md5']}`; "
+            f"code `{lineage['git.commit']}` (dirty: {lineage['git.dirty']}); "
+            f"params hash `{lineage['params.hash']}`.",
+            "",
+            "## Metrics (test split)",
+            f"COCO mAP@[.5:.95] {evaluation['map']:.4f}, mAP@0.5 {evaluation['map_50']:.4f}.",
+            "",
+            "## Formats",
+            f"- fp32 ONNX up to the heads (box parity with PyTorch: {parity['parity']}, "
+            f"{parity['mismatched_images']} of {parity['n_images']} test images mismatched)",
+            f"- int8 ONNX ({int8})",
+            "",
+        ]
+    )
 
 
 def metadata(cfg: Config) -> dict[str, str]:
@@ -159,7 +199,10 @@ def _log_and_register(cfg: Config, name: str, tags: dict) -> str:
         golden = Path(tmp) / Path(paths.GOLDEN_ARTIFACT).name
         np.savez(golden, images=example, **golden_arrays)
         mlflow.log_artifact(str(golden), paths.GOLDEN_ARTIFACT.rpartition("/")[0])
-    found = mlflow.register_model(info.model_uri, name, tags={**tags, "lensflow.int8": "none"})
+    int8 = "shipped" if quantize.int8_shipped() else "not_shipped"  # quantize's gate
+    if int8 == "shipped":
+        mlflow.log_artifact(str(paths.ONNX_INT8), "int8")
+    found = mlflow.register_model(info.model_uri, name, tags={**tags, "lensflow.int8": int8})
     return str(found.version)
 
 

@@ -40,7 +40,8 @@ def apply_tuned(cfg: Config) -> Config:
 
 def study_name(cfg: Config) -> str:
     """`tune.study` + a hash of what a trial's result depends on: the data (its DVC hash), the
-    seed, the params from `data` to `train` except the tuned keys, the space and the metric."""
+    seed, the params from `data` to `train` except the tuned keys, the space and the metric
+    (for `task: detection` also the `detection` keys, except the tuned ones and `threads`)."""
     raw = cfg.as_dict()
     for key in cfg.tune.space.flat():
         section, leaf = key.split(".")
@@ -50,11 +51,18 @@ def study_name(cfg: Config) -> str:
     identity = {
         key: raw[key] for key in ("seed", "data", "prepare", "validate", "augment", "model")
     }
+    space = raw["tune"]["space"]
     identity |= {
         "train": raw["train"],
-        "space": raw["tune"]["space"],
+        "space": {section: space[section] for section in ("augment", "model", "train")},
         "metric": cfg.tune.metric,
         "data.md5": versioning.data_md5(paths.source_dir(cfg)),
     }
+    if cfg.task == "detection":  # components/detection/tune.py: the detector's knobs
+        detection = {k: v for k, v in raw["detection"].items() if k != "threads"}
+        for key in cfg.tune.space.flat(("detection",)):
+            detection.pop(key.split(".")[1], None)
+        identity |= {"task": "detection", "detection": detection, "space": space["detection"]}
+        identity.pop("metric")  # validation mAP@[.5:.95]
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return f"{cfg.tune.study}-{digest[:8]}"

@@ -132,7 +132,7 @@ def assert_evaluation_figures(client) -> None:
         output_format="list",
     )[0]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert logged == {"plots/detection_pr_curves.png", "plots/detection_misdetections.png"}
+    assert logged == {"plots/detection_pr_curves.png", "plots/misclassified.png"}
     assert run.data.metrics["test/map"] == pytest.approx(report["map"])
     for figure in (evaluate.PR_CURVES, evaluate.MISDETECTIONS):
         assert Image.open(figure).size[0] > 300

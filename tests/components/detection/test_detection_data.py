@@ -256,4 +256,4 @@ def test_the_stages_run_the_detection_components_and_refuse_the_others(project):
     report = json.loads((project / paths.VALIDATION_REPORT).read_text())
     assert result.success and report["task"] == "detection" and report["n_boxes"] > 16
     with pytest.raises(UserError, match="task: detection has only"):
-        preflight.check_task(cfg, "quantize")  # what `lensflow stage quantize` runs first
+        preflight.check_task(cfg, "compare")  # what `lensflow compare` runs first
