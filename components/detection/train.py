@@ -140,7 +140,7 @@ def fit(cfg: Config, images: np.ndarray, targets: list[dict], n_classes: int) ->
     schedule = _schedule(optimizer, cfg, steps_per_epoch)
     clip = cfg.train.grad_clip_norm or 10.0
     generator = torch.Generator().manual_seed(cfg.seed)
-    history = []
+    history, start = [], time.perf_counter()
     for epoch in range(cfg.detection.epochs):
         detector.train()
         if frozen:  # nor do their batch-norm statistics move

@@ -35,7 +35,7 @@ from components.data.validate import require_passed
 from components.detection import coco_map, model, train
 from components.experiments import tune as classification_tune
 from components.experiments import tune_storage
-from components.training import box_augment, tuned
+from components.training import tuned
 
 METRIC = "val_map"  # COCO mAP@[.5:.95] on the validation split, maximised
 summary = classification_tune.summary
