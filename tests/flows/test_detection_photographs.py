@@ -2,10 +2,10 @@
 of scikit-learn's two sample photographs and matplotlib's portrait of Grace Hopper as
 backgrounds (non-square, grayscale and RGB, PNG and JPEG), with a face, a flower and a pagoda
 cut from those photographs pasted at known boxes. Through the `lensflow` command's own entry
-point, with real Prefect and MLflow: the first run gates, trains, exports with parity,
-registers and promotes; a second, on the YOLO layout of the same photographs at another image
-size, is decided against that champion by the gates; a broken copy fails the gate by file and
-is left byte for byte as it was."""
+point, with real Prefect and the session's MLflow server: the first run gates, trains,
+exports with parity, registers and promotes; a second, on the YOLO layout of the same
+photographs at another image size, is decided against that champion by the gates; a broken
+copy fails the gate by file and is left byte for byte as it was."""
 
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ from PIL import Image
 from cli import main as cli
 from components.core import config, paths
 from components.detection_release import export
-from tests.conftest import tiny_project
+from tests.conftest import _track_into, tiny_project
 
 CLASSES = ("face", "flower", "pagoda")
 SIZES = ((96, 64), (64, 96), (80, 80), (96, 48), (48, 72))  # width, height
 PARAMS = {
     "task": "detection",
+    "tracking": {"experiment": "lensflow-detection-photographs"},
+    "registry": {"model_name": "lensflow-detector-photographs"},  # the server is shared
     "data": {"source": "data/raw/photos"},
     "detection": {
         "image_size": 32, "epochs": 2, "batch_size": 8, "lr": 0.003,
@@ -110,10 +112,12 @@ def _digest(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def photo_detection(tmp_path_factory):
-    """A project on data/raw/photos (COCO) whose first run made the champion, v1."""
+def photo_detection(mlflow_on_postgres, tmp_path_factory):
+    """A project on data/raw/photos (COCO) whose first run made the champion, v1, tracked by
+    the session's MLflow server (a sqlite store's first migration takes seconds)."""
     root = tmp_path_factory.mktemp("detection-photographs")
-    with tiny_project(root):
+    with tiny_project(root) as mp:
+        _track_into(mp, mlflow_on_postgres.url)
         coco = write_detection_photographs(root / "data/raw/photos")
         write_yolo(coco, root / "data/raw/photos/images", root / "data/raw/photos_yolo")
         (root / "params.yaml").write_text(yaml.safe_dump(config.from_dict(PARAMS).as_dict()))
