@@ -63,6 +63,13 @@ def read(root: Path, annotations: str | None, images: list[str]) -> Annotations:
     )
 
 
+def is_dataset(root: Path) -> bool:
+    """Whether `root` has a detection dataset's layout: images/ beside a COCO file or YOLO's
+    labels/ or classes.txt (the default names)."""
+    names = (COCO_FILE, LABELS, CLASSES_FILE)
+    return (root / IMAGES).is_dir() and any((root / name).exists() for name in names)
+
+
 def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
