@@ -133,7 +133,8 @@ def _coco_images(entries: list, root: Path, found: Annotations, problem) -> dict
             problem(f"images[{i}] ({name}): id {image_id} is also {by_id[image_id]}", image)
             continue
         if not (root / image).is_file():
-            problem(f"images[{i}]: {image} not found", image, code="missing_image")
+            hint = f" (file_name is relative to {IMAGES}/)" if (root / name).is_file() else ""
+            problem(f"images[{i}]: {image} not found{hint}", image, code="missing_image")
         by_id[image_id] = image
         found.listed[image] = (width, height)
     return by_id
