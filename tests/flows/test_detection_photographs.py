@@ -54,20 +54,21 @@ def _photographs() -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     return objects, [china[:, 340:], flower[:, :160], hopper[:400, :140]]
 
 
-def write_detection_photographs(root: Path, n: int = 20, seed: int = 0) -> dict:
-    """A COCO detection folder (images/, annotations.json) of `n` photographs, 1-2 objects
-    each, never overlapping, 16-40 px wide; returns the COCO dict."""
+def write_detection_photographs(root: Path, n: int = 20, sizes=SIZES, seed: int = 0) -> dict:
+    """A COCO detection folder (images/, annotations.json) of `n` photographs of `sizes`
+    (width, height) in turn, 1-2 objects each, never overlapping, each 1/4 to 1/2 of the
+    image's shorter side wide; returns the COCO dict."""
     objects, backgrounds = _photographs()
     rng = np.random.default_rng(seed)
     images, boxes = [], []
     for i in range(n):
-        width, height = SIZES[i % len(SIZES)]
+        width, height = sizes[i % len(sizes)]
         canvas = Image.fromarray(backgrounds[i % len(backgrounds)]).resize((width, height))
         placed = []
         for _ in range(1 + i % 2):
             category = int(rng.integers(len(CLASSES)))
             piece = objects[CLASSES[category]]
-            w = int(rng.integers(16, 41))
+            w = int(rng.integers(min(width, height) // 4, min(width, height) // 2 + 1))
             h = min(round(w * piece.shape[0] / piece.shape[1]), height)
             x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
             if any(x < a + c and a < x + w and y < b + d and b < y + h for a, b, c, d in placed):
