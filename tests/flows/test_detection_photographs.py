@@ -122,11 +122,7 @@ def photo_detection(mlflow_on_postgres, tmp_path_factory):
         coco = write_detection_photographs(root / "data/raw/photos")
         write_yolo(coco, root / "data/raw/photos/images", root / "data/raw/photos_yolo")
         (root / "params.yaml").write_text(yaml.safe_dump(config.from_dict(PARAMS).as_dict()))
-        import time
-
-        t0 = time.perf_counter()
         assert cli.main(["run"]) == 0
-        print("FIRST RUN", time.perf_counter() - t0)
         yield root, coco
 
 
