@@ -21,6 +21,7 @@ from PIL import Image
 
 from cli import main as cli
 from components.core import config, paths
+from components.detection import prepare
 from components.detection_release import export
 from tests.conftest import _track_into, tiny_project
 
@@ -104,6 +105,16 @@ def write_yolo(coco: dict, images: Path, root: Path) -> None:
         label.write_text("".join(line + "\n" for line in lines[image["id"]]))
 
 
+def _boxes(coco: dict, prefix: str = "") -> dict[str, list]:
+    """image path -> its (category, x, y, w, h) boxes, sorted, to 0.01 px."""
+    names = {image["id"]: prefix + image["file_name"] for image in coco["images"]}
+    found = {name: [] for name in names.values()}
+    for box in coco["annotations"]:
+        rounded = tuple(round(v, 2) for v in box["bbox"])
+        found[names[box["image_id"]]].append((box["category_id"], *rounded))
+    return {name: sorted(boxes) for name, boxes in found.items()}
+
+
 def _digest(root: Path) -> dict[str, str]:
     return {
         path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
@@ -144,6 +155,7 @@ def test_photographs_gate_train_export_register_and_promote(photo_detection, cap
     assert cli.main(["run", *[arg for item in sets for arg in ("--set", item)]]) == 0
     assert "Traceback" not in capfd.readouterr().err
     assert json.loads(paths.META.read_text())["format"] == "yolo"
+    assert _boxes(json.loads(prepare.SOURCE_ANNOTATIONS.read_text())) == _boxes(coco, "images/")
     assert json.loads(export.REPORT.read_text())["parity"]
     second = json.loads(paths.PROMOTION_REPORT.read_text())
     gates = second["gates"]
