@@ -4,6 +4,7 @@ validate."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from cli.arguments import add_params, positive_int
 from cli.prefect_logs import quiet_user_errors
@@ -192,8 +193,17 @@ def cmd_evaluate(args, cfg) -> int:
 
 
 def cmd_validate(args, cfg) -> int:
+    from components.core.errors import UserError
     from components.data import validate, validate_folder
+    from components.detection import annotations
 
+    if annotations.is_dataset(Path(args.path)):  # an ImageFolder of one class, "images"
+        raise UserError(
+            f"{args.path}: a detection dataset (images/ with annotations.json or labels/); "
+            "`lensflow validate` checks an ImageFolder. Its gate: `lensflow stage prepare "
+            f"--set task=detection --set data.source={args.path}`, then `lensflow stage "
+            "validate` with the same --set (docs/detection.md)"
+        )
     result = validate_folder.run(args.path, args.report)
     print(validate.summary(result))
     return 0 if result.success else 1

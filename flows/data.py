@@ -38,6 +38,6 @@ def validated_data(cfg: config.Config) -> None:
         data_task(cfg)
         prepare_task(cfg)
         validation = validate_task(cfg)
-    print(validate.summary(validation))
+    print((detection_validate if cfg.task == "detection" else validate).summary(validation))
     if not validation.success:
         raise GateFailed(f"the data failed validation; see {validation.report}")

@@ -63,6 +63,13 @@ def read(root: Path, annotations: str | None, images: list[str]) -> Annotations:
     )
 
 
+def is_dataset(root: Path) -> bool:
+    """Whether `root` has a detection dataset's layout: images/ beside a COCO file or YOLO's
+    labels/ or classes.txt (the default names)."""
+    names = (COCO_FILE, LABELS, CLASSES_FILE)
+    return (root / IMAGES).is_dir() and any((root / name).exists() for name in names)
+
+
 def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
@@ -126,7 +133,8 @@ def _coco_images(entries: list, root: Path, found: Annotations, problem) -> dict
             problem(f"images[{i}] ({name}): id {image_id} is also {by_id[image_id]}", image)
             continue
         if not (root / image).is_file():
-            problem(f"images[{i}]: {image} not found", image, code="missing_image")
+            hint = f" (file_name is relative to {IMAGES}/)" if (root / name).is_file() else ""
+            problem(f"images[{i}]: {image} not found{hint}", image, code="missing_image")
         by_id[image_id] = image
         found.listed[image] = (width, height)
     return by_id

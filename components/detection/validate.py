@@ -11,6 +11,7 @@ reports/validation.json with the classification report's keys (`success`, `n_ima
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 
@@ -103,11 +104,18 @@ def _write_pages(report: dict) -> None:
 
 
 def summary(result: ValidationResult) -> str:
+    """validate's lines, then the first finding of each failing check, naming its file."""
     from components.data import validate
 
     text = validate.summary(result)
     if not result.success and not any(p[1] == "error" for p in result.problems):
         text += "\n  error: no box left in the training split"
+    issues = json.loads(Path(result.report).read_text())["issues"]
+    for code in dict.fromkeys(i["code"] for i in issues if i["severity"] == "error"):
+        first = next(i for i in issues if i["code"] == code)
+        message = first["message"]
+        where = "" if message.startswith(first["path"]) else f"{first['path']}: "
+        text += f"\n  first {code}: {where}{message}"
     return text
 
 

@@ -84,6 +84,19 @@ def test_validate_unusable_input_is_exit_2(project, target):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def test_validate_on_a_detection_folder_is_exit_2_naming_its_gate(project, capsys):
+    from PIL import Image
+
+    from cli import main as cli
+
+    (project / "boxes" / "images").mkdir(parents=True)  # not one class named "images"
+    Image.new("RGB", (40, 30)).save(project / "boxes" / "images" / "a.png")
+    (project / "boxes" / "annotations.json").write_text("{}")
+    assert cli.main(["validate", "boxes"]) == 2
+    err = capsys.readouterr().err
+    assert "boxes: a detection dataset" in err and "--set task=detection" in err
+
+
 def test_training_on_data_prepared_after_its_validation_is_exit_1(project):
     write_tiny_params(project)
     datasets.write("shapes", project / "first", per_class=4, seed=0)

@@ -21,6 +21,7 @@ from components import preflight
 from components.core import config, paths
 from components.core.errors import UserError
 from components.detection import prepare, synthetic, validate
+from components.detection.annotations import read_coco
 
 RNG = np.random.default_rng(3)
 
@@ -256,4 +257,17 @@ def test_the_stages_run_the_detection_components_and_refuse_the_others(project):
     report = json.loads((project / paths.VALIDATION_REPORT).read_text())
     assert result.success and report["task"] == "detection" and report["n_boxes"] > 16
     with pytest.raises(UserError, match="task: detection has only"):
-        preflight.check_task(cfg, "compare")  # what `lensflow compare` runs first
+        preflight.check_task(cfg, "doctor")  # what `lensflow doctor` runs first
+
+
+def test_a_coco_file_name_that_repeats_images_is_reported_with_the_fix(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(png())
+    entry = {"id": 1, "file_name": "images/a.png", "width": 32, "height": 32}
+    coco = {"images": [entry], "annotations": [], "categories": []}
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    (problem,) = read_coco(tmp_path / "annotations.json", tmp_path).problems
+    assert problem.code == "missing_image"
+    assert problem.message == (
+        "images[0]: images/images/a.png not found (file_name is relative to images/)"
+    )
