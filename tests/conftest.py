@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import atexit
 import os
+
+# One torch/OpenMP thread per process, set before numpy and torch load: the suite runs two test
+# processes and their subprocesses on two cores, where torch's default of a thread per core
+# makes each thread wait for a descheduled other (TINY's 8 epochs: 35-58 s in the training loop
+# on the loaded machine, 1.7-1.9 s with one thread, to the same weights).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import atexit  # noqa: E402
 import shutil
 import tempfile
 from contextlib import contextmanager
