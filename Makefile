@@ -41,10 +41,11 @@ demo: setup
 
 # Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one of them: a
 # module's shared fixture is built once. Most tests wait on subprocesses and servers, so two
-# workers keep both cores of a 2-core machine busy.
+# workers keep both cores of a 2-core machine busy. Files go out in collection order, the
+# longest first (tests/conftest.py: SLOW_FILES_FIRST).
 TEST_WORKERS ?= 2
 test: setup
-	python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+	python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 lint: setup
 	ruff check cli components flows infra serving tests bench docs
