@@ -3,9 +3,11 @@
 A second Follower keeps `@challenger` loaded beside the champion. Each request gets an id; a
 hash of it picks serve.shadow_fraction of the requests to be *paired*: the model that did not
 answer scores the same decoded images on a thread of its own, after the answer is computed,
-so it never delays the answer and its failures never reach the client. Each pair (both top-1
-classes, confidences, latencies, versions, the image's SHA-256) goes to a buffer that a
-thread writes as Parquet parts of the pair log (components/release/rollout_log.py).
+so it never delays the answer and its failures never reach the client. That thread runs at
+nice 19 and wakes every PAIR_EVERY_S to score what queued meanwhile as one batch per model
+and image shape: a wake-up per request would take the GIL from the answers that often. Each
+pair (both top-1 classes, confidences, latencies, versions, the image's SHA-256) goes to a
+buffer that a thread writes as Parquet parts of the pair log (components/release/rollout_log.py).
 
 Canary: a hash of the client key (serve.canary_key_header, else of the body) below the
 fraction the controller wrote on the challenger version (tag `lensflow.canary_fraction`)
@@ -23,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from serving.follower import Follower
 
 log = logging.getLogger("lensflow.serve")
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+PAIR_EVERY_S = 0.02
 SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
@@ -144,14 +147,14 @@ class Rollout:
         self.label_index = rollout_log.Index(root, "labels")
         self.rows: list[dict] = []
         self.lock = threading.Lock()
-        self.pending = 0
-        self.offpath = ThreadPoolExecutor(
-            1, thread_name_prefix="lensflow-offpath", initializer=lower_priority
-        )
+        self.queue: list[Job] = []
+        self.pending = 0  # queued or being scored
         self.stop = threading.Event()
+        self.pairer = threading.Thread(target=self._pair_often, name="lensflow-offpath")
         self.flusher = threading.Thread(
             target=self._flush_often, name="lensflow-pairlog", daemon=True
         )
+        self.pairer.start()
         self.flusher.start()
         self.metrics = RolloutMetrics(registry)
 
@@ -174,7 +177,7 @@ class Rollout:
                 self.metrics.skipped.inc()
                 return
             self.pending += 1
-        self.offpath.submit(self._pair, job)
+            self.queue.append(job)
 
     def failed(self, job: Job, error: str) -> None:
         """The challenger failed to answer (canary): the champion answered; pair the failure."""
@@ -182,25 +185,53 @@ class Rollout:
         with self.lock:
             self.rows.extend(self._rows(job, [None] * len(job.arrays), 0.0, error))
 
-    def _pair(self, job: Job) -> None:
+    def _pair_often(self) -> None:
+        lower_priority()
+        while not self.stop.wait(PAIR_EVERY_S):
+            self._pair_queued()
+        self._pair_queued()  # close(): what the last requests queued
+
+    def _pair_queued(self) -> None:
+        with self.lock:
+            jobs, self.queue = self.queue, []
+        if not jobs:
+            return
         try:
-            start = time.perf_counter()
-            try:
-                other = [job.other.predict(array)[0] for array in job.arrays]
-                error = None
-            except Exception as exc:  # the off-path model's failure is data, never the answer's
-                other, error = [None] * len(job.arrays), f"{type(exc).__name__}: {exc}"[:300]
-                self.metrics.challenger_errors.inc()
-            seconds = (time.perf_counter() - start) / max(len(job.arrays), 1)
-            rows = self._rows(job, other, seconds, error)
+            rows = []
+            for job, (other, seconds, error) in zip(jobs, self._score(jobs), strict=True):
+                rows += self._rows(job, other, seconds, error)
             with self.lock:
                 self.rows.extend(rows)
             self._observe(rows)
         except Exception:
-            log.exception("pairing request %s failed", job.request_id)
+            log.exception("pairing %d requests failed", len(jobs))
         finally:
             with self.lock:
-                self.pending -= 1
+                self.pending -= len(jobs)
+
+    def _score(self, jobs: list[Job]) -> list[tuple[list, float, str | None]]:
+        """Per job: the other model's probabilities per image (None where it failed), its
+        seconds per image, its error. One batch per model and image shape."""
+        groups = defaultdict(list)  # (model, shape) -> [(job, image)]
+        for j, job in enumerate(jobs):
+            for i, array in enumerate(job.arrays):
+                groups[(id(job.other), array.shape)].append((j, i))
+        other = [[None] * len(job.arrays) for job in jobs]
+        seconds, errors = [0.0] * len(jobs), [None] * len(jobs)
+        for members in groups.values():
+            start = time.perf_counter()
+            try:
+                model = jobs[members[0][0]].other
+                batch = model.predict(np.concatenate([jobs[j].arrays[i] for j, i in members]))
+            except Exception as exc:  # the off-path model's failure is data, never the answer's
+                self.metrics.challenger_errors.inc()
+                for j, _ in members:
+                    errors[j] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            each = (time.perf_counter() - start) / len(members)
+            for (j, i), probabilities in zip(members, batch, strict=True):
+                other[j][i], seconds[j] = probabilities, each
+        return list(zip(other, seconds, errors, strict=True))
 
     def _rows(self, job: Job, other: list, other_seconds: float, error: str | None) -> list[dict]:
         other_role = "challenger" if job.role == "champion" else "champion"
@@ -258,8 +289,8 @@ class Rollout:
         """After the last request: wait for the paired jobs, write what is buffered."""
         if self.stop.is_set():
             return
-        self.offpath.shutdown(wait=True)
         self.stop.set()
+        self.pairer.join()  # it scores what is still queued first
         self.flusher.join()
         self.flush()
 

@@ -294,7 +294,8 @@ def test_the_off_path_threads_leave_the_cores_to_the_answers(tmp_path):
     before = nice()
     live = Rollout(Serve(rollout="shadow"), tmp_path, CollectorRegistry())
     try:
-        assert live.offpath.submit(nice).result(timeout=10) == 19
+        # the thread lowers its own priority as it starts
+        _until(lambda: os.getpriority(os.PRIO_PROCESS, live.pairer.native_id) == 19)
         assert nice() == before  # the caller's (the event loop's) priority is unchanged
     finally:
         live.close()
