@@ -207,12 +207,15 @@ def test_a_bad_file_is_reported_and_the_pass_goes_on(champion, tmp_path, monkeyp
 def test_lensflow_monitor_exit_codes_artifact_and_retraining(champion, tmp_path, capsys):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     clean = str(write_batch(tmp_path / "clean"))
     assert cli.main(["monitor", "--data", clean]) == 0
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True) as client:  # the newest: other tests' passes share the key
         keys = ArtifactFilter(key=ArtifactFilterKey(any_=["continuous-validation"]))
-        artifact = client.read_artifacts(artifact_filter=keys)[-1]
+        (artifact,) = client.read_artifacts(
+            artifact_filter=keys, sort=ArtifactSort.CREATED_DESC, limit=1
+        )
     assert "| embedding_mmd |" in artifact.data
 
     noisy = str(write_batch(tmp_path / "noisy", "gaussian_noise", 64.0, labelled=False))
