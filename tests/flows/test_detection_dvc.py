@@ -7,14 +7,13 @@ date)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import yaml
 
 from components.core import config, paths
 from flows.training import training_flow
-from tests.conftest import REPO, tiny_project
-from tests.flows.test_dvc_front_end import DVC, sh
+from tests.conftest import tiny_project
+from tests.flows.test_dvc_front_end import DVC, copy_pipeline, sh
 
 TINY = {
     "task": "detection",
@@ -32,12 +31,7 @@ TINY = {
 
 def test_dvc_repro_reproduces_a_detection_run(tmp_path):
     project = tmp_path
-    shutil.copy(REPO / "dvc.yaml", project)
-    shutil.copy(REPO / ".gitignore", project)
-    for package in ("components", "flows"):  # dvc.yaml's code deps
-        shutil.copytree(
-            REPO / package, project / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
+    copy_pipeline(project)
     with tiny_project(project) as mp:
         mp.setenv("DVC_SITE_CACHE_DIR", str(project / ".dvc-site-cache"))
         sh("git", "init", "-q", "-b", "main", cwd=project)

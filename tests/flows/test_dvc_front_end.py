@@ -131,17 +131,22 @@ def metric_columns(header: list[str], project: Path, stages: dict) -> list[str]:
 WATCHED = ("models", "reports", "plots", "metrics", "data/prepared")  # the pipeline's outputs
 
 
-@pytest.fixture(scope="module")
-def flow(tmp_path_factory):
-    """A fresh git + DVC project on TINY, and the flow run once in it with every file it
-    opened, wrote and renamed recorded."""
-    project = tmp_path_factory.mktemp("dvc-project")
+def copy_pipeline(project: Path) -> None:
+    """dvc.yaml, .gitignore and the code dvc.yaml's stages depend on, into `project`."""
     shutil.copy(REPO / "dvc.yaml", project)
     shutil.copy(REPO / ".gitignore", project)
     for package in ("components", "flows"):  # dvc.yaml's code deps
         shutil.copytree(
             REPO / package, project / package, ignore=shutil.ignore_patterns("__pycache__")
         )
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    """A fresh git + DVC project on TINY, and the flow run once in it with every file it
+    opened, wrote and renamed recorded."""
+    project = tmp_path_factory.mktemp("dvc-project")
+    copy_pipeline(project)
     with tiny_project(project) as mp:
         mp.setenv("DVC_SITE_CACHE_DIR", str(project / ".dvc-site-cache"))
         sh("git", "init", "-q", "-b", "main", cwd=project)
