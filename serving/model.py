@@ -62,6 +62,7 @@ class ServedModel:
     channels: int
     info: dict = field(default_factory=dict)  # what /model shows
     decoder: object = None  # a detector's components.detection.model.Decoder; None: a classifier
+    onnx: bytes | None = None  # kept for a rollout's off-path process (serving/offpath.py)
 
     @property
     def task(self) -> str:
@@ -163,7 +164,8 @@ def load(source: Source, version: str | None, settings: Serve) -> ServedModel:
         info["task"] = "detection"
         info["golden"] = check_golden_outputs(ort_session, golden, settings)
     info["loaded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return ServedModel(str(label), ort_session, classes, channels, info, decoder)
+    kept = model if settings.rollout != "off" else None
+    return ServedModel(str(label), ort_session, classes, channels, info, decoder, kept)
 
 
 def _decoder(meta: dict):

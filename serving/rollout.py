@@ -2,51 +2,52 @@
 
 A second Follower keeps `@challenger` loaded beside the champion. Each request gets an id; a
 hash of it picks serve.shadow_fraction of the requests to be *paired*: the model that did not
-answer scores the same decoded images on a thread of its own, after the answer is computed,
-so it never delays the answer and its failures never reach the client. That thread runs at
-nice 19 and wakes every PAIR_EVERY_S to score what queued meanwhile as one batch per model
-and image shape: a wake-up per request would take the GIL from the answers that often. Each
-pair (both top-1 classes, confidences, latencies, versions, the image's SHA-256) goes to a
-buffer that a thread writes as Parquet parts of the pair log (components/release/rollout_log.py).
+answer scores the same decoded images after the answer is computed, in a process of its own
+(serving/offpath.py, nice 19), so it never delays the answer (nor takes the GIL from it) and
+its failures never reach the client. A thread here (nice 19 too) wakes every PAIR_EVERY_S and
+sends that process what queued meanwhile; it scores them, and writes each pair (both top-1
+classes, confidences, latencies, versions, the image's SHA-256) to the pair log
+(components/release/rollout_log.py).
 
 Canary: a hash of the client key (serve.canary_key_header, else of the body) below the
 fraction the controller wrote on the challenger version (tag `lensflow.canary_fraction`)
 sends the request to the challenger; a client keeps its model while the fraction grows. A
 challenger that fails answers nothing: the champion answers, and the failure is paired.
 
-SIGTERM: the worker stops taking requests, then `close()` waits for the paired jobs and
-writes the last part, so no pair of an answered request is lost.
+SIGTERM: the worker stops taking requests, then `close()` sends the last jobs and waits for
+the off-path process to score them and write its last part, so no pair of an answered
+request is lost. A worker killed outright: its off-path process still writes what it was sent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
 import threading
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 
 from components.core.params_operations import Serve
 from components.release import rollout_log
 from components.release.rollout import FRACTION_TAG
+from serving import offpath
 from serving.follower import Follower
 
 log = logging.getLogger("lensflow.serve")
-CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 PAIR_EVERY_S = 0.02
-SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+CLOSE_SECONDS = 60  # for the off-path process to score what it was sent and write it
 
 
 def lower_priority() -> None:
-    """Nice 19 for the calling thread only (Linux schedules threads): the other model's scoring
-    and the pair log's writes get a core only when the answers leave one free; past
-    serve.rollout_max_pending waiting jobs, requests go unpaired (counted) instead."""
+    """Nice 19 for the calling thread only (Linux schedules threads): sending the paired jobs
+    gets a core only when the answers leave one free; past serve.rollout_max_pending waiting
+    jobs, requests go unpaired (counted) instead."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):  # not Linux: the threads keep the process's priority
@@ -123,7 +124,8 @@ def _fraction(name: str, version: str, current: float) -> float:
 
 @dataclass
 class Job:
-    """One paired request: what the answering model said, and the images for the other one."""
+    """One paired request: what the answering model said, and the images for the other one
+    (`error`: the canary challenger failed, the champion answered; nothing to score)."""
 
     request_id: str
     role: str  # who answered: champion | challenger
@@ -134,29 +136,49 @@ class Job:
     seconds: float
     fingerprints: list[str]
     images: list[bytes] | None = None
+    error: str | None = None
+    time: float = field(default_factory=time.time)
+
+    def message(self) -> dict:
+        """What the off-path process gets: the models by version, the rest as it is."""
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {**fields, "answering": self.answering.version, "other": self.other.version}
 
 
 class Rollout:
     def __init__(self, settings: Serve, root: Path, registry):
-        self.settings, self.mode = settings, settings.rollout
+        self.settings, self.mode, self.root = settings, settings.rollout, root
         self.slot = Slot(settings)
-        worker = rollout_log.worker_name()
-        self.pairs = rollout_log.PartWriter(root, "pairs", worker)
-        self.label_writer = rollout_log.PartWriter(root, "labels", worker)
+        self.worker = rollout_log.worker_name()
+        self.label_writer = rollout_log.PartWriter(root, "labels", self.worker)
         self.pair_index = rollout_log.Index(root, "pairs")
         self.label_index = rollout_log.Index(root, "labels")
-        self.rows: list[dict] = []
         self.lock = threading.Lock()
         self.queue: list[Job] = []
-        self.pending = 0  # queued or being scored
-        self.stop = threading.Event()
-        self.pairer = threading.Thread(target=self._pair_often, name="lensflow-offpath")
-        self.flusher = threading.Thread(
-            target=self._flush_often, name="lensflow-pairlog", daemon=True
-        )
-        self.pairer.start()
-        self.flusher.start()
+        self.recent: dict[tuple[str, int], float] = {}  # keys sent to pair -> when (known())
         self.metrics = RolloutMetrics(registry)
+        self._start_offpath()
+        self.stop = threading.Event()
+        self.sender = threading.Thread(target=self._send_often, name="lensflow-offpath")
+        self.sender.start()
+
+    def _start_offpath(self) -> None:
+        """A fresh off-path process (at the start, or after the last one died)."""
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded server
+        self.done = context.Value("q", 0, lock=False)  # jobs it finished; only it writes
+        self.sent, self.models_sent = 0, set()
+        receiver, self.conn = context.Pipe(duplex=False)
+        self.offpath = context.Process(
+            target=offpath.main, name="lensflow-offpath", daemon=True,
+            args=(receiver, self.settings.model_dump(), self.root, self.worker, self.done),
+        )  # fmt: skip
+        self.offpath.start()
+        receiver.close()  # the worker keeps only its end: the process sees EOF when it dies
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued here or sent and not yet finished by the off-path process."""
+        return len(self.queue) + self.sent - self.done.value
 
     def pick(self, champion, key: str) -> tuple[object, object | None, str]:
         """(the model that answers, the other one or None, who answers)."""
@@ -176,92 +198,54 @@ class Rollout:
             if self.pending >= self.settings.rollout_max_pending:
                 self.metrics.skipped.inc()
                 return
-            self.pending += 1
             self.queue.append(job)
 
     def failed(self, job: Job, error: str) -> None:
         """The challenger failed to answer (canary): the champion answered; pair the failure."""
         self.metrics.challenger_errors.inc()
+        job.error = error
         with self.lock:
-            self.rows.extend(self._rows(job, [None] * len(job.arrays), 0.0, error))
+            self.queue.append(job)
 
-    def _pair_often(self) -> None:
+    def _send_often(self) -> None:
         lower_priority()
         while not self.stop.wait(PAIR_EVERY_S):
-            self._pair_queued()
-        self._pair_queued()  # close(): what the last requests queued
+            self._send_queued()
+        self._send_queued()  # close(): what the last requests queued
 
-    def _pair_queued(self) -> None:
+    def _send_queued(self) -> None:
         with self.lock:
             jobs, self.queue = self.queue, []
         if not jobs:
             return
+        now = time.monotonic()
+        for job in jobs:
+            self.recent.update(((job.request_id, i), now) for i in range(len(job.arrays)))
         try:
-            rows = []
-            for job, (other, seconds, error) in zip(jobs, self._score(jobs), strict=True):
-                rows += self._rows(job, other, seconds, error)
-            with self.lock:
-                self.rows.extend(rows)
-            self._observe(rows)
-        except Exception:
-            log.exception("pairing %d requests failed", len(jobs))
-        finally:
-            with self.lock:
-                self.pending -= len(jobs)
+            for job in jobs:
+                for model in (job.answering, job.other):
+                    if model.version not in self.models_sent:
+                        self.conn.send(("model", (model.version, model.onnx, model.classes)))
+                        self.models_sent.add(model.version)
+            self.conn.send(("jobs", [job.message() for job in jobs]))
+            self.sent += len(jobs)
+        except (OSError, ValueError):  # the off-path process died: these pairs are lost
+            log.error("the off-path process ended (exit code %s); starting another, %d "
+                      "pairs lost", self.offpath.exitcode, len(jobs))  # fmt: skip
+            self.metrics.skipped.inc(len(jobs))
+            self._start_offpath()
+        self._forget_old(now)
 
-    def _score(self, jobs: list[Job]) -> list[tuple[list, float, str | None]]:
-        """Per job: the other model's probabilities per image (None where it failed), its
-        seconds per image, its error. One batch per model and image shape."""
-        groups = defaultdict(list)  # (model, shape) -> [(job, image)]
-        for j, job in enumerate(jobs):
-            for i, array in enumerate(job.arrays):
-                groups[(id(job.other), array.shape)].append((j, i))
-        other = [[None] * len(job.arrays) for job in jobs]
-        seconds, errors = [0.0] * len(jobs), [None] * len(jobs)
-        for members in groups.values():
-            start = time.perf_counter()
-            try:
-                model = jobs[members[0][0]].other
-                batch = model.predict(np.concatenate([jobs[j].arrays[i] for j, i in members]))
-            except Exception as exc:  # the off-path model's failure is data, never the answer's
-                self.metrics.challenger_errors.inc()
-                for j, _ in members:
-                    errors[j] = f"{type(exc).__name__}: {exc}"[:300]
-                continue
-            each = (time.perf_counter() - start) / len(members)
-            for (j, i), probabilities in zip(members, batch, strict=True):
-                other[j][i], seconds[j] = probabilities, each
-        return list(zip(other, seconds, errors, strict=True))
-
-    def _rows(self, job: Job, other: list, other_seconds: float, error: str | None) -> list[dict]:
-        other_role = "challenger" if job.role == "champion" else "champion"
-        each = job.seconds / max(len(job.arrays), 1)
-        rows = []
-        for index, (mine, theirs) in enumerate(zip(job.probabilities, other, strict=True)):
-            row = {"request_id": job.request_id, "image": index, "time": time.time(),
-                   "fingerprint": job.fingerprints[index], "answered_by": job.role}  # fmt: skip
-            row.update(_side(job.role, job.answering, mine, each, None))
-            row.update(_side(other_role, job.other, theirs, other_seconds, error))
-            if job.images is not None:
-                row["image_bytes"] = job.images[index]
-            rows.append(row)
-        return rows
-
-    def _observe(self, rows: list[dict]) -> None:
-        m = self.metrics
-        for row in rows:
-            m.pairs.inc()
-            m.agreements.inc(row["champion_class"] == row["challenger_class"])
-            for role in ("champion", "challenger"):
-                if row[f"{role}_confidence"] is not None:
-                    m.seconds.labels(role).observe(row[f"{role}_ms"] / 1000)
-                    m.confidence.labels(role).observe(row[f"{role}_confidence"])
+    def _forget_old(self, now: float) -> None:
+        """Keys sent long enough ago to be in a written part (Index finds them there)."""
+        horizon = now - 10 * self.settings.rollout_flush_seconds - 10
+        if self.recent and next(iter(self.recent.values())) < horizon:
+            self.recent = {key: t for key, t in self.recent.items() if t >= horizon}
 
     def known(self, keys: set[tuple[str, int]]) -> set:
-        """Which of these (request id, image) keys this worker's buffer or any part holds."""
-        with self.lock:
-            buffered = {(r["request_id"], r["image"]) for r in self.rows}
-        found = keys & buffered
+        """Which of these (request id, image) keys were paired: sent here lately, or in any
+        worker's parts."""
+        found = {key for key in keys if key in self.recent}
         return found | self.pair_index.find(keys - found)
 
     def labelled(self, keys: set) -> set:
@@ -272,46 +256,29 @@ class Rollout:
         soon as its request is answered, so a duplicate sent to any worker is recognised."""
         self.label_writer.write(rows, rollout_log.LABEL_COLUMNS)
 
-    def flush(self) -> None:
-        with self.lock:
-            rows, self.rows = self.rows, []
-        self.pairs.write(rows, rollout_log.PAIR_COLUMNS)
-
-    def _flush_often(self) -> None:
-        lower_priority()
-        while not self.stop.wait(self.settings.rollout_flush_seconds):
-            try:
-                self.flush()
-            except Exception:  # a full disk: the rows stay lost only if it never recovers
-                log.exception("writing the pair log failed")
-
     def close(self) -> None:
-        """After the last request: wait for the paired jobs, write what is buffered."""
+        """After the last request: send the queued jobs, then wait for the off-path process
+        to score them and write its last part."""
         if self.stop.is_set():
             return
         self.stop.set()
-        self.pairer.join()  # it scores what is still queued first
-        self.flusher.join()
-        self.flush()
-
-
-def _side(role: str, model, probabilities, seconds: float, error: str | None) -> dict:
-    top = None if probabilities is None else int(np.argmax(probabilities))
-    return {
-        f"{role}_version": model.version,
-        f"{role}_class": None if top is None else model.classes[top],
-        f"{role}_confidence": None if top is None else float(probabilities[top]),
-        f"{role}_ms": round(seconds * 1000, 3),
-        f"{role}_error": error,
-    }
+        self.sender.join()
+        try:
+            self.conn.send(("stop", None))
+        except OSError:
+            pass
+        self.offpath.join(CLOSE_SECONDS)
+        if self.offpath.is_alive():
+            log.error("the off-path process did not end in %d s; stopping it", CLOSE_SECONDS)
+            self.offpath.kill()
+        self.conn.close()
 
 
 class RolloutMetrics:
+    """The worker's side; the pairs' own (agreement, latency, confidence per model) are the
+    off-path process's (serving/offpath.py, PairMetrics)."""
+
     def __init__(self, r):
-        self.pairs = Counter("lensflow_rollout_pairs", "requests scored by both models", registry=r)
-        self.agreements = Counter(
-            "lensflow_rollout_agreements", "pairs whose top-1 classes agree", registry=r
-        )
         self.skipped = Counter(
             "lensflow_rollout_skipped", "requests not paired: too many waiting", registry=r
         )
@@ -321,14 +288,6 @@ class RolloutMetrics:
         self.answers = Counter(
             "lensflow_rollout_answers", "answers by the model that gave them", ["role"], registry=r
         )
-        self.seconds = Histogram(
-            "lensflow_rollout_model_seconds", "inference time per image, paired requests",
-            ["role"], buckets=SECONDS_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.confidence = Histogram(
-            "lensflow_rollout_confidence", "top-1 probability, paired requests", ["role"],
-            buckets=CONFIDENCE_BUCKETS, registry=r,
-        )  # fmt: skip
         self.feedback = Counter(
             "lensflow_feedback", "labels received", ["outcome"], registry=r
         )  # outcome: recorded | duplicate | unknown_id | bad_label

@@ -46,13 +46,26 @@ def run(cfg: Config, model_uri: str | None) -> int:
     if settings.rollout != "off":
         print(f"lensflow serve: rollout {settings.rollout}, pair log in {rollout_dir}", flush=True)
     code = 0
+    # several processes (workers, a rollout's off-path ones) give /metrics one set of values
+    metrics_dir = _multiprocess_metrics() if workers > 1 or settings.rollout != "off" else None
     if workers == 1:
         _serve(cfg, source, listener)
     else:
         listener.close()  # a listening socket nobody accepts on would still get connections
         code = _supervise(cfg, source, workers)
+    if metrics_dir is not None:
+        metrics_dir.cleanup()
     print("lensflow serve: stopped", flush=True)
     return code
+
+
+def _multiprocess_metrics() -> tempfile.TemporaryDirectory:
+    """prometheus-client's multiprocess mode (serving/metrics.py), in a folder of its own."""
+    metrics_dir = tempfile.TemporaryDirectory(prefix="lensflow-serve-metrics-")
+    if "prometheus_client" in sys.modules:  # it picks its value store when first imported
+        raise RuntimeError("prometheus_client was imported before its multiprocess dir was set")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
+    return metrics_dir
 
 
 def worker_count(workers: int | str) -> int:
@@ -115,10 +128,6 @@ def _supervise(cfg: Config, source: Source, workers: int) -> int:
     """Fork the workers, restart one that dies unasked, pass SIGTERM/SIGINT on, wait for all.
     A worker that dies within STARTUP_SECONDS of its start stops them all (exit code 1):
     restarting it would only fail again."""
-    metrics_dir = tempfile.TemporaryDirectory(prefix="lensflow-serve-metrics-")
-    if "prometheus_client" in sys.modules:  # it picks its value store when first imported
-        raise RuntimeError("prometheus_client was imported before its multiprocess dir was set")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
     children: dict[int, float] = {}  # pid -> when it started
     stopping, code = False, 0
 
@@ -145,7 +154,6 @@ def _supervise(cfg: Config, source: Source, workers: int) -> int:
             continue
         log.error("worker %d ended (status %d); starting another", pid, status)
         children[_fork_worker(cfg, source)] = time.monotonic()
-    metrics_dir.cleanup()
     return code
 
 

@@ -278,24 +278,57 @@ def test_an_identical_challenger_is_never_decided_and_sigterm_loses_no_pair(
     assert json.loads(capsys.readouterr().out)["state"] == "ended"
 
 
-def test_the_off_path_threads_leave_the_cores_to_the_answers(tmp_path):
-    """Linux: nice 19 on the off-path scoring thread alone, not on the threads that answer."""
+def test_the_off_path_process_pairs_at_nice_19_and_is_replaced_when_killed(registered, tmp_path):
+    """The other model scores in a process of its own at nice 19 (the caller's priority
+    unchanged); killed, it is replaced: the jobs sent to it then are counted as skipped, the
+    next ones are paired, and close() writes them."""
+    import dataclasses
     import os
+    import signal as signals
     import threading
 
+    import onnxruntime  # noqa: F401  (the served model's session, as a worker has it)
     from prometheus_client import CollectorRegistry
 
     from components.core.params_operations import Serve
-    from serving.rollout import Rollout
+    from serving import model
+    from serving.rollout import Job, Rollout
 
-    def nice() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    settings = Serve(rollout="shadow", rollout_flush_seconds=0.2)
+    onnx_file = registered["root"] / paths.ONNX
+    champion = model.load(model.Source(str(onnx_file), file=str(onnx_file)), None, settings)
+    challenger = dataclasses.replace(champion, version="7")  # the same weights: they agree
+    images = np.random.default_rng(0).integers(0, 256, (6, 1, champion.channels, 16, 16),
+                                               dtype=np.uint8)  # fmt: skip
 
-    before = nice()
-    live = Rollout(Serve(rollout="shadow"), tmp_path, CollectorRegistry())
+    def submit(live, ids):
+        for request_id in ids:
+            arrays = [images[int(request_id[-1]) % len(images)]]
+            job = Job(request_id, "champion", champion, challenger, arrays,
+                      list(champion.predict(arrays[0])), 0.001, ["sha"])  # fmt: skip
+            live.submit(job)
+
+    def logged():
+        frame = rollout_log.read(tmp_path, "pairs")
+        return dict(zip(frame["request_id"], frame["challenger_class"], strict=True))
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    metrics = CollectorRegistry()
+    live = Rollout(settings, tmp_path, metrics)
     try:
-        # the thread lowers its own priority as it starts
-        _until(lambda: os.getpriority(os.PRIO_PROCESS, live.pairer.native_id) == 19)
-        assert nice() == before  # the caller's (the event loop's) priority is unchanged
+        first = live.offpath.pid
+        _until(lambda: os.getpriority(os.PRIO_PROCESS, first) == 19, what="nice 19")
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+        submit(live, [f"a{i}" for i in range(4)])
+        _until(lambda: {f"a{i}" for i in range(4)} <= set(logged()), what="the first pairs")
+        os.kill(first, signals.SIGKILL)
+        live.offpath.join(10)
+        submit(live, ["lost0"])  # sent into the dead process's pipe: counted, a new one started
+        _until(lambda: live.offpath.pid != first, what="a new off-path process")
+        assert metrics.get_sample_value("lensflow_rollout_skipped_total") == 1
+        submit(live, [f"b{i}" for i in range(3)])
     finally:
         live.close()
+    pairs = logged()
+    assert {f"b{i}" for i in range(3)} <= set(pairs) and "lost0" not in pairs
+    assert set(pairs.values()) <= set(champion.classes) and live.pending == 0
