@@ -64,7 +64,7 @@ def main() -> None:
         "bench": "shadow_cost", "concurrency": CONCURRENCY, "cpus": os.cpu_count(),
         "load_average_before": round(os.getloadavg()[0], 2), "results": summary,
         "pairs_logged": pairs,
-        # the rest went unpaired (lensflow_rollout_skipped): the off-path thread runs at nice 19
+        # the rest went unpaired (lensflow_rollout_skipped): the off-path process runs at nice 19
         "paired_fraction": {m: round(pairs[m] / answered[m], 3) for m in folders},
         "targets": TARGETS,
         "meets_targets": full["p99_increase"] <= TARGETS["p99_increase"]
