@@ -3,7 +3,8 @@ model's scoring of the paired requests, the pairs' metrics and the pair log's Pa
 
 In the worker these took the GIL from the answers for ~1.5 ms of Python every 20 ms
 (bench/README.md, shadow_cost); here they share nothing with it but a pipe and the cores, at
-nice 19. The worker sends each model once (its ONNX bytes, classes) and then, every
+nice 19. The worker sends each model once (its ONNX bytes, classes; `forget` when it no
+longer pairs it) and then, every
 serving/rollout.PAIR_EVERY_S, the jobs that queued meanwhile; this process scores them as one
 batch per model and image shape, appends one row per paired image to its buffer and writes
 the buffer as a part every serve.rollout_flush_seconds (or at serve.rollout_part_rows). Its
@@ -31,7 +32,6 @@ from components.release import rollout_log
 log = logging.getLogger("lensflow.serve")
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-KEPT_MODELS = 4  # versions kept loaded (champion, challenger and the ones they replaced)
 
 
 def main(conn, settings: dict, root: Path, worker: str, done) -> None:
@@ -76,6 +76,8 @@ class Pairer:
         if kind == "model":
             version, onnx, classes = payload
             self._load(version, onnx, classes)
+        elif kind == "forget":  # a version the worker no longer pairs
+            self.models.pop(payload, None)
         elif kind == "jobs":
             try:
                 self.pair(payload)
@@ -87,10 +89,7 @@ class Pairer:
     def _load(self, version: str, onnx: bytes, classes: list[str]) -> None:
         from serving.model import session
 
-        self.models.pop(version, None)
         self.models[version] = (session(onnx, self.settings.threads), classes)
-        while len(self.models) > KEPT_MODELS:  # dicts keep insertion order: the oldest first
-            self.models.pop(next(iter(self.models)))
 
     def pair(self, jobs: list[dict]) -> None:
         rows = []

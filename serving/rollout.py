@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from serving.follower import Follower
 log = logging.getLogger("lensflow.serve")
 PAIR_EVERY_S = 0.02
 CLOSE_SECONDS = 60  # for the off-path process to score what it was sent and write it
+KEPT_MODELS = 4  # versions the off-path process keeps loaded, the least recently paired out
 
 
 def lower_priority() -> None:
@@ -166,7 +168,7 @@ class Rollout:
         """A fresh off-path process (at the start, or after the last one died)."""
         context = multiprocessing.get_context("spawn")  # no fork of a threaded server
         self.done = context.Value("q", 0, lock=False)  # jobs it finished; only it writes
-        self.sent, self.models_sent = 0, set()
+        self.sent, self.models_sent = 0, OrderedDict()  # version -> None, least recent first
         receiver, self.conn = context.Pipe(duplex=False)
         self.offpath = context.Process(
             target=offpath.main, name="lensflow-offpath", daemon=True,
@@ -222,11 +224,7 @@ class Rollout:
         for job in jobs:
             self.recent.update(((job.request_id, i), now) for i in range(len(job.arrays)))
         try:
-            for job in jobs:
-                for model in (job.answering, job.other):
-                    if model.version not in self.models_sent:
-                        self.conn.send(("model", (model.version, model.onnx, model.classes)))
-                        self.models_sent.add(model.version)
+            self._send_models(jobs)
             self.conn.send(("jobs", [job.message() for job in jobs]))
             self.sent += len(jobs)
         except (OSError, ValueError):  # the off-path process died: these pairs are lost
@@ -235,6 +233,18 @@ class Rollout:
             self.metrics.skipped.inc(len(jobs))
             self._start_offpath()
         self._forget_old(now)
+
+    def _send_models(self, jobs: list[Job]) -> None:
+        """Each model the jobs need, once; the least recently paired past KEPT_MODELS out."""
+        for job in jobs:
+            for model in (job.answering, job.other):
+                if model.version in self.models_sent:
+                    self.models_sent.move_to_end(model.version)
+                else:
+                    self.conn.send(("model", (model.version, model.onnx, model.classes)))
+                    self.models_sent[model.version] = None
+        while len(self.models_sent) > KEPT_MODELS:
+            self.conn.send(("forget", self.models_sent.popitem(last=False)[0]))
 
     def _forget_old(self, now: float) -> None:
         """Keys sent long enough ago to be in a written part (Index finds them there)."""

@@ -281,7 +281,8 @@ def test_an_identical_challenger_is_never_decided_and_sigterm_loses_no_pair(
 def test_the_off_path_process_pairs_at_nice_19_and_is_replaced_when_killed(registered, tmp_path):
     """The other model scores in a process of its own at nice 19 (the caller's priority
     unchanged); killed, it is replaced: the jobs sent to it then are counted as skipped, the
-    next ones are paired, and close() writes them."""
+    next ones are paired, and close() writes them. A version it was told to forget (more
+    challengers than it keeps) is sent again when a job needs it."""
     import dataclasses
     import os
     import signal as signals
@@ -301,10 +302,10 @@ def test_the_off_path_process_pairs_at_nice_19_and_is_replaced_when_killed(regis
     images = np.random.default_rng(0).integers(0, 256, (6, 1, champion.channels, 16, 16),
                                                dtype=np.uint8)  # fmt: skip
 
-    def submit(live, ids):
+    def submit(live, ids, other=challenger):
         for request_id in ids:
             arrays = [images[int(request_id[-1]) % len(images)]]
-            job = Job(request_id, "champion", champion, challenger, arrays,
+            job = Job(request_id, "champion", champion, other, arrays,
                       list(champion.predict(arrays[0])), 0.001, ["sha"])  # fmt: skip
             live.submit(job)
 
@@ -327,8 +328,11 @@ def test_the_off_path_process_pairs_at_nice_19_and_is_replaced_when_killed(regis
         _until(lambda: live.offpath.pid != first, what="a new off-path process")
         assert metrics.get_sample_value("lensflow_rollout_skipped_total") == 1
         submit(live, [f"b{i}" for i in range(3)])
+        for version in ("8", "9", "10", "11", "7"):  # 7 forgotten after 8-11, then sent again
+            submit(live, [f"c{version}0"], dataclasses.replace(challenger, version=version))
+            _until(lambda: live.pending == 0, what="the job paired")  # noqa: B023
     finally:
         live.close()
     pairs = logged()
-    assert {f"b{i}" for i in range(3)} <= set(pairs) and "lost0" not in pairs
+    assert {"b0", "b1", "b2", "c70", "c80", "c110"} <= set(pairs) and "lost0" not in pairs
     assert set(pairs.values()) <= set(champion.classes) and live.pending == 0
