@@ -3,8 +3,9 @@
 registers and promotes the first version; evaluate logs precision-recall curves and a gallery
 of misdetections; a second version of the same detector is gated out by the paired bootstrap;
 `lensflow monitor` raises no alert on fresh shapes and a named box-statistics alert on images
-without shapes; `lensflow serve` and `lensflow predict` return the same boxes in the image's
-pixels, and /predict keeps its errors."""
+without shapes; `lensflow serve --int8` and `lensflow predict --int8` return the same boxes in
+the image's pixels from the int8 variant (forced through quantize's gate, golden check by box
+matching), and /predict keeps its errors."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from components.core import config, paths
 from components.detection import evaluate, monitor, synthetic, train
 from components.detection_release import export, promote, registry
 from serving import batch
+from serving import model as serving_model
 from tests.conftest import _track_into, tiny_project
 from tests.servers import free_port
 from tests.serving.conftest import request, start_server
@@ -41,6 +43,8 @@ TINY_DETECTION = {
     "registry": {"model_name": NAME},
     "promote": {"min_map": 0.0, "bootstrap_samples": 20},
 }  # fmt: skip
+# quantize's gate wide open: the tiny detector's int8 is slower than fp32, but ships here
+INT8_SHIPS = {"quantize": {"min_speedup": 0.01, "max_drop": 100.0}}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,7 @@ def detection_project(mlflow_on_postgres, tmp_path_factory):
     root = tmp_path_factory.mktemp("detection-flow")
     with tiny_project(root) as mp:
         _track_into(mp, mlflow_on_postgres.url)
-        cfg = config.from_dict(TINY_DETECTION)
+        cfg = config.from_dict({**TINY_DETECTION, **INT8_SHIPS})
         (root / "params.yaml").write_text(yaml.safe_dump(cfg.as_dict()))
         yield root, cfg, mlflow_on_postgres.url
 
@@ -76,6 +80,8 @@ def test_detection_runs_end_to_end_and_serves_boxes(detection_project, tmp_path)
     classes = ["circle", "square", "triangle"]
     assert meta["task"] == "detection" and json.loads(meta["classes"]) == classes
     assert_evaluation_figures(client)
+    assert version.tags["lensflow.int8"] == "shipped"
+    assert_golden_checks(cfg)
     assert_monitoring_box_statistics(cfg, tmp_path)
 
     # the same detector again, as v2: no gain, bootstrap p = 1, it stays @challenger
@@ -95,7 +101,7 @@ def test_detection_runs_end_to_end_and_serves_boxes(detection_project, tmp_path)
     png.parent.mkdir()
     image.save(png)
     port = free_port()
-    server = start_server(root, port, tracking_uri=url)
+    server = start_server(root, port, "serve.int8=true", tracking_uri=url)
     try:
         status, answer, _ = request(port, "POST", "/predict", png.read_bytes(),
                                     {"Content-Type": "image/png"})  # fmt: skip
@@ -112,12 +118,29 @@ def test_detection_runs_end_to_end_and_serves_boxes(detection_project, tmp_path)
     assert corners[:, 2].max() > 32  # scaled to the 80 px image, not the model's 32 px
     assert bad[0] == 415 and "not a supported image format" in bad[1]["error"]["message"]
     assert served["task"] == "detection" and served["golden"]["status"] == "passed"
+    assert served["variant"] == "int8" and served["golden"]["box_agreement"] >= 0.9
 
-    result = batch.run(cfg, [str(png.parent)], None, tmp_path / "predictions")
+    int8 = config.load("params.yaml", ["serve.int8=true"])
+    result = batch.run(int8, [str(png.parent)], None, tmp_path / "predictions")
     table = pd.read_parquet(result.parquet)
     assert result.scored == 1 and list(table.columns) == list(batch.DETECTION_COLUMNS)
     by_server = sorted((b["class"], round(b["score"], 4)) for b in found)
     assert sorted(zip(table["class"], table["score"].round(4), strict=True)) == by_server
+
+
+def assert_golden_checks(cfg) -> None:
+    """fp32 within serve.golden_atol of its golden outputs; int8, whose raw outputs are not,
+    by its boxes against the golden ones decoded."""
+    source = serving_model.parse(f"models:/{NAME}/1")
+    fp32 = serving_model.load(source, "1", cfg.serve).info
+    assert fp32["variant"] == "fp32" and fp32["golden"]["max_abs_diff"] <= cfg.serve.golden_atol
+    onnx_bytes, golden, info = serving_model._download(NAME, "1", want_int8=True)
+    session = serving_model.session(onnx_bytes, 1)
+    with pytest.raises(serving_model.Refused, match="serve.golden_atol"):
+        serving_model.check_golden_outputs(session, golden, cfg.serve)
+    checked = serving_model.load(source, "1", cfg.serve.model_copy(update={"int8": True})).info
+    assert checked["variant"] == "int8" and checked["golden"]["status"] == "passed"
+    assert checked["golden"]["boxes"]["golden"] > 0 and checked["golden"]["iou"] == 0.5
 
 
 def assert_evaluation_figures(client) -> None:
