@@ -21,6 +21,7 @@ from PIL import Image
 from cli import main as cli
 from components.core import config, paths
 from components.detection import evaluate, monitor, synthetic, train
+from components.detection import prepare as detection_prepare
 from components.detection_release import export, promote, registry
 from serving import batch
 from serving import model as serving_model
@@ -126,6 +127,31 @@ def test_detection_runs_end_to_end_and_serves_boxes(detection_project, tmp_path)
     assert result.scored == 1 and list(table.columns) == list(batch.DETECTION_COLUMNS)
     by_server = sorted((b["class"], round(b["score"], 4)) for b in found)
     assert sorted(zip(table["class"], table["score"].round(4), strict=True)) == by_server
+
+    assert_champion_rescored_at_its_size(root, decided["gates"]["min_map"]["value"])
+
+
+def assert_champion_rescored_at_its_size(root, champion_map: float) -> None:
+    """A candidate at 64 px (the same weights, prepared, exported and registered at 64 px, as
+    v3) against the 32 px champion: the champion is scored on the same test images read again
+    from the raw folder at 32 px (its mAP is then the one its own promotion measured), not on
+    the candidate's 64 px shard; the raw files stay as they were."""
+    raw = root / "data/raw/detection_shapes"
+    before = {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()}
+    other = config.load("params.yaml", ["detection.image_size=64"])
+    detection_prepare.run(other)
+    paths.QUANTIZE_REPORT.unlink()  # no int8 for v3 (the shipped one is v1's)
+    train.CHECKPOINT.write_bytes(train.CHECKPOINT.read_bytes() + b"\0")
+    assert export.run(other).parity and registry.run(other).version == "3"
+    decided = promote.run(other)
+    record = json.loads(paths.PROMOTION_REPORT.read_text())
+    gate, champion = record["gates"]["beats_champion"], record["evidence"]["champion"]
+    assert not decided.promoted and decided.champion_version == "1"
+    assert gate["champion_map"] == pytest.approx(champion_map, abs=1e-9)
+    assert (gate["champion_image_size"], gate["candidate_image_size"]) == (32, 64)
+    assert champion["test_images_from"] == "raw images read again at 32 px"
+    assert record["gates"]["bootstrap"]["samples"] == 20
+    assert {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()} == before
 
 
 def assert_golden_checks(cfg) -> None:
