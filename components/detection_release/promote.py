@@ -31,6 +31,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from components.core import paths
 from components.core.config import Config
 from components.core.errors import UserError
 from components.detection import coco_map, train
@@ -50,7 +51,28 @@ def run(cfg: Config, version: str | None = None) -> PromotionResult:
     return promote.run(cfg, version, gates=gate_results)
 
 
-summary = promote.summary
+def summary(result: PromotionResult) -> str:
+    """promote's line; then, against a champion, what decided: both mAPs, each at its image
+    size and on which images, the gain and the bootstrap's p (or why they were not compared)."""
+    line = promote.summary(result)
+    if not paths.PROMOTION_REPORT.exists():
+        return line
+    report = json.loads(paths.PROMOTION_REPORT.read_text())
+    evidence, gates = report.get("evidence") or {}, report.get("gates") or {}
+    if evidence.get("comparison_refused"):
+        return f"{line}\n  not compared with the champion: {evidence['comparison_refused']}"
+    if "champion" not in evidence:
+        return line
+    mine, theirs = evidence["candidate"], evidence["champion"]
+    boot = gates["bootstrap"]
+    p = f"p {boot['value']:.3f} (needs <= {boot['threshold']})" if "value" in boot else "off"
+    return (
+        f"{line}\n  test mAP@[.5:.95]: v{mine['version']} {mine['map']:.4f} at "
+        f"{mine['image_size']} px, champion v{theirs['version']} {theirs['map']:.4f} at "
+        f"{theirs['image_size']} px ({theirs['test_images_from']}); gain "
+        f"{gates['beats_champion']['value']:+.4f} (needs > "
+        f"{gates['beats_champion']['threshold']}), paired bootstrap {p}"
+    )
 
 
 def gate_results(cfg: Config, name: str, candidate: str, champion: str | None):

@@ -150,6 +150,9 @@ def assert_champion_rescored_at_its_size(root, champion_map: float) -> None:
     assert gate["champion_map"] == pytest.approx(champion_map, abs=1e-9)
     assert (gate["champion_image_size"], gate["candidate_image_size"]) == (32, 64)
     assert champion["test_images_from"] == "raw images read again at 32 px"
+    explained = promote.summary(decided).splitlines()[1]
+    assert "v3 " in explained and "at 64 px, champion v1 " in explained, explained
+    assert "at 32 px (raw images read again at 32 px)" in explained and "bootstrap p" in explained
     assert record["gates"]["bootstrap"]["samples"] == 20
     assert {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()} == before
 
