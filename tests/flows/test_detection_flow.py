@@ -167,9 +167,15 @@ def assert_golden_checks(cfg) -> None:
     session = serving_model.session(onnx_bytes, 1)
     with pytest.raises(serving_model.Refused, match="serve.golden_atol"):
         serving_model.check_golden_outputs(session, golden, cfg.serve)
-    checked = serving_model.load(source, "1", cfg.serve.model_copy(update={"int8": True})).info
+    int8 = cfg.serve.model_copy(update={"int8": True})
+    checked = serving_model.load(source, "1", int8).info
     assert checked["variant"] == "int8" and checked["golden"]["status"] == "passed"
     assert checked["golden"]["boxes"]["golden"] > 0 and checked["golden"]["iou"] == 0.5
+    # golden boxes grown by one anchor size a side: IoU under 0.5 for most, refused
+    decoder = serving_model._decoder(session.get_modelmeta().custom_metadata_map)
+    grown = golden | {"bbox_regression": golden["bbox_regression"] + 1.0}
+    with pytest.raises(serving_model.Refused, match="serve.int8_min_agreement"):
+        serving_model.check_golden_boxes(session, grown, decoder, int8)
 
 
 def assert_evaluation_figures(client) -> None:
