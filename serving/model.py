@@ -208,7 +208,6 @@ def check_golden_boxes(ort_session, golden: dict | None, decoder, settings: Serv
     version's decoder; the share of boxes, of both sides together, with a partner of their
     class at IoU >= GOLDEN_BOX_IOU on the other side is at least serve.int8_min_agreement
     (no box on either side: 1)."""
-    from components.detection import model as detection_model
     from components.detection_release import export, registry
 
     if golden is None:
@@ -219,12 +218,12 @@ def check_golden_boxes(ort_session, golden: dict | None, decoder, settings: Serv
         actual = registry.detect(ort_session, decoder, images)
     except Exception as exc:
         raise Refused(f"golden check: the model cannot run its golden inputs ({exc})") from None
-    expected = decoder(*(golden[name] for name in detection_model.OUTPUTS), sizes)
-    matched, total = (
-        sum(counts)
-        for counts in zip(*(export.box_agreement(a, e, GOLDEN_BOX_IOU)
-                            for a, e in zip(actual, expected, strict=True)), strict=True)
-    )  # fmt: skip
+    outputs = [golden[name] for name in golden if name != "images"]  # the graph's, in order
+    expected = decoder(*outputs, sizes)
+    pairs = [
+        export.box_agreement(a, e, GOLDEN_BOX_IOU) for a, e in zip(actual, expected, strict=True)
+    ]
+    matched, total = sum(m for m, _ in pairs), sum(t for _, t in pairs)
     agreement = matched / total if total else 1.0
     result = {"n_images": len(images), "box_agreement": agreement, "iou": GOLDEN_BOX_IOU,
               "boxes": {"golden": sum(len(e["boxes"]) for e in expected),
