@@ -88,9 +88,6 @@ def check_detection_data(cfg: Config) -> None:
         )
 
 
-DETECTION_STRATEGIES = ("fine_tune", "feature_extraction")
-
-
 def check_detection_transfer(cfg: Config, prefix: str = "") -> None:
     """detection.pretrained names a lensflow model that logged its checkpoint (whether it is a
     classifier that fits is known once train reads it), and the transfer keys fit."""
@@ -102,11 +99,6 @@ def check_detection_transfer(cfg: Config, prefix: str = "") -> None:
         raise UserError(
             f"{where}: name a classifier lensflow trained: models:/NAME@ALIAS, "
             "models:/NAME/VERSION or runs:/RUN_ID"
-        )
-    if cfg.train.strategy not in DETECTION_STRATEGIES:
-        raise UserError(
-            f"{prefix}train.strategy {cfg.train.strategy}: a detector's transferred backbone "
-            f"learns by {' or '.join(DETECTION_STRATEGIES)}"
         )
     if cfg.train.layer_lr_decay != 1:
         raise UserError(

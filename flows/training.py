@@ -92,6 +92,7 @@ def detection_flow(cfg: config.Config, overrides: list[str] | None = None) -> di
         quantized = detection_tasks["quantize"](cfg)
         registered = detection_tasks["register"](cfg)
         promoted = detection_tasks["promote"](cfg)
+        print(detection_promote.summary(promoted))  # what decided, against the champion
     if versioning.in_dvc_repo() and not overrides:
         dvc_commit_task()
     return {

@@ -75,7 +75,8 @@ class Detection(Section):
     `model.arch` `simple_cnn` or `resnet_cnn` with 3 or more widths: its convolutional stages
     and their weights (`widths` above then does not apply; the FPN reads its last three
     stages), its normalisation; a grayscale one's first convolution is made RGB. With it,
-    `train.strategy` `fine_tune` or `feature_extraction` (frozen stages), and
+    `train.strategy` (`fine_tune`, `feature_extraction`, `two_stage`, `gradual_unfreeze`,
+    with `train.head_epochs`, `unfreeze_stages`, `unfreeze_every` over `epochs` below) and
     `train.backbone_lr_factor`. See Object detection, Transfer."""
     fpn_channels: int = Field(32, ge=8, multiple_of=8)
     """Channels of each feature-pyramid level and of the FCOS heads (GroupNorm, 8 groups)."""

@@ -108,6 +108,30 @@ def run(cfg: Config) -> prepare.PrepareResult:
     return prepare.PrepareResult(len(images), n_per_split, classes, str(paths.MANIFEST))
 
 
+def read_split_at(cfg: Config, split: str, size: int) -> np.ndarray:
+    """The `split`'s shard as prepare would write it at `size` px (uint8 [N, 3, size, size],
+    in shard order, so the split's COCO file fits it): its images read again from the raw
+    folder prepare read (only read), by prepare's reader. An image that no longer decodes, or
+    whose content is not the manifest's (sha256), is a UserError naming it: the images would
+    not be the ones the shard holds."""
+    coco = json.loads(split_annotations(split).read_text())
+    root = Path(json.loads(paths.META.read_text())["source"])
+    sha256 = pd.read_parquet(paths.MANIFEST, columns=["path", "sha256"])
+    sha256 = dict(zip(sha256["path"], sha256["sha256"], strict=True))
+    files = [image["file_name"] for image in coco["images"]]
+    options = imagefacts.ReadOptions(3, size, cfg.prepare.max_pixels)
+    pixels = np.zeros((len(files), 3, size, size), dtype=np.uint8)
+    for first in range(0, len(files), BLOCK):
+        block = files[first : first + BLOCK]
+        read = imagefacts.read_many([str(root / file) for file in block], options)
+        for offset, (file, (facts, array)) in enumerate(zip(block, read, strict=True)):
+            if array is None or facts["sha256"] != sha256.get(file):
+                why = facts["error"] or "its content changed since prepare (sha256)"
+                raise UserError(f"{root / file}: cannot be read again at {size} px: {why}")
+            pixels[first + offset] = array
+    return pixels
+
+
 def summary(result: prepare.PrepareResult) -> str:
     counts = ", ".join(f"{split} {n}" for split, n in result.n_per_split.items())
     return f"prepare: {result.n_images} images ({counts}), classes {', '.join(result.classes)}"

@@ -1,7 +1,8 @@
 """train, for `task: detection`: the FCOS of `model` on the prepared shards, from scratch or,
-with `detection.pretrained`, on the stages of a lensflow classifier (its weights; frozen by
-`train.strategy: feature_extraction`, at `train.backbone_lr_factor` x the LR otherwise), then
-COCO mAP on the validation split.
+with `detection.pretrained`, on the stages of a lensflow classifier (its weights, at
+`train.backbone_lr_factor` x the LR; which of them learn in which epoch by classification's
+`train.strategy` schedule, frozen ones with their batch-norm statistics held), then COCO mAP
+on the validation split.
 
 Reads `<split>-images.npy` and `<split>-annotations.json` (boxes scaled from each image's own
 pixels to the shard's size); box-aware augmentation per image (`detection.augment`,
@@ -34,7 +35,7 @@ from components.data import validate
 from components.data.prepared import load_meta
 from components.detection import coco_map, model
 from components.detection import prepare as detection_prepare
-from components.training import box_augment, pretrained, tuned
+from components.training import box_augment, models, pretrained, recipe, tuned
 
 # the paths dvc.yaml's train stage declares, as classification's train writes them
 CHECKPOINT = paths.CHECKPOINT
@@ -83,9 +84,12 @@ def to_float(images: np.ndarray) -> torch.Tensor:
 class Fitted:
     detector: torch.nn.Module
     backbone: dict | None  # None: the detector's own stages; else `transferred`'s description
-    history: list[dict]  # per epoch: epoch, train_loss, seconds (since training began)
+    # per epoch: epoch, train_loss, seconds (since training began), trainable_stages (the
+    # transferred stages that learnt; None from scratch)
+    history: list[dict]
     seconds: float
     frozen: bool  # the transferred stages did not learn
+    strategy: str | None = None  # train.strategy of the transferred stages; None from scratch
 
 
 def run(cfg: Config) -> TrainResult:
@@ -108,7 +112,7 @@ def run(cfg: Config) -> TrainResult:
         {"epochs_run": len(fitted.history), "val_map": round(metrics["map"], 6),
          "val_map_50": round(metrics["map_50"], 6), "train_seconds": seconds},
     )  # fmt: skip
-    paths.write_csv(paths.TRAINING_CURVE, fitted.history, ["epoch", "train_loss", "seconds"])
+    paths.write_csv(paths.TRAINING_CURVE, fitted.history, list(fitted.history[0]))
     plots.detection_training_curve(fitted.history, CURVE_PLOT)
     return TrainResult(
         len(fitted.history), metrics["map"], metrics["map_50"], round(fitted.seconds, 2),
@@ -130,10 +134,12 @@ def fit(cfg: Config, images: np.ndarray, targets: list[dict], n_classes: int) ->
     if backbone is not None:
         model.load_classifier(detector, weights, backbone["source"])
         _log_source(backbone)
-    frozen = backbone is not None and cfg.train.strategy == "feature_extraction"
+    stages = detector.backbone.stages() if backbone is not None else []
+    learning_at_end = _trainable_stages(cfg, cfg.detection.epochs, stages)
     augment = box_augment.transform(cfg)
     optimizer = torch.optim.AdamW(
-        _parameter_groups(detector, cfg, backbone, frozen), weight_decay=cfg.train.weight_decay
+        _parameter_groups(detector, cfg, stages, learning_at_end),
+        weight_decay=cfg.train.weight_decay,
     )
     batch = cfg.detection.batch_size
     steps_per_epoch = max(1, math.ceil(len(images) / batch))
@@ -141,10 +147,11 @@ def fit(cfg: Config, images: np.ndarray, targets: list[dict], n_classes: int) ->
     clip = cfg.train.grad_clip_norm or 10.0
     generator = torch.Generator().manual_seed(cfg.seed)
     history, start = [], time.perf_counter()
-    for epoch in range(cfg.detection.epochs):
+    for epoch in range(1, cfg.detection.epochs + 1):
+        learning = _trainable_stages(cfg, epoch, stages)
+        frozen = models.freeze_stages(stages, learning)
         detector.train()
-        if frozen:  # nor do their batch-norm statistics move
-            detector.backbone.body.eval()
+        models.hold_batch_norm(frozen)  # nor do their batch-norm statistics move
         order = torch.randperm(len(images), generator=generator).numpy()
         total = 0.0
         for first in range(0, len(order), batch):
@@ -163,9 +170,12 @@ def fit(cfg: Config, images: np.ndarray, targets: list[dict], n_classes: int) ->
             total += loss.item() * len(index)
         seconds = round(time.perf_counter() - start, 2)
         history.append(
-            {"epoch": epoch + 1, "train_loss": total / max(1, len(images)), "seconds": seconds}
-        )
-    return Fitted(detector, backbone, history, time.perf_counter() - start, frozen)
+            {"epoch": epoch, "train_loss": total / max(1, len(images)), "seconds": seconds,
+             "trainable_stages": _count(stages, learning)}
+        )  # fmt: skip
+    frozen = bool(stages) and learning_at_end == 0
+    strategy = cfg.train.strategy if stages else None
+    return Fitted(detector, backbone, history, time.perf_counter() - start, frozen, strategy)
 
 
 def save(fitted: Fitted, path: Path) -> None:
@@ -180,7 +190,8 @@ def source(fitted: Fitted) -> dict | None:
     if fitted.backbone is None:
         return None
     keys = ("source", "run_id", "arch", "widths")
-    return {**{k: fitted.backbone[k] for k in keys}, "frozen": fitted.frozen}
+    return {**{k: fitted.backbone[k] for k in keys}, "strategy": fitted.strategy,
+            "frozen": fitted.frozen}  # fmt: skip
 
 
 def transferred(cfg: Config) -> tuple[dict | None, dict | None]:
@@ -194,19 +205,34 @@ def transferred(cfg: Config) -> tuple[dict | None, dict | None]:
     return {**backbone, "source": uri, "run_id": checkpoint["run_id"]}, weights
 
 
-def _parameter_groups(detector, cfg: Config, backbone: dict | None, frozen: bool) -> list[dict]:
-    """The classifier's stages learn at `train.backbone_lr_factor` x the LR, or not at all
-    (`frozen`); the FPN and the heads at `detection.lr`."""
+def _trainable_stages(cfg: Config, epoch: int, stages: list) -> int | None:
+    """How many of the transferred `stages` (from the top) learn in `epoch` (1-based):
+    classification's schedule of `train.strategy` (`recipe.trainable_stages`: `head_epochs`,
+    `unfreeze_stages`, `unfreeze_every`) over `detection.epochs`; None: all of them (also
+    from scratch, where there are none to freeze)."""
+    if not stages:
+        return None
+    return recipe.trainable_stages(cfg.train, epoch, len(stages))
+
+
+def _count(stages: list, learning: int | None) -> int | None:
+    return (len(stages) if learning is None else learning) if stages else None
+
+
+def _parameter_groups(detector, cfg: Config, stages: list, learning: int | None) -> list[dict]:
+    """The FPN and the heads at `detection.lr`; the transferred `stages` that learn in some
+    epoch (the last `learning`, None: all; the schedule only adds stages, so the last epoch's
+    are all of them) at `train.backbone_lr_factor` x that, from the start, as classification's
+    loop does: one LR schedule spans the run, and a stage frozen in an epoch gets no gradient,
+    so the optimiser leaves it untouched. The others are in no group."""
     lr = cfg.detection.lr
-    if backbone is None:
-        return [{"params": list(detector.parameters()), "lr": lr}]
-    stages = list(detector.backbone.body.parameters())
-    own = {id(p) for p in stages}
-    groups = [{"params": [p for p in detector.parameters() if id(p) not in own], "lr": lr}]
-    for parameter in stages:
-        parameter.requires_grad = not frozen
-    if not frozen:
-        groups.append({"params": stages, "lr": lr * cfg.train.backbone_lr_factor})
+    transferred = {id(p) for stage in stages for p in stage.parameters()}
+    groups = [{"params": [p for p in detector.parameters() if id(p) not in transferred],
+               "lr": lr}]  # fmt: skip
+    learns = stages if learning is None else stages[len(stages) - learning :]
+    params = [p for stage in learns for p in stage.parameters()]
+    if params:
+        groups.append({"params": params, "lr": lr * cfg.train.backbone_lr_factor})
     return groups
 
 

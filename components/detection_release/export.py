@@ -90,6 +90,18 @@ def same_boxes(a: dict, b: dict, iou: float = PARITY_IOU, cuts: tuple = ()) -> b
     return bool(partner.any(1).all() and partner.any(0).all())
 
 
+def box_agreement(a: dict, b: dict, iou: float) -> tuple[int, int]:
+    """(boxes of either side with a partner of their class at IoU >= `iou` on the other side,
+    boxes of both sides): how far an int8 graph's detections agree with the fp32 ones (serving's
+    golden check of an int8 variant)."""
+    total = len(a["boxes"]) + len(b["boxes"])
+    if not len(a["boxes"]) or not len(b["boxes"]):
+        return 0, total
+    same_class = a["labels"][:, None] == b["labels"][None, :]
+    partner = (box_iou(a["boxes"], b["boxes"]).nan_to_num(0) >= iou) & same_class
+    return int(partner.any(1).sum() + partner.any(0).sum()), total
+
+
 def run(cfg: Config) -> ExportResult:
     import onnxruntime as ort
 

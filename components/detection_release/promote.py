@@ -31,9 +31,11 @@ from collections import defaultdict
 
 import numpy as np
 
+from components.core import paths
 from components.core.config import Config
 from components.core.errors import UserError
 from components.detection import coco_map, train
+from components.detection import prepare as detection_prepare
 from components.detection_release import registry as detection_registry
 from components.release import promote, registry
 from components.release.promote import PromotionResult
@@ -49,7 +51,28 @@ def run(cfg: Config, version: str | None = None) -> PromotionResult:
     return promote.run(cfg, version, gates=gate_results)
 
 
-summary = promote.summary
+def summary(result: PromotionResult) -> str:
+    """promote's line; then, against a champion, what decided: both mAPs, each at its image
+    size and on which images, the gain and the bootstrap's p (or why they were not compared)."""
+    line = promote.summary(result)
+    if not paths.PROMOTION_REPORT.exists():
+        return line
+    report = json.loads(paths.PROMOTION_REPORT.read_text())
+    evidence, gates = report.get("evidence") or {}, report.get("gates") or {}
+    if evidence.get("comparison_refused"):
+        return f"{line}\n  not compared with the champion: {evidence['comparison_refused']}"
+    if "champion" not in evidence:
+        return line
+    mine, theirs = evidence["candidate"], evidence["champion"]
+    boot = gates["bootstrap"]
+    p = f"p {boot['value']:.3f} (needs <= {boot['threshold']})" if "value" in boot else "off"
+    return (
+        f"{line}\n  test mAP@[.5:.95]: v{mine['version']} {mine['map']:.4f} at "
+        f"{mine['image_size']} px, champion v{theirs['version']} {theirs['map']:.4f} at "
+        f"{theirs['image_size']} px ({theirs['test_images_from']}); gain "
+        f"{gates['beats_champion']['value']:+.4f} (needs > "
+        f"{gates['beats_champion']['threshold']}), paired bootstrap {p}"
+    )
 
 
 def gate_results(cfg: Config, name: str, candidate: str, champion: str | None):
@@ -57,7 +80,7 @@ def gate_results(cfg: Config, name: str, candidate: str, champion: str | None):
     limits = cfg.promote
     images, _, coco = train.split_data("test")
     test_shas = promote.holdout_shas()
-    mine = scored(name, candidate, images, coco)
+    mine = scored(cfg, name, candidate, images, coco)
     if mine.get("refused"):
         raise UserError(f"v{candidate} of {name}: {mine['refused']}")
     parity = json.loads(promote.version_tag(name, candidate, "lensflow.export_parity") or "null")
@@ -82,7 +105,7 @@ def _relative_gates(cfg: Config, name: str, mine: dict, champion, test, evidence
     images, coco, test_shas = test
     if champion is None:
         return {g: {"passed": True, "note": "there is no champion yet"} for g in RELATIVE}
-    theirs = scored(name, champion, images, coco)
+    theirs = scored(cfg, name, champion, images, coco)
     same = theirs.get("classes") == mine["classes"]
     gates = {"same_classes": {"value": mine["classes"], "threshold": theirs.get("classes"),
                               "passed": same}}  # fmt: skip
@@ -103,7 +126,8 @@ def _relative_gates(cfg: Config, name: str, mine: dict, champion, test, evidence
     gates["beats_champion"] = {
         "value": gained, "threshold": cfg.promote.min_improvement,
         "passed": gained > cfg.promote.min_improvement, "champion_version": champion,
-        "champion_map": theirs["map"],
+        "champion_map": theirs["map"], "champion_image_size": theirs["image_size"],
+        "candidate_image_size": mine["image_size"],
     }  # fmt: skip
     gates["bootstrap"] = bootstrap_gate(cfg, mine["matches"], theirs["matches"], len(images))
     return gates
@@ -128,9 +152,16 @@ def bootstrap_gate(cfg: Config, mine: dict, theirs: dict, n_images: int) -> dict
     }  # fmt: skip
 
 
-def scored(name: str, version: str, images: np.ndarray, coco: dict) -> dict:
-    """A version's detections on the test split, its COCO metrics and its matches; or
-    `refused` saying why it cannot be scored here."""
+def scored(cfg: Config, name: str, version: str, images: np.ndarray, coco: dict) -> dict:
+    """A version's detections on the test split, at its own `detection.image_size`, its COCO
+    metrics and its matches; or `refused` saying why it cannot be scored here.
+
+    `images` is the prepared test shard, at the candidate run's size. A version trained at
+    another size gets the same test images read again from the raw folder at its size (as
+    its own prepare would have made them; `prepare.read_split_at`), not the shard resized
+    inside its graph: a champion of a larger size would otherwise see blurred upsampled
+    images. The ground truth is the same (boxes in each image's own pixels) and so are the
+    image ids, so the paired bootstrap still pairs each image with itself."""
     session, meta = registry.load_onnx_session(f"models:/{name}/{version}")
     result = {"version": version, "classes": meta["classes"]}
     names = [c["name"] for c in coco["categories"]]
@@ -138,6 +169,14 @@ def scored(name: str, version: str, images: np.ndarray, coco: dict) -> dict:
         return result | {"refused": f"v{version} is not a detector"}
     if meta["classes"] != names:
         return result | {"refused": f"v{version} detects {meta['classes']}, the data {names}"}
+    size = int(meta.get("image_size", images.shape[-1]))
+    result |= {"image_size": size, "test_images_from": "prepared shard"}
+    if size != images.shape[-1]:
+        try:
+            images = detection_prepare.read_split_at(cfg, "test", size)
+        except UserError as exc:
+            return result | {"refused": f"v{version} cannot be scored at its {size} px: {exc}"}
+        result["test_images_from"] = f"raw images read again at {size} px"
     decode = detection_registry.decoder(meta)
     found = []
     for first in range(0, len(images), 64):

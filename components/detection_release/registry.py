@@ -195,13 +195,16 @@ def _log_and_register(cfg: Config, name: str, tags: dict) -> str:
     mlflow.log_artifact(str(train.CHECKPOINT), tracking.CHECKPOINT_ARTIFACT.rpartition("/")[0])
     mlflow.log_text("\n".join(registry.trained_on()) + "\n", registry.TRAINED_ON_ARTIFACT)
     mlflow.log_artifact(str(profile), box_monitor.PROFILE_ARTIFACT.rpartition("/")[0])
+    int8 = "shipped" if quantize.int8_shipped() else "not_shipped"  # quantize's gate
     with tempfile.TemporaryDirectory() as tmp:
         golden = Path(tmp) / Path(paths.GOLDEN_ARTIFACT).name
         np.savez(golden, images=example, **golden_arrays)
         mlflow.log_artifact(str(golden), paths.GOLDEN_ARTIFACT.rpartition("/")[0])
-    int8 = "shipped" if quantize.int8_shipped() else "not_shipped"  # quantize's gate
-    if int8 == "shipped":
-        mlflow.log_artifact(str(paths.ONNX_INT8), "int8")
+        if int8 == "shipped":  # with the fp32 graph's metadata: served, it decodes the same
+            quantized = onnx.load(paths.ONNX_INT8)
+            onnx.helper.set_model_props(quantized, metadata(cfg))
+            onnx.save(quantized, Path(tmp) / paths.ONNX_INT8.name)
+            mlflow.log_artifact(str(Path(tmp) / paths.ONNX_INT8.name), "int8")
     found = mlflow.register_model(info.model_uri, name, tags={**tags, "lensflow.int8": int8})
     return str(found.version)
 

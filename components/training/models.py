@@ -66,8 +66,7 @@ class Classifier(nn.Module):
         """Train the head and the last `count` backbone stages (None: everything; 0: the head
         only, i.e. feature extraction). Frozen stages' batch-norm layers also stop updating
         their running statistics: `train()` keeps them in eval mode."""
-        stages = self.stages()
-        self.frozen = [] if count is None else stages[: len(stages) - count]
+        self.frozen = freeze_stages(self.stages(), count)
         frozen = {id(p) for stage in self.frozen for p in stage.parameters()}
         for parameter in self.network.parameters():
             parameter.requires_grad = id(parameter) not in frozen
@@ -76,11 +75,29 @@ class Classifier(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         if mode:
-            for stage in self.frozen:
-                for module in stage.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        module.eval()
+            hold_batch_norm(self.frozen)
         return self
+
+
+def freeze_stages(stages: list[nn.Module], count: int | None) -> list[nn.Module]:
+    """Let the last `count` of `stages` learn (None: all; 0: none) and freeze the others
+    (requires_grad off); returns the frozen ones, for `hold_batch_norm`. Classification's
+    `Classifier` and a detector's transferred stages (components/detection/train.py)."""
+    frozen = [] if count is None else stages[: len(stages) - count]
+    frozen_ids = {id(p) for stage in frozen for p in stage.parameters()}
+    for stage in stages:
+        for parameter in stage.parameters():
+            parameter.requires_grad = id(parameter) not in frozen_ids
+    return frozen
+
+
+def hold_batch_norm(frozen: list[nn.Module]) -> None:
+    """Frozen stages' batch-norm layers in eval mode (after each `train()`): their running
+    statistics do not move."""
+    for stage in frozen:
+        for module in stage.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

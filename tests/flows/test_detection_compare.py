@@ -137,3 +137,31 @@ def test_a_classifier_that_cannot_be_a_backbone_is_one_clear_error(compared, cap
     assert error.startswith(f"lensflow: error: detection.pretrained {uri}: a mini_alexnet")
     assert cli.main(["compare", "--set", 'compare.transfer={"model.arch": "resnet18"}']) == 2
     assert "'model.arch' is not a detector key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("strategy", "unfreeze", "learnt", "moved"),
+    [("gradual_unfreeze", {}, [0, 1], {2}), ("two_stage", {"unfreeze_stages": 2}, [0, 2], {1, 2})],
+)
+def test_two_stage_and_gradual_unfreeze_transfer_stage_by_stage(
+    compared, strategy, unfreeze, learnt, moved
+):
+    """Classification's schedule over the classifier's three stages: the head epoch alone
+    first, then the top stage(s); a stage frozen throughout keeps its weights and its
+    batch-norm statistics, one that learnt moved both."""
+    cfg = config.load(
+        "params.yaml",
+        [f"detection.pretrained=runs:/{compared['run_id']}", "detection.epochs=2",
+         f"train.strategy={strategy}", "train.head_epochs=1"]
+        + [f"train.{k}={v}" for k, v in unfreeze.items()],
+    )  # fmt: skip
+    images, targets, _ = train.split_data("train")
+    fitted = train.fit(cfg, images, targets, 3)
+    assert [e["trainable_stages"] for e in fitted.history] == learnt
+    assert train.source(fitted)["strategy"] == strategy and not fitted.frozen
+    state = fitted.detector.state_dict()
+    for stage in range(3):
+        for name in (f"features.{stage}.1.running_mean", f"features.{stage}.1.weight"):
+            same = torch.equal(state[f"backbone.body.{name}"],
+                               compared["classifier"]["state_dict"][f"network.{name}"])  # fmt: skip
+            assert same == (stage not in moved), (stage, name)

@@ -3,8 +3,9 @@
 registers and promotes the first version; evaluate logs precision-recall curves and a gallery
 of misdetections; a second version of the same detector is gated out by the paired bootstrap;
 `lensflow monitor` raises no alert on fresh shapes and a named box-statistics alert on images
-without shapes; `lensflow serve` and `lensflow predict` return the same boxes in the image's
-pixels, and /predict keeps its errors."""
+without shapes; `lensflow serve --int8` and `lensflow predict --int8` return the same boxes in
+the image's pixels from the int8 variant (forced through quantize's gate, golden check by box
+matching), and /predict keeps its errors."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from PIL import Image
 from cli import main as cli
 from components.core import config, paths
 from components.detection import evaluate, monitor, synthetic, train
+from components.detection import prepare as detection_prepare
 from components.detection_release import export, promote, registry
 from serving import batch
+from serving import model as serving_model
 from tests.conftest import _track_into, tiny_project
 from tests.servers import free_port
 from tests.serving.conftest import request, start_server
@@ -41,6 +44,8 @@ TINY_DETECTION = {
     "registry": {"model_name": NAME},
     "promote": {"min_map": 0.0, "bootstrap_samples": 20},
 }  # fmt: skip
+# quantize's gate wide open: the tiny detector's int8 is slower than fp32, but ships here
+INT8_SHIPS = {"quantize": {"min_speedup": 0.01, "max_drop": 100.0}}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,7 @@ def detection_project(mlflow_on_postgres, tmp_path_factory):
     root = tmp_path_factory.mktemp("detection-flow")
     with tiny_project(root) as mp:
         _track_into(mp, mlflow_on_postgres.url)
-        cfg = config.from_dict(TINY_DETECTION)
+        cfg = config.from_dict({**TINY_DETECTION, **INT8_SHIPS})
         (root / "params.yaml").write_text(yaml.safe_dump(cfg.as_dict()))
         yield root, cfg, mlflow_on_postgres.url
 
@@ -76,6 +81,8 @@ def test_detection_runs_end_to_end_and_serves_boxes(detection_project, tmp_path)
     classes = ["circle", "square", "triangle"]
     assert meta["task"] == "detection" and json.loads(meta["classes"]) == classes
     assert_evaluation_figures(client)
+    assert version.tags["lensflow.int8"] == "shipped"
+    assert_golden_checks(cfg)
     assert_monitoring_box_statistics(cfg, tmp_path)
 
     # the same detector again, as v2: no gain, bootstrap p = 1, it stays @challenger
@@ -95,7 +102,7 @@ def test_detection_runs_end_to_end_and_serves_boxes(detection_project, tmp_path)
     png.parent.mkdir()
     image.save(png)
     port = free_port()
-    server = start_server(root, port, tracking_uri=url)
+    server = start_server(root, port, "serve.int8=true", tracking_uri=url)
     try:
         status, answer, _ = request(port, "POST", "/predict", png.read_bytes(),
                                     {"Content-Type": "image/png"})  # fmt: skip
@@ -112,12 +119,63 @@ def test_detection_runs_end_to_end_and_serves_boxes(detection_project, tmp_path)
     assert corners[:, 2].max() > 32  # scaled to the 80 px image, not the model's 32 px
     assert bad[0] == 415 and "not a supported image format" in bad[1]["error"]["message"]
     assert served["task"] == "detection" and served["golden"]["status"] == "passed"
+    assert served["variant"] == "int8" and served["golden"]["box_agreement"] >= 0.9
 
-    result = batch.run(cfg, [str(png.parent)], None, tmp_path / "predictions")
+    int8 = config.load("params.yaml", ["serve.int8=true"])
+    result = batch.run(int8, [str(png.parent)], None, tmp_path / "predictions")
     table = pd.read_parquet(result.parquet)
     assert result.scored == 1 and list(table.columns) == list(batch.DETECTION_COLUMNS)
     by_server = sorted((b["class"], round(b["score"], 4)) for b in found)
     assert sorted(zip(table["class"], table["score"].round(4), strict=True)) == by_server
+
+    assert_champion_rescored_at_its_size(root, decided["gates"]["min_map"]["value"])
+
+
+def assert_champion_rescored_at_its_size(root, champion_map: float) -> None:
+    """A candidate at 64 px (the same weights, prepared, exported and registered at 64 px, as
+    v3) against the 32 px champion: the champion is scored on the same test images read again
+    from the raw folder at 32 px (its mAP is then the one its own promotion measured), not on
+    the candidate's 64 px shard; the raw files stay as they were."""
+    raw = root / "data/raw/detection_shapes"
+    before = {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()}
+    other = config.load("params.yaml", ["detection.image_size=64"])
+    detection_prepare.run(other)
+    paths.QUANTIZE_REPORT.unlink()  # no int8 for v3 (the shipped one is v1's)
+    train.CHECKPOINT.write_bytes(train.CHECKPOINT.read_bytes() + b"\0")
+    assert export.run(other).parity and registry.run(other).version == "3"
+    decided = promote.run(other)
+    record = json.loads(paths.PROMOTION_REPORT.read_text())
+    gate, champion = record["gates"]["beats_champion"], record["evidence"]["champion"]
+    assert not decided.promoted and decided.champion_version == "1"
+    assert gate["champion_map"] == pytest.approx(champion_map, abs=1e-9)
+    assert (gate["champion_image_size"], gate["candidate_image_size"]) == (32, 64)
+    assert champion["test_images_from"] == "raw images read again at 32 px"
+    explained = promote.summary(decided).splitlines()[1]
+    assert "v3 " in explained and "at 64 px, champion v1 " in explained, explained
+    assert "at 32 px (raw images read again at 32 px)" in explained and "bootstrap p" in explained
+    assert record["gates"]["bootstrap"]["samples"] == 20
+    assert {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()} == before
+
+
+def assert_golden_checks(cfg) -> None:
+    """fp32 within serve.golden_atol of its golden outputs; int8, whose raw outputs are not,
+    by its boxes against the golden ones decoded."""
+    source = serving_model.parse(f"models:/{NAME}/1")
+    fp32 = serving_model.load(source, "1", cfg.serve).info
+    assert fp32["variant"] == "fp32" and fp32["golden"]["max_abs_diff"] <= cfg.serve.golden_atol
+    onnx_bytes, golden, info = serving_model._download(NAME, "1", want_int8=True)
+    session = serving_model.session(onnx_bytes, 1)
+    with pytest.raises(serving_model.Refused, match="serve.golden_atol"):
+        serving_model.check_golden_outputs(session, golden, cfg.serve)
+    int8 = cfg.serve.model_copy(update={"int8": True})
+    checked = serving_model.load(source, "1", int8).info
+    assert checked["variant"] == "int8" and checked["golden"]["status"] == "passed"
+    assert checked["golden"]["boxes"]["golden"] > 0 and checked["golden"]["iou"] == 0.5
+    # golden boxes grown by one anchor size a side: IoU under 0.5 for most, refused
+    decoder = serving_model._decoder(session.get_modelmeta().custom_metadata_map)
+    grown = golden | {"bbox_regression": golden["bbox_regression"] + 1.0}
+    with pytest.raises(serving_model.Refused, match="serve.int8_min_agreement"):
+        serving_model.check_golden_boxes(session, grown, decoder, int8)
 
 
 def assert_evaluation_figures(client) -> None:
