@@ -8,7 +8,10 @@ The project is bench/serve_load.py's (digits, versions 1 and 2 the same model, @
 request is written to the pair log (a temporary folder). Prints one JSON line; without wrk
 it prints why it skipped.
 
-    python bench/shadow_cost.py [--seconds 4] [--rounds 3] [--project DIR]
+    python bench/shadow_cost.py [--seconds 4] [--rounds 3] [--project DIR] [--nice 19]
+
+`--nice` is serve.offpath_nice of the shadow servers: 19 pairs what the answers leave of the
+cores, lower pairs more at the answers' cost (`paired_fraction` says how many were paired).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--project", help="serve_load.py's project folder, reused when there")
+    parser.add_argument("--nice", type=int, default=19, help="serve.offpath_nice")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print(json.dumps({"bench": "shadow_cost", "skipped": "wrk not found: apt-get install wrk"}))
@@ -48,10 +52,11 @@ def main() -> None:
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         mlflow.MlflowClient().set_registered_model_alias("lensflow-classifier", "challenger", "1")
         with tempfile.TemporaryDirectory(prefix="lensflow-pair-log-") as log_dir:
+            shadow = ("serve.rollout=shadow", f"serve.offpath_nice={args.nice}")
             modes = {
                 "off": (),
-                "shadow_1.0": ("serve.rollout=shadow", f"serve.rollout_dir={log_dir}/a"),
-                "shadow_0.25": ("serve.rollout=shadow", "serve.shadow_fraction=0.25",
+                "shadow_1.0": (*shadow, f"serve.rollout_dir={log_dir}/a"),
+                "shadow_0.25": (*shadow, "serve.shadow_fraction=0.25",
                                 f"serve.rollout_dir={log_dir}/b"),
             }  # fmt: skip
             runs, warm = _measure(root, env, bodies["png"], modes, args.seconds, args.rounds)
@@ -62,6 +67,7 @@ def main() -> None:
     answered = {m: sum(r["requests"] for r in runs[m]) + warm[m] for m in folders}
     print(json.dumps({
         "bench": "shadow_cost", "concurrency": CONCURRENCY, "cpus": os.cpu_count(),
+        "offpath_nice": args.nice,
         "load_average_before": round(os.getloadavg()[0], 2), "results": summary,
         "pairs_logged": pairs,
         # the rest went unpaired (lensflow_rollout_skipped): the off-path process runs at nice 19

@@ -3,8 +3,8 @@ model's scoring of the paired requests, the pairs' metrics and the pair log's Pa
 
 In the worker these took the GIL from the answers for ~1.5 ms of Python every 20 ms
 (bench/README.md, shadow_cost); here they share nothing with it but a pipe and the cores, at
-nice 19. The worker sends each model once (its ONNX bytes, classes; `forget` when it no
-longer pairs it) and then, every
+nice serve.offpath_nice (19: only the cores the answers leave free). The worker sends each
+model once (its ONNX bytes and classes; `forget` when it no longer pairs it) and, every
 serving/rollout.PAIR_EVERY_S, the jobs that queued meanwhile; this process scores them as one
 batch per model and image shape, appends one row per paired image to its buffer and writes
 the buffer as a part every serve.rollout_flush_seconds (or at serve.rollout_part_rows). Its
@@ -38,7 +38,7 @@ def main(conn, settings: dict, root: Path, worker: str, done) -> None:
     """The process's entry: serve the worker's messages until `stop` or its end."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    os.nice(19)
+    os.nice(settings["offpath_nice"])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     Pairer(Serve(**settings), root, worker, done).serve(conn)
 

@@ -90,6 +90,11 @@ class Serve(Section):
     rollout_max_pending: int = Field(64, ge=1)
     """Requests waiting for the off-path model; past this one is not paired (counted in
     `lensflow_rollout_skipped`), so the off-path model never holds memory or the answer."""
+    offpath_nice: int = Field(19, ge=0, le=19)
+    """The priority (Linux nice) of the process that scores the other model: 19 = only on
+    cores the answers leave free (a saturated server pairs fewer requests: the rest are
+    skipped, counted); lower pairs more, and the answers share the cores with it (measured
+    in bench/README.md, shadow_cost)."""
     canary_key_header: str = "X-Client-Key"
     """Canary: the request header whose value keeps one client on one model; without it a
     hash of the request body decides."""
