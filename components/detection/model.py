@@ -31,9 +31,9 @@ pixels), scores and labels (0..n_classes-1) after its score threshold and NMS.
 
 Inference is split where the graph's shapes stop being fixed: `Heads` (uint8 images of any size
 -> resized inside -> `OUTPUTS[architecture]`: class logits [N, A, C], box regression
-[N, A, 4] and, for FCOS, centre-ness logits [N, A, 1]; what ONNX exports) and `Decoder` (anchors, box decoding, score
-threshold, per-class NMS: torchvision's own `postprocess_detections`, run after the graph), the
-same code for PyTorch and ONNX Runtime, the evaluator and the exported model's users.
+[N, A, 4] and, for FCOS, centre-ness logits [N, A, 1]; what ONNX exports) and `Decoder`
+(anchors, box decoding, score threshold, per-class NMS: torchvision's own
+`postprocess_detections`, run after the graph), the same code for PyTorch and ONNX Runtime, the evaluator and the exported model's users.
 """
 
 from __future__ import annotations
