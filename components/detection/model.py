@@ -33,7 +33,8 @@ Inference is split where the graph's shapes stop being fixed: `Heads` (uint8 ima
 -> resized inside -> `OUTPUTS[architecture]`: class logits [N, A, C], box regression
 [N, A, 4] and, for FCOS, centre-ness logits [N, A, 1]; what ONNX exports) and `Decoder`
 (anchors, box decoding, score threshold, per-class NMS: torchvision's own
-`postprocess_detections`, run after the graph), the same code for PyTorch and ONNX Runtime, the evaluator and the exported model's users.
+`postprocess_detections`, run after the graph), the same code for PyTorch and ONNX Runtime,
+the evaluator and the exported model's users.
 """
 
 from __future__ import annotations
