@@ -84,6 +84,8 @@ def neck(widths: list[int], out_channels: int, arch: str) -> tuple[nn.Module, li
 
 
 class SSDNeck(nn.Module):
+    """The three stages' features as they are, then two extra levels from the last."""
+
     def __init__(self, width: int, out_channels: int):
         super().__init__()
         norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)  # torchvision's SSDlite's
@@ -98,7 +100,7 @@ class SSDNeck(nn.Module):
 
 
 class Backbone(nn.Module):
-    """Conv-BN-ReLU stages; an FPN over the last three, plus P6 and P7."""
+    """Conv-BN-ReLU stages; the `neck` over the last three (fcos: an FPN, plus P6 and P7)."""
 
     def __init__(self, widths: list[int], out_channels: int, arch: str = "fcos"):
         super().__init__()
@@ -139,7 +141,8 @@ LUMINANCE = (0.299, 0.587, 0.114)  # grey = these weights of R, G, B (PIL's "L",
 class ClassifierBackbone(nn.Module):
     """A lensflow classifier's convolutional stages (`simple_cnn`: each Conv-BN-ReLU-max-pool;
     `resnet_cnn`: its stem with the first block, then each block), its input normalisation in
-    front (buffers `mean`, `std`); an FPN over the last three stages, plus P6 and P7."""
+    front (buffers `mean`, `std`); the `neck` over the last three stages. Or EfficientNet-
+    Lite0's stem and blocks (`LITE0`, ImageNet's normalisation)."""
 
     def __init__(self, spec: dict, out_channels: int, arch: str = "fcos"):
         from components.training import models
@@ -346,11 +349,11 @@ def ssdlite(cfg: Config, n_classes: int, body: nn.Module) -> SSDLite:
 
 
 class Heads(nn.Module):
-    """uint8 [N, 3, H, W] -> `OUTPUTS` (class logits [N, A, C], box regression [N, A, 4],
-    centre-ness logits [N, A, 1]), the image
-    resized to the detector's size inside (its normalisation is the identity). Inference
-    only: it holds the detector in eval mode (an exporter restoring a fresh module's training
-    mode would otherwise switch batch norm to batch statistics)."""
+    """uint8 [N, 3, H, W] -> `OUTPUTS` of its architecture (class logits [N, A, C], box
+    regression [N, A, 4], for FCOS centre-ness logits [N, A, 1]), the image resized to the
+    detector's size inside (its normalisation is the identity). Inference only: it holds the
+    detector in eval mode (an exporter restoring a fresh module's training mode would
+    otherwise switch batch norm to batch statistics)."""
 
     def __init__(self, detector: FCOS | SSD, size: int):
         super().__init__()
