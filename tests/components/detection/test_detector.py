@@ -5,9 +5,12 @@ import json
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
+from components import preflight
 from components.core import config, paths
+from components.core.errors import UserError
 from components.detection import evaluate, model, prepare, synthetic, train, validate
 from components.detection_release import export
 
@@ -78,6 +81,10 @@ def test_ssdlite_on_efficientnet_lite0_exports_and_decodes_from_metadata(project
             "train": {"warmup_epochs": 0, "strategy": "feature_extraction"},
         }
     )  # fmt: skip
+    preflight.check_detection_transfer(cfg)  # a name, not a registered model: nothing to check
+    typo = config.with_values(cfg, {"detection.pretrained": "efficientnet-lite2"})
+    with pytest.raises(UserError, match="or efficientnet-lite0"):
+        preflight.check_detection_transfer(typo)
     synthetic.run(cfg)
     prepare.run(cfg)
     assert validate.run(cfg, track=False).success
