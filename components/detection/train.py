@@ -189,8 +189,8 @@ def transferred(cfg: Config) -> tuple[dict | None, dict | None]:
     uri = cfg.detection.pretrained
     if not uri:
         return None, None
-    if uri == "efficientnet-lite0":  # ImageNet weights inside an installed package
-        backbone, weights = model.lite0_weights()
+    if uri in model.PACKAGED:  # ImageNet weights: in an installed package, or torch's cache
+        backbone, weights = model.imagenet_weights(uri)
         return {**backbone, "source": uri, "run_id": None}, weights
     checkpoint = pretrained.lensflow_checkpoint(uri, "detection.pretrained")
     backbone, weights = model.from_classifier(checkpoint, uri)

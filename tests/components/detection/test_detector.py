@@ -114,3 +114,32 @@ def test_ssdlite_on_efficientnet_lite0_exports_and_decodes_from_metadata(project
         whole = detector(list(train.to_float(images)))
     split = train.predict(detector, images)
     assert all(export.same_boxes(a, b) for a, b in zip(split, whole, strict=True))
+
+
+def test_torchvision_backbone_loads_from_torch_cache_only(tmp_path, monkeypatch):
+    """`detection.pretrained: torchvision`: MobileNetV3-Large's weights from torch's hub cache
+    (a file of the right name there: no download), its stages at strides 2 to 32; the decoder
+    rebuilt from metadata needs no weight file."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = torchvision.models.mobilenet_v3_large().state_dict()
+    weights = torchvision.models.MobileNet_V3_Large_Weights.DEFAULT
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(cached, tmp_path / "hub" / "checkpoints" / weights.url.rpartition("/")[2])
+    backbone, state = model.imagenet_weights("torchvision")
+    cfg = config.from_dict({"task": "detection", "detection": {"image_size": 64}})
+    detector = model.build(cfg, 3, backbone)
+    model.load_classifier(detector, state, "torchvision")
+    name = "features.16.0.weight"  # the last stage's 1x1 convolution to 960 channels
+    assert torch.equal(detector.backbone.body.get_parameter(name), cached[name])
+    x, sizes = torch.zeros(1, 3, 64, 64), []
+    for stage in detector.backbone.stages():
+        x = stage(x)
+        sizes.append(x.shape[-1])
+    assert sizes == [32, 16, 8, 4, 2]  # each stage halves: the FPN reads strides 8, 16, 32
+    for path in (tmp_path / "hub" / "checkpoints").iterdir():
+        path.unlink()
+    detector_json = json.dumps({**cfg.detection.model_dump(mode="json"), "backbone": backbone})
+    decode = model.decoder_from_metadata({"detector": detector_json, "classes": ["a", "b", "c"]})
+    assert decode.per_level == model.Decoder(detector, 64).per_level
