@@ -85,8 +85,9 @@ class Detection(Section):
     `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID`, of `model.arch`
     `simple_cnn` or `resnet_cnn` with 3 or more widths: its convolutional stages and their
     weights (`widths` above then does not apply; the FPN reads its last three stages), its
-    normalisation; a grayscale one's first convolution is made RGB. With any, `train.strategy` `fine_tune` or `feature_extraction` (frozen stages),
-    and `train.backbone_lr_factor`. See Object detection, Transfer."""
+    normalisation; a grayscale one's first convolution is made RGB. With any, `train.strategy`
+    `fine_tune` or `feature_extraction` (frozen stages), and `train.backbone_lr_factor`. See
+    Object detection, Transfer."""
     fpn_channels: int = Field(32, ge=8, multiple_of=8)
     """Channels of each feature-pyramid level and of the FCOS heads (GroupNorm, 8 groups);
     with `ssdlite`, of its two extra levels."""
