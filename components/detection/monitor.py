@@ -11,7 +11,7 @@ properties classification watches (brightness, contrast, sharpness, file size an
 channel means and stds: `components.drift.drift.image_properties`). One file,
 models/detection_profile.npz (arrays and a JSON header), logged as
 `profile/detection_profile.npz` in the register run. No backbone embeddings: the exported
-graph returns only the heads' outputs (`model.OUTPUTS`).
+graph returns only the heads' outputs (`model.OUTPUTS` of its architecture).
 
 The pass (`run`): the batch (a flat folder of images) through the training data's gate, as
 for a classifier (`components.monitoring.monitor_data`), then one two-sample KS test per
@@ -53,7 +53,7 @@ def detect(session, decode: model.Decoder, images: np.ndarray, batch: int = 64) 
     found = []
     for rows in prepared.chunks(len(images), batch):
         chunk = np.ascontiguousarray(images[rows])
-        outputs = session.run(list(model.OUTPUTS), {"images": chunk})
+        outputs = session.run(list(decode.outputs), {"images": chunk})
         found += decode(*outputs, [chunk.shape[-2:]] * len(chunk))
     return found
 

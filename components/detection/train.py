@@ -200,6 +200,9 @@ def transferred(cfg: Config) -> tuple[dict | None, dict | None]:
     uri = cfg.detection.pretrained
     if not uri:
         return None, None
+    if uri in model.PACKAGED:  # ImageNet weights: in an installed package, or torch's cache
+        backbone, weights = model.imagenet_weights(uri)
+        return {**backbone, "source": uri, "run_id": None}, weights
     checkpoint = pretrained.lensflow_checkpoint(uri, "detection.pretrained")
     backbone, weights = model.from_classifier(checkpoint, uri)
     return {**backbone, "source": uri, "run_id": checkpoint["run_id"]}, weights
@@ -241,11 +244,10 @@ def _log_source(backbone: dict) -> None:
     import mlflow
 
     if mlflow.active_run() is not None:
-        mlflow.set_tags(
-            {"lensflow.pretrained": backbone["source"],
-             "lensflow.pretrained_run_id": backbone["run_id"],
-             "lensflow.pretrained_arch": backbone["arch"]}
-        )  # fmt: skip
+        tags = {"lensflow.pretrained": backbone["source"],
+                "lensflow.pretrained_run_id": backbone["run_id"],
+                "lensflow.pretrained_arch": backbone["arch"]}  # fmt: skip
+        mlflow.set_tags({key: value for key, value in tags.items() if value})
 
 
 def use_threads(cfg: Config) -> None:

@@ -2,8 +2,9 @@
 its parity with PyTorch by box matching.
 
 The graph (`model.Heads`) takes uint8 images [N, 3, H, W] of any size, resizes them to
-`detection.image_size` inside and returns `model.OUTPUTS` (`cls_logits` [N, A, C],
-`bbox_regression` [N, A, 4], `bbox_ctrness` [N, A, 1]); anchors, decoding, score threshold and
+`detection.image_size` inside and returns `model.OUTPUTS` of its architecture (`cls_logits`
+[N, A, C], `bbox_regression` [N, A, 4], and for FCOS `bbox_ctrness` [N, A, 1]; SSDlite's class
+logits have a background column first); anchors, decoding, score threshold and
 per-class NMS run after it in `model.Decoder`, the same code for PyTorch and ONNX Runtime. Why
 not NMS in the graph: the TorchScript exporter traces torchvision's postprocessing, and its
 Python branches (no box above the threshold: no NMS at all) are frozen by the example input, so
@@ -52,15 +53,16 @@ class ExportResult:
 
 def export(detector, size: int, opset: int) -> bytes:
     heads = model.Heads(detector, size)
+    names = list(heads.outputs)
     example = torch.zeros(1, 3, size, size, dtype=torch.uint8)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             heads, (example,), buffer, dynamo=False, opset_version=opset,
-            input_names=["images"], output_names=list(model.OUTPUTS),
+            input_names=["images"], output_names=names,
             dynamic_axes={"images": {0: "n", 2: "height", 3: "width"},
-                          **{name: {0: "n"} for name in model.OUTPUTS}},
+                          **{name: {0: "n"} for name in names}},
         )  # fmt: skip
     return buffer.getvalue()
 
@@ -145,17 +147,17 @@ def run(cfg: Config) -> ExportResult:
         paths.EXPORT_METRICS,
         {"export_parity": report["parity"], "onnx_ms_per_image": report["onnx_ms_per_image"]},
     )
-    _write_golden(session, np.array(images[:GOLDEN_IMAGES]))
+    _write_golden(session, np.array(images[:GOLDEN_IMAGES]), decode.outputs)
     _write_profile(found, size)
     return ExportResult(str(ONNX), mismatched == 0, len(images), mismatched)
 
 
-def _write_golden(session, images: np.ndarray) -> None:
+def _write_golden(session, images: np.ndarray, names: tuple[str, ...]) -> None:
     """models/golden.npz: a few test images and the graph's outputs on them (what register
     logs with the version, and serving compares a download with)."""
-    outputs = session.run(list(model.OUTPUTS), {"images": images})
+    outputs = session.run(list(names), {"images": images})
     with paths.atomic(paths.GOLDEN) as partial, partial.open("wb") as file:
-        np.savez(file, images=images, **dict(zip(model.OUTPUTS, outputs, strict=True)))
+        np.savez(file, images=images, **dict(zip(names, outputs, strict=True)))
 
 
 def _write_profile(found: list[dict], size: int) -> None:

@@ -12,9 +12,10 @@ reference profile of its box statistics that `lensflow monitor` compares batches
 (components/detection/monitor.py).
 
 The ONNX metadata (`metadata_props`): `task` (detection), `classes`, `category_ids`,
-`image_size` and `detector` (the JSON of what `model.Decoder` needs: widths, FPN channels,
-anchor sizes, score threshold, NMS IoU, detections per image; `backbone`: null, or the arch and
-widths of the classifier a transferred backbone came from). `decoder(meta)` rebuilds that
+`image_size` and `detector` (the JSON of what `model.Decoder` needs: architecture, widths, FPN
+channels, anchor sizes, score threshold, NMS IoU, detections per image; `backbone`: null, or the
+arch and widths of the classifier, or EfficientNet-Lite0, a transferred backbone came from: the
+module is rebuilt without weights, for its feature sizes). `decoder(meta)` rebuilds that
 decoder from it: the same postprocessing for the evaluator, promotion, the server and batch
 scoring.
 """
@@ -40,8 +41,8 @@ from components.release.registry import RegistryResult
 
 TASK = "detection"
 DECODER_KEYS = (
-    "image_size", "widths", "fpn_channels", "anchor_sizes", "score_threshold", "nms_iou",
-    "max_detections",
+    "architecture", "image_size", "widths", "fpn_channels", "anchor_sizes", "score_threshold",
+    "nms_iou", "max_detections",
 )  # fmt: skip
 GOLDEN_IMAGES = 4
 
@@ -154,12 +155,15 @@ def _pretrained_tags() -> dict[str, str]:
     backbone, _ = train.read_checkpoint()
     if backbone is None:
         return {"lensflow.pretrained": "none"}
-    run_id = backbone["run_id"]
-    return {"lensflow.pretrained": backbone["source"], "lensflow.pretrained_run_id": run_id}
+    tags = {"lensflow.pretrained": backbone["source"]}
+    if backbone["run_id"]:  # none for efficientnet-lite0's packaged weights
+        tags["lensflow.pretrained_run_id"] = backbone["run_id"]
+    return tags
 
 
 def _backbone() -> dict | None:
-    """What the anchors need of a transferred backbone: its classifier's stages."""
+    """What the anchors need of a transferred backbone: its classifier's (or
+    EfficientNet-Lite0's) stages; no weights."""
     backbone, _ = train.read_checkpoint()
     return backbone and {k: backbone[k] for k in ("arch", "widths", "se", "mean", "std")}
 
@@ -172,7 +176,7 @@ def decoder(meta: dict) -> model.Decoder:
 def detect(session, decode: model.Decoder, images: np.ndarray) -> list[dict]:
     """Boxes (x1, y1, x2, y2 in the images' pixels), scores and labels (class indices) of
     uint8 images [N, 3, H, W] of one size, by the ONNX Runtime `session` then `decode`."""
-    outputs = session.run(list(model.OUTPUTS), {"images": images})
+    outputs = session.run(list(decode.outputs), {"images": images})
     return decode(*outputs, [images.shape[-2:]] * len(images))
 
 
@@ -214,6 +218,5 @@ def golden_outputs(onnx_bytes: bytes, images: np.ndarray) -> dict[str, np.ndarra
     from components.scoring.backends import ort_session
 
     session = ort_session(onnx_bytes)
-    return dict(
-        zip(model.OUTPUTS, session.run(list(model.OUTPUTS), {"images": images}), strict=True)
-    )
+    names = [output.name for output in session.get_outputs()]  # fcos's or ssdlite's
+    return dict(zip(names, session.run(names, {"images": images}), strict=True))

@@ -68,22 +68,28 @@ def _efficientnet_lite0(spec: dict) -> dict:
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
-def _torchvision(arch: str) -> dict:
+def imagenet_state(arch: str, key: str) -> dict:
+    """ImageNet weights for a detector's backbone (`key`: the params key, for errors):
+    efficientnet_lite0's packaged file, or `arch`'s torchvision weights."""
+    if arch == "efficientnet_lite0":
+        return _efficientnet_lite0({"arch": arch})
+    return _torchvision(arch, key)
+
+
+def _torchvision(arch: str, key: str = "model.pretrained") -> dict:
     import torchvision
 
     try:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
     except ValueError:
-        raise UserError(
-            f"model.pretrained torchvision: {arch} has no torchvision weights"
-        ) from None
+        raise UserError(f"{key} torchvision: {arch} has no torchvision weights") from None
     try:
         return weights.get_state_dict(progress=False)
     except OSError as exc:  # URLError is an OSError: offline, or the hub is unreachable
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise UserError(
-            f"model.pretrained torchvision: cannot download {weights} ({exc}); put the file "
-            f"in {cache} or use model.pretrained: efficientnet-lite0 (offline)"
+            f"{key} torchvision: cannot download {weights} ({exc}); put "
+            f"{Path(weights.url).name} in {cache} or use {key}: efficientnet-lite0 (offline)"
         ) from None
 
 
