@@ -220,7 +220,7 @@ def check_golden_boxes(ort_session, golden: dict | None, decoder, settings: Serv
         actual = registry.detect(ort_session, decoder, images)
     except Exception as exc:
         raise Refused(f"golden check: the model cannot run its golden inputs ({exc})") from None
-    outputs = [golden[name] for name in golden if name != "images"]  # the graph's, in order
+    outputs = [golden[name] for name in decoder.outputs]  # the box outputs, in order
     expected = decoder(*outputs, sizes)
     pairs = [
         export.box_agreement(a, e, GOLDEN_BOX_IOU) for a, e in zip(actual, expected, strict=True)

@@ -31,7 +31,8 @@ pixels), scores and labels (0..n_classes-1) after its score threshold and NMS.
 
 Inference is split where the graph's shapes stop being fixed: `Heads` (uint8 images of any size
 -> resized inside -> `OUTPUTS[architecture]`: class logits [N, A, C], box regression
-[N, A, 4] and, for FCOS, centre-ness logits [N, A, 1]; what ONNX exports) and `Decoder`
+[N, A, 4] and, for FCOS, centre-ness logits [N, A, 1]; then `embeddings`, what monitoring
+compares; what ONNX exports) and `Decoder`
 (anchors, box decoding, score threshold, per-class NMS: torchvision's own
 `postprocess_detections`, run after the graph), the same code for PyTorch and ONNX Runtime,
 the evaluator and the exported model's users.
@@ -370,21 +371,25 @@ def ssdlite(cfg: Config, n_classes: int, body: nn.Module) -> SSDLite:
 
 class Heads(nn.Module):
     """uint8 [N, 3, H, W] -> `OUTPUTS` of its architecture (class logits [N, A, C], box
-    regression [N, A, 4], for FCOS centre-ness logits [N, A, 1]), the image resized to the
-    detector's size inside (its normalisation is the identity). Inference only: it holds the
+    regression [N, A, 4], for FCOS centre-ness logits [N, A, 1]), then `embeddings`: the
+    global average pool of the neck's three levels the backbone's stages give (not P6, P7),
+    concatenated ([N, sum of their channels]). The image is resized to the detector's size
+    inside (its normalisation is the identity). Inference only: it holds the
     detector in eval mode (an exporter restoring a fresh module's training mode would
     otherwise switch batch norm to batch statistics)."""
 
     def __init__(self, detector: FCOS | SSD, size: int):
         super().__init__()
         self.detector, self.size = detector, size
-        self.outputs = OUTPUTS[architecture(detector)]
+        self.outputs = (*OUTPUTS[architecture(detector)], "embeddings")
         self.eval()
 
     def forward(self, images: torch.Tensor):
         x = images.float() / 255
         x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear")
-        out = self.detector.head(list(self.detector.backbone(x).values()))
+        levels = list(self.detector.backbone(x).values())
+        out = self.detector.head(levels)
+        out["embeddings"] = torch.cat([level.mean((2, 3)) for level in levels[:3]], 1)
         return tuple(out[name] for name in self.outputs)
 
 
@@ -405,9 +410,11 @@ class Decoder:
 
     @torch.no_grad()
     def __call__(self, *outputs_and_sizes) -> list[dict]:
-        """`Heads`' outputs (`self.outputs`, tensors or arrays), then `sizes`: each input
-        image's (height, width). FCOS's postprocessing takes them per level, SSD's whole."""
+        """`Heads`' outputs (`self.outputs`, tensors or arrays; any after them, such as
+        `embeddings`, ignored), then `sizes`: each input image's (height, width). FCOS's
+        postprocessing takes them per level, SSD's whole."""
         *arrays, sizes = outputs_and_sizes
+        arrays = arrays[: len(self.outputs)]
         n = len(arrays[0])
         outputs = {
             name: torch.as_tensor(array) for name, array in zip(self.outputs, arrays, strict=True)

@@ -300,7 +300,7 @@ def predict(detector, images: np.ndarray, batch: int = 64, session=None) -> list
         if session is None:
             outputs = heads(torch.from_numpy(chunk))
         else:
-            outputs = session.run(None, {session.get_inputs()[0].name: chunk})
+            outputs = session.run(list(decode.outputs), {"images": chunk})
         found += decode(*outputs, [chunk.shape[-2:]] * len(chunk))
     return found
 

@@ -123,7 +123,7 @@ def run(cfg: Config) -> ExportResult:
     for i in range(len(images)):
         one = np.array(images[i : i + 1])
         start = time.perf_counter()
-        by_onnx = decode(*session.run(None, {"images": one}), [one.shape[-2:]])[0]
+        by_onnx = decode(*session.run(list(decode.outputs), {"images": one}), [one.shape[-2:]])[0]
         seconds["onnx"] += time.perf_counter() - start
         start = time.perf_counter()
         with torch.no_grad():

@@ -18,7 +18,7 @@ import numpy as np
 
 from components.core import paths, tracking
 from components.core.config import Config
-from components.detection import coco_map, train
+from components.detection import coco_map, model, train
 from components.detection_release import export
 from components.release import quantize
 from components.scoring import speed
@@ -75,8 +75,10 @@ def _measure(cfg: Config, path, images: np.ndarray, coco: dict) -> dict:
     found = train.predict(train.load(cfg), images, session=session)
     metrics = coco_map.evaluate(coco, train.detections_as_coco(found, coco, images.shape[-1]))
 
+    names = list(model.OUTPUTS[cfg.detection.architecture])  # the boxes', not `embeddings`
+
     def graph(batch: np.ndarray):
-        return session.run(None, {"images": np.ascontiguousarray(batch)})
+        return session.run(names, {"images": np.ascontiguousarray(batch)})
 
     return {
         "path": str(path),
