@@ -8,18 +8,24 @@ the detector's own outputs after its score threshold and NMS: `box_count` (boxes
 `box_size` (the median over the image's boxes of sqrt(box area) / image side), `box_score`
 (the mean score of its boxes) and `box_class` (the class of its best box), plus the image
 properties classification watches (brightness, contrast, sharpness, file size and aspect,
-channel means and stds: `components.drift.drift.image_properties`). One file,
+channel means and stds: `components.drift.drift.image_properties`), and the graph's
+`embeddings` (the neck's three stage levels, pooled: `model.Heads`) reduced as a classifier's
+are (`components.drift.profile`): projected on a PCA (`monitor.pca_components`) fitted on a
+seeded sample of the training split, each component scaled to unit variance there; with the
+median-heuristic bandwidth of the reference's reduced embeddings. One file,
 models/detection_profile.npz (arrays and a JSON header), logged as
-`profile/detection_profile.npz` in the register run. No backbone embeddings: the exported
-graph returns only the heads' outputs (`model.OUTPUTS` of its architecture).
+`profile/detection_profile.npz` in the register run.
 
 The pass (`run`): the batch (a flat folder of images) through the training data's gate, as
 for a classifier (`components.monitoring.monitor_data`), then one two-sample KS test per
-scalar signal and a permutation chi-square test of `box_class` (`class_prior`), all under one
+scalar signal, a permutation chi-square test of `box_class` (`class_prior`) and the MMD
+permutation test of the reduced embeddings (`embedding_mmd`, a classifier's), all under one
 Bonferroni threshold (`monitor.false_alarm_rate` / number of tests), the alert, report,
 MLflow run and webhook of `components.monitoring.monitor`. An image without boxes counts in
 `box_count` and is left out of the others; a check with no value on either side is skipped
-(`skipped`). Every test is per image (not per box: an image's boxes are not independent).
+(`skipped`, its reason in `skipped_reasons`), and so is `embedding_mmd` for a detector exported
+before its graph had the `embeddings` output. Every test is per image (not per box: an
+image's boxes are not independent).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from components.core.errors import UserError
 from components.data import prepared
 from components.detection import model
 from components.drift import drift
+from components.drift import profile as embedding_profile
 from components.monitoring import monitor, monitor_data
 from components.release import registry
 
@@ -48,14 +55,25 @@ COLUMNS = ("path", "box_count", "box_size", "box_score", "box_class", "tails", "
 TAIL = 0.025  # outside the reference's central 95 % of a signal: in its tail
 
 
-def detect(session, decode: model.Decoder, images: np.ndarray, batch: int = 64) -> list[dict]:
-    """The detector's boxes on uint8 images [N, 3, S, S], by ONNX Runtime then `decode`."""
-    found = []
+NO_EMBEDDINGS = (
+    "the graph has no `embeddings` output (exported before detection embeddings were "
+    "monitored: export and register it again)"
+)
+NO_VALUES = "no value on the batch's side or the reference's (no image with a box)"
+
+
+def detect(session, decode: model.Decoder, images: np.ndarray, batch: int = 64):
+    """(the detector's boxes on uint8 images [N, 3, S, S], by ONNX Runtime then `decode`;
+    its `embeddings` [N, D], None for a graph without that output)."""
+    names = list(decode.outputs)
+    embed = "embeddings" in {output.name for output in session.get_outputs()}
+    found, embeddings = [], []
     for rows in prepared.chunks(len(images), batch):
         chunk = np.ascontiguousarray(images[rows])
-        outputs = session.run(list(decode.outputs), {"images": chunk})
-        found += decode(*outputs, [chunk.shape[-2:]] * len(chunk))
-    return found
+        outputs = session.run(names + ["embeddings"] * embed, {"images": chunk})
+        found += decode(*outputs[: len(names)], [chunk.shape[-2:]] * len(chunk))
+        embeddings += outputs[len(names) :]
+    return found, np.concatenate(embeddings) if embeddings else None
 
 
 def box_statistics(found: list[dict], size: int) -> dict[str, np.ndarray]:
@@ -80,11 +98,28 @@ def box_statistics(found: list[dict], size: int) -> dict[str, np.ndarray]:
     }
 
 
-def signals(session, decode, images: np.ndarray, widths, heights) -> tuple[dict, list[dict]]:
-    """(every signal the checks compare, the detections), the same way for both sides."""
-    found = detect(session, decode, images)
+def signals(session, decode, images: np.ndarray, widths, heights, pca=None):
+    """(every signal the checks compare, the detections), the same way for both sides;
+    `embeddings` reduced by `pca` (a `components.drift.profile.Profile`'s PCA) where both the
+    graph and the profile have them."""
+    found, embeddings = detect(session, decode, images)
     values = drift.image_properties(images, widths, heights)
-    return values | box_statistics(found, images.shape[-1]), found
+    values |= box_statistics(found, images.shape[-1])
+    if pca is not None and embeddings is not None:
+        values["embeddings"] = embedding_profile.reduce(pca, embeddings)
+    return values, found
+
+
+def fit_pca(cfg: Config, session, decode) -> embedding_profile.Profile | None:
+    """The embeddings' PCA, fitted on a seeded sample of the training split (None for a
+    graph without embeddings); a `Profile` holding only it, which `reduce` takes."""
+    images = np.load(paths.shard_images("train"), mmap_mode="r")
+    rows = prepared.sample(len(images), embedding_profile.TRAIN_SAMPLE, cfg.seed)
+    _, embeddings = detect(session, decode, np.asarray(images[rows]))
+    if embeddings is None or len(embeddings) < 2:
+        return None
+    pca = embedding_profile.fit_pca(embeddings, cfg.monitor.pca_components)
+    return embedding_profile.Profile({}, {}, *pca, None)
 
 
 def write_profile(cfg: Config, onnx_bytes: bytes, meta: dict) -> Path:
@@ -103,7 +138,9 @@ def write_profile(cfg: Config, onnx_bytes: bytes, meta: dict) -> Path:
     sample = np.asarray(images[rows])
     widths, heights = test["width"].to_numpy()[rows], test["height"].to_numpy()[rows]
     decode = model.decoder_from_metadata(meta)
-    reference, _ = signals(ort_session(onnx_bytes), decode, sample, widths, heights)
+    session = ort_session(onnx_bytes)
+    pca = fit_pca(cfg, session, decode)
+    reference, _ = signals(session, decode, sample, widths, heights, pca)
     header = {
         "format": FORMAT,
         "task": "detection",
@@ -113,14 +150,19 @@ def write_profile(cfg: Config, onnx_bytes: bytes, meta: dict) -> Path:
     }
     arrays = {"meta": np.array(json.dumps(header))}
     arrays |= {f"reference.{name}": values for name, values in reference.items()}
+    if "embeddings" in reference:
+        bandwidth = drift.median_bandwidth(reference["embeddings"], seed=cfg.seed)
+        arrays |= {"reference.bandwidth": np.array(bandwidth), "pca.mean": pca.pca_mean,
+                   "pca.components": pca.pca_components, "pca.scale": pca.pca_scale}  # fmt: skip
     PROFILE.parent.mkdir(parents=True, exist_ok=True)
     with paths.atomic(PROFILE) as partial:
         np.savez(partial, **arrays)
     return PROFILE
 
 
-def load_profile(model_uri: str) -> tuple[dict, dict]:
-    """(header, reference signals) of a registered detector's profile."""
+def load_profile(model_uri: str) -> tuple[dict, dict, embedding_profile.Profile | None]:
+    """(header, reference signals, the embeddings' PCA or None: a profile made before the
+    graph had embeddings) of a registered detector's profile."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -138,19 +180,28 @@ def load_profile(model_uri: str) -> tuple[dict, dict]:
             ) from None
         with np.load(local, allow_pickle=False) as arrays:
             header = json.loads(str(arrays["meta"]))
-            reference = {k.removeprefix("reference."): arrays[k] for k in arrays if k != "meta"}
+            reference = {
+                k.removeprefix("reference."): arrays[k] for k in arrays if k.startswith("refer")
+            }
+            pca = None
+            if "pca.mean" in arrays:
+                parts = [arrays[f"pca.{k}"] for k in ("mean", "components", "scale")]
+                pca = embedding_profile.Profile({}, {}, *parts, None)
     if header.get("format") != FORMAT:
         raise UserError(f"{model_uri}: profile format {header.get('format')}, expected {FORMAT}")
-    return header, reference
+    return header, reference, pca
 
 
-def checks(reference: dict, batch: dict, classes: int, cfg: Config) -> tuple[list, list, dict]:
-    """(the p-valued checks, the signals skipped for want of values, the permutations)."""
-    scalar = [k for k in batch if k != "box_class" and k in reference]
+def checks(reference: dict, batch: dict, classes: int, cfg: Config) -> tuple[list, dict, dict]:
+    """(the p-valued checks, {check skipped: why}, the permutations)."""
+    scalar = [k for k in batch if k not in ("box_class", "embeddings") and k in reference]
     testable = [k for k in scalar if len(batch[k]) and len(reference[k])]
     prior = bool(len(batch["box_class"]) and len(reference.get("box_class", ())))
-    skipped = sorted(set(scalar) - set(testable)) + ([] if prior else ["class_prior"])
-    n_tests = len(testable) + prior
+    embedded = "embeddings" in batch and "embeddings" in reference
+    skipped = dict.fromkeys(sorted(set(scalar) - set(testable)), NO_VALUES)
+    skipped |= {} if prior else {"class_prior": NO_VALUES}
+    skipped |= {} if embedded else {"embedding_mmd": NO_EMBEDDINGS}
+    n_tests = len(testable) + prior + embedded
     used, note = drift.permutations_for(
         n_tests, cfg.monitor.false_alarm_rate, cfg.monitor.permutations
     )
@@ -164,6 +215,18 @@ def checks(reference: dict, batch: dict, classes: int, cfg: Config) -> tuple[lis
         )
         tested.append(
             {"name": "class_prior", "test": "chi2_permutation", "statistic": statistic,
+             "p_value": p_value}
+        )  # fmt: skip
+    if embedded:
+        statistic, p_value = drift.mmd_permutation(
+            batch["embeddings"],
+            reference["embeddings"],
+            float(reference["bandwidth"]),
+            used,
+            cfg.seed,
+        )
+        tested.append(
+            {"name": "embedding_mmd", "test": "mmd_permutation", "statistic": statistic,
              "p_value": p_value}
         )  # fmt: skip
     return tested, skipped, {"used": used, "note": note}
@@ -184,14 +247,14 @@ def run(cfg: Config, data: str | None = None, model_uri: str | None = None) -> d
     session, meta = registry.load_onnx_session(model_uri)
     if meta.get("task") != "detection":
         raise UserError(f"{model_uri} is not a detector (task: detection monitors detectors)")
-    header, reference = load_profile(model_uri)
+    header, reference, pca = load_profile(model_uri)
     size = int(meta["image_size"])
     batch = monitor_data.read(cfg.model_copy(update={"task": "classification"}), data, [], 3, size)
     checked = [monitor.data_check(batch), monitor.usable_check(batch)]
-    tested, skipped, permutations, values, found = [], [], {"used": 0, "note": ""}, {}, []
+    tested, skipped, permutations, values, found = [], {}, {"used": 0, "note": ""}, {}, []
     if len(batch.images):
         decode = model.decoder_from_metadata(meta)
-        values, found = signals(session, decode, batch.images, batch.widths, batch.heights)
+        values, found = signals(session, decode, batch.images, batch.widths, batch.heights, pca)
         tested, skipped, permutations = checks(reference, values, len(meta["classes"]), cfg)
     checked += drift.bonferroni(tested, cfg.monitor.false_alarm_rate)
     table = _table(batch.files, found, size, reference, checked, meta["classes"])
@@ -202,7 +265,8 @@ def run(cfg: Config, data: str | None = None, model_uri: str | None = None) -> d
         "alert": bool(fired),
         "fired": fired,
         "checks": checked,
-        "skipped": skipped,
+        "skipped": list(skipped),
+        "skipped_reasons": skipped,
         "false_alarm_rate": cfg.monitor.false_alarm_rate,
         "n_tests": len(tested),
         "permutations": permutations,

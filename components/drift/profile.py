@@ -58,7 +58,7 @@ def run(cfg: Config, test_accuracy: float, onnx_path: Path = paths.ONNX) -> dict
     _, embeddings = model_outputs(session, train_sample)
     if embeddings is None:
         raise UserError(f"{onnx_path} has no `embeddings` output: export it again")
-    mean, components, scale = _pca(embeddings, cfg.monitor.pca_components)
+    mean, components, scale = fit_pca(embeddings, cfg.monitor.pca_components)
     model = autoencoder.train(train_sample, cfg.monitor.autoencoder_epochs, cfg.seed)
     del train_sample
 
@@ -120,7 +120,7 @@ def reduce(profile: Profile, embeddings: np.ndarray) -> np.ndarray:
     return centred @ profile.pca_components.T / profile.pca_scale
 
 
-def _pca(embeddings: np.ndarray, components: int):
+def fit_pca(embeddings: np.ndarray, components: int):
     x = np.asarray(embeddings, np.float64)
     mean = x.mean(axis=0)
     _, singular, vt = np.linalg.svd(x - mean, full_matrices=False)

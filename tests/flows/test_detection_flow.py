@@ -204,7 +204,11 @@ def assert_monitoring_box_statistics(cfg, tmp_path) -> None:
     clean = monitor.run(cfg, str(tmp_path / "fresh/images"))
     assert not clean["alert"], clean["checks"]
     tested = {c["name"] for c in clean["checks"]}
-    assert tested >= {*monitor.BOX_SIGNALS, "class_prior", "brightness"} and not clean["skipped"]
+    watched = {*monitor.BOX_SIGNALS, "class_prior", "brightness", "embedding_mmd"}
+    assert tested >= watched and not clean["skipped"] and not clean["skipped_reasons"]
+    p_valued = [c for c in clean["checks"] if "test" in c]  # one Bonferroni threshold
+    assert clean["n_tests"] == len(p_valued) == len(tested) - 2  # + data, usable images
+    assert {c["threshold"] for c in p_valued} == {cfg.monitor.false_alarm_rate / len(p_valued)}
     rng = np.random.default_rng(5)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -213,5 +217,36 @@ def assert_monitoring_box_statistics(cfg, tmp_path) -> None:
     assert cli.main(["monitor", "--data", str(empty)]) == 1
     shifted = json.loads(paths.MONITORING_REPORT.read_text())
     assert shifted["task"] == "detection" and shifted["model"]["version"] == "1"
-    assert {"box_size", "box_score"} <= set(shifted["fired"]), shifted["checks"]
+    assert {"box_size", "box_score", "embedding_mmd"} <= set(shifted["fired"]), shifted["checks"]
     assert shifted["boxes"]["reference"]["box_count"] > 0
+    assert_old_graph_skips_embeddings(cfg, tmp_path / "fresh/images")
+
+
+def assert_old_graph_skips_embeddings(cfg, fresh) -> None:
+    """A detector exported before the `embeddings` output (the registered graph without it):
+    served, its golden check passed on golden outputs without embeddings, and monitored
+    without `embedding_mmd`, skipped with its reason."""
+    import onnx
+
+    from components.detection import model
+
+    onnx_bytes, golden, _ = serving_model._download(NAME, "1", want_int8=False)
+    assert golden["embeddings"].shape[0] == len(golden["images"])
+    proto = onnx.load_from_string(onnx_bytes)
+    kept = [o for o in proto.graph.output if o.name != "embeddings"]
+    del proto.graph.output[:]
+    proto.graph.output.extend(kept)
+    old = fresh.parent.parent / "old.onnx"
+    old.write_bytes(proto.SerializeToString())
+    served = serving_model.load(serving_model.parse(str(old)), None, cfg.serve)
+    assert served.info["task"] == "detection" and len(served.predict(golden["images"])[0]["boxes"])
+    session, meta = served.session, served.session.get_modelmeta().custom_metadata_map
+    old_golden = {name: value for name, value in golden.items() if name != "embeddings"}
+    assert serving_model.check_golden_outputs(session, old_golden, cfg.serve)["status"] == "passed"
+    _, reference, pca = monitor.load_profile(f"models:/{NAME}/1")
+    images = golden["images"]
+    values, _ = monitor.signals(session, model.decoder_from_metadata(meta), images, [32] * 4,
+                                [32] * 4, pca)  # fmt: skip
+    tested, skipped, _ = monitor.checks(reference, values, 3, cfg)
+    assert skipped == {"embedding_mmd": monitor.NO_EMBEDDINGS}
+    assert "embedding_mmd" not in {c["name"] for c in tested}
