@@ -226,8 +226,8 @@ class Monitor(Section):
     """Images of the test split's reference half (a seeded sample) in the reference profile
     export makes: images the model was neither trained nor selected on."""
     pca_components: int = Field(8, ge=1)
-    """Dimensions the penultimate-layer embeddings are reduced to (PCA fitted on up to 2,000
-    training images) for the MMD test."""
+    """Dimensions the penultimate-layer embeddings (a detector's: its neck's pooled levels) are
+    reduced to (PCA fitted on up to 2,000 training images) for the MMD test."""
     autoencoder_epochs: int = Field(10, ge=1)
     """Training epochs of the reference profile's convolutional autoencoder (on up to 2,000
     training images)."""

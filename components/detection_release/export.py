@@ -4,7 +4,8 @@ its parity with PyTorch by box matching.
 The graph (`model.Heads`) takes uint8 images [N, 3, H, W] of any size, resizes them to
 `detection.image_size` inside and returns `model.OUTPUTS` of its architecture (`cls_logits`
 [N, A, C], `bbox_regression` [N, A, 4], and for FCOS `bbox_ctrness` [N, A, 1]; SSDlite's class
-logits have a background column first); anchors, decoding, score threshold and
+logits have a background column first), then `embeddings` (monitoring's; parity and the
+decoder read only the box outputs); anchors, decoding, score threshold and
 per-class NMS run after it in `model.Decoder`, the same code for PyTorch and ONNX Runtime. Why
 not NMS in the graph: the TorchScript exporter traces torchvision's postprocessing, and its
 Python branches (no box above the threshold: no NMS at all) are frozen by the example input, so
