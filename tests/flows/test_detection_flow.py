@@ -10,6 +10,7 @@ matching), and /predict keeps its errors."""
 from __future__ import annotations
 
 import json
+import math
 
 import mlflow
 import numpy as np
@@ -23,6 +24,7 @@ from components.core import config, paths
 from components.detection import evaluate, monitor, synthetic, train
 from components.detection import prepare as detection_prepare
 from components.detection_release import export, promote, registry
+from components.drift import drift
 from serving import batch
 from serving import model as serving_model
 from tests.conftest import _track_into, tiny_project
@@ -201,14 +203,17 @@ def assert_monitoring_box_statistics(cfg, tmp_path) -> None:
     batch of fresh shapes (no alert) and one of the same backgrounds without shapes: an alert
     on the box checks, exit 1."""
     synthetic.write(tmp_path / "fresh", 24, 32, seed=1234)  # a seed the detector never saw
-    clean = monitor.run(cfg, str(tmp_path / "fresh/images"))
+    few = config.with_values(cfg, {"monitor.permutations": 100})  # raised for every test
+    clean = monitor.run(few, str(tmp_path / "fresh/images"))
     assert not clean["alert"], clean["checks"]
     tested = {c["name"] for c in clean["checks"]}
     watched = {*monitor.BOX_SIGNALS, "class_prior", "brightness", "embedding_mmd"}
     assert tested >= watched and not clean["skipped"] and not clean["skipped_reasons"]
     p_valued = [c for c in clean["checks"] if "test" in c]  # one Bonferroni threshold
     assert clean["n_tests"] == len(p_valued) == len(tested) - 2  # + data, usable images
-    assert {c["threshold"] for c in p_valued} == {cfg.monitor.false_alarm_rate / len(p_valued)}
+    threshold = cfg.monitor.false_alarm_rate / len(p_valued)
+    assert {c["threshold"] for c in p_valued} == {threshold}
+    assert clean["permutations"]["used"] == math.ceil(drift.FLOOR_MARGIN / threshold) - 1
     rng = np.random.default_rng(5)
     empty = tmp_path / "empty"
     empty.mkdir()
