@@ -162,12 +162,12 @@ def load(source: Source, version: str | None, settings: Serve) -> ServedModel:
         raise Refused(f"version {version}: its ONNX metadata names no classes")
     if decoder is None:
         info["golden"] = check_golden(ort_session, golden, info.get("variant", "fp32"), settings)
-    elif info.get("variant") == "int8":
-        info["task"] = "detection"
-        info["golden"] = check_golden_boxes(ort_session, golden, decoder, settings)
     else:
         info["task"] = "detection"
-        info["golden"] = check_golden_outputs(ort_session, golden, settings)
+        if info.get("variant") == "int8":
+            info["golden"] = check_golden_boxes(ort_session, golden, decoder, settings)
+        else:
+            info["golden"] = check_golden_outputs(ort_session, golden, settings)
     info["loaded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     kept = model if settings.rollout != "off" else None
     return ServedModel(str(label), ort_session, classes, channels, info, decoder, kept)

@@ -66,10 +66,7 @@ class Classifier(nn.Module):
         """Train the head and the last `count` backbone stages (None: everything; 0: the head
         only, i.e. feature extraction). Frozen stages' batch-norm layers also stop updating
         their running statistics: `train()` keeps them in eval mode."""
-        self.frozen = freeze_stages(self.stages(), count)
-        frozen = {id(p) for stage in self.frozen for p in stage.parameters()}
-        for parameter in self.network.parameters():
-            parameter.requires_grad = id(parameter) not in frozen
+        self.frozen = freeze_stages(self.stages(), count)  # the head is never frozen
         self.train(self.training)
 
     def train(self, mode: bool = True):
