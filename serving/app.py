@@ -15,6 +15,7 @@ hop would cost more than the model; bigger ones go to a pool of serve.pool_threa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -79,6 +80,19 @@ class Service:
         self.metrics.load_failures.inc()
         log.warning("version %s: %s; retrying in %.1f s (attempt %d)", version, reason, delay,
                     attempts)  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        """The micro-batcher's queue and a rollout's pipe live in the event loop; uvicorn ends
+        the lifespan after the requests in flight are answered, so the last pairs are sent."""
+        async with self.batcher.lifespan(app):
+            if self.rollout is not None:
+                await self.rollout.attach()
+            try:
+                yield
+            finally:
+                if self.rollout is not None:
+                    await self.rollout.drain()
 
     def busy(self, message: str) -> BadRequest:
         return BadRequest(503, message, {"Retry-After": str(self.settings.retry_after_seconds)})
@@ -157,7 +171,7 @@ def build(service: Service) -> Starlette:
         Route("/feedback", feedback.endpoint(service, _read_body, _json), methods=["POST"]),
     ]
     handlers = {HTTPException: http_error, Exception: server_error}
-    return Starlette(routes=routes, exception_handlers=handlers, lifespan=service.batcher.lifespan)
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=service.lifespan)
 
 
 async def _answer(request: Request, model: ServedModel | None, service: Service) -> bytes:

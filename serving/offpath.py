@@ -3,12 +3,13 @@ model's scoring of the paired requests, the pairs' metrics and the pair log's Pa
 
 In the worker these took the GIL from the answers for ~1.5 ms of Python every 20 ms
 (bench/README.md, shadow_cost); here they share nothing with it but a pipe and the cores, at
-nice serve.offpath_nice (19: only the cores the answers leave free). The worker sends each
-model once (its ONNX bytes and classes; `forget` when it no longer pairs it) and, every
-serving/rollout.PAIR_EVERY_S, the jobs that queued meanwhile; this process scores them as one
-batch per model and image shape, appends one row per paired image to its buffer and writes
-the buffer as a part every serve.rollout_flush_seconds (or at serve.rollout_part_rows). Its
-metrics go to prometheus-client's multiprocess files, which the worker's /metrics sums.
+nice serve.offpath_nice (19, with SCHED_IDLE: only the cores the answers leave free). The
+worker sends each model once (its ONNX bytes and classes; `forget` when it no longer pairs it)
+and, serving/rollout.PAIR_EVERY_S after a job queues, the jobs that queued meanwhile; this
+process scores them as one batch per model and image shape, appends one row per paired image
+to its buffer and writes the buffer as a part every serve.rollout_flush_seconds (or at
+serve.rollout_part_rows). Its metrics go to prometheus-client's multiprocess files, which the
+worker's /metrics sums.
 
 It ends when the worker sends `stop` (after the last request) or goes away (its pipe closes):
 either way it writes what it holds first. SIGINT/SIGTERM are ignored here: a Ctrl-C reaches the
@@ -38,9 +39,18 @@ def main(conn, settings: dict, root: Path, worker: str, done) -> None:
     """The process's entry: serve the worker's messages until `stop` or its end."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    os.nice(settings["offpath_nice"])
+    lower_priority(settings["offpath_nice"])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     Pairer(Serve(**settings), root, worker, done).serve(conn)
+
+
+def lower_priority(nice: int) -> None:
+    """Nice `nice`; at 19 also Linux's SCHED_IDLE policy, under every nice level: a worker
+    thread that wakes preempts this process at once and takes a core it runs on as idle
+    (nice 19 alone still gets a slice of a busy core)."""
+    os.nice(nice)
+    if nice == 19 and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 class Pairer:

@@ -4,8 +4,9 @@ A second Follower keeps `@challenger` loaded beside the champion. Each request g
 hash of it picks serve.shadow_fraction of the requests to be *paired*: the model that did not
 answer scores the same decoded images after the answer is computed, in a process of its own
 (serving/offpath.py, nice 19), so it never delays the answer (nor takes the GIL from it) and
-its failures never reach the client. A thread here (nice 19 too) wakes every PAIR_EVERY_S and
-sends that process what queued meanwhile; it scores them, and writes each pair (both top-1
+its failures never reach the client. The worker's event loop sends that process, PAIR_EVERY_S
+after a job queues, what queued meanwhile, through a non-blocking pipe (no thread of ours
+contends for the GIL with the answers); it scores them, and writes each pair (both top-1
 classes, confidences, latencies, versions, the image's SHA-256) to the pair log
 (components/release/rollout_log.py).
 
@@ -14,18 +15,20 @@ fraction the controller wrote on the challenger version (tag `lensflow.canary_fr
 sends the request to the challenger; a client keeps its model while the fraction grows. A
 challenger that fails answers nothing: the champion answers, and the failure is paired.
 
-SIGTERM: the worker stops taking requests, then `close()` sends the last jobs and waits for
-the off-path process to score them and write its last part, so no pair of an answered
-request is lost. A worker killed outright: its off-path process still writes what it was sent.
+SIGTERM: the worker stops taking requests; its lifespan's end (`drain()`) sends the last jobs
+and `close()` waits for the off-path process to score them and write its last part, so no
+pair of an answered request is lost. A worker killed outright: its off-path process still
+writes what it was sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import multiprocessing
-import os
-import threading
+import pickle
+import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -44,16 +47,6 @@ log = logging.getLogger("lensflow.serve")
 PAIR_EVERY_S = 0.02
 CLOSE_SECONDS = 60  # for the off-path process to score what it was sent and write it
 KEPT_MODELS = 4  # versions the off-path process keeps loaded, the least recently paired out
-
-
-def lower_priority() -> None:
-    """Nice 19 for the calling thread only (Linux schedules threads): sending the paired jobs
-    gets a core only when the answers leave one free; past serve.rollout_max_pending waiting
-    jobs, requests go unpaired (counted) instead."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux: the threads keep the process's priority
-        pass
 
 
 def bucket(key: str) -> float:
@@ -155,14 +148,13 @@ class Rollout:
         self.label_writer = rollout_log.PartWriter(root, "labels", self.worker)
         self.pair_index = rollout_log.Index(root, "pairs")
         self.label_index = rollout_log.Index(root, "labels")
-        self.lock = threading.Lock()
         self.queue: list[Job] = []
         self.recent: dict[tuple[str, int], float] = {}  # keys sent to pair -> when (known())
         self.metrics = RolloutMetrics(registry)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.sending: asyncio.TimerHandle | None = None  # the next send, while jobs queue
+        self.drained = False
         self._start_offpath()
-        self.stop = threading.Event()
-        self.sender = threading.Thread(target=self._send_often, name="lensflow-offpath")
-        self.sender.start()
 
     def _start_offpath(self) -> None:
         """A fresh off-path process (at the start, or after the last one died)."""
@@ -176,6 +168,13 @@ class Rollout:
         )  # fmt: skip
         self.offpath.start()
         receiver.close()  # the worker keeps only its end: the process sees EOF when it dies
+        self.pipe: asyncio.WriteTransport | None = None
+
+    async def attach(self) -> None:
+        """In the worker's event loop (its lifespan's start): the pipe made non-blocking, a
+        transport of the loop writing it."""
+        self.loop = asyncio.get_running_loop()
+        self.pipe, _ = await self.loop.connect_write_pipe(lambda: _Pipe(self), self.conn)
 
     @property
     def pending(self) -> int:
@@ -196,43 +195,46 @@ class Rollout:
 
     def submit(self, job: Job) -> None:
         """Queue the other model's scoring; past serve.rollout_max_pending, skip (counted)."""
-        with self.lock:
-            if self.pending >= self.settings.rollout_max_pending:
-                self.metrics.skipped.inc()
-                return
-            self.queue.append(job)
+        if self.pending >= self.settings.rollout_max_pending:
+            self.metrics.skipped.inc()
+            return
+        self._queue(job)
 
     def failed(self, job: Job, error: str) -> None:
         """The challenger failed to answer (canary): the champion answered; pair the failure."""
         self.metrics.challenger_errors.inc()
         job.error = error
-        with self.lock:
-            self.queue.append(job)
+        self._queue(job)
 
-    def _send_often(self) -> None:
-        lower_priority()
-        while not self.stop.wait(PAIR_EVERY_S):
-            self._send_queued()
-        self._send_queued()  # close(): what the last requests queued
+    def _queue(self, job: Job) -> None:
+        if self.pipe is None:  # not attached yet, or the process is being replaced
+            self.metrics.skipped.inc()
+            return
+        self.queue.append(job)
+        if self.sending is None and self.loop is not None:
+            self.sending = self.loop.call_later(PAIR_EVERY_S, self._send_queued)
 
     def _send_queued(self) -> None:
-        with self.lock:
-            jobs, self.queue = self.queue, []
+        """What queued since the last send, in one message (and the models it needs first)."""
+        jobs, self.queue, self.sending = self.queue, [], None
         if not jobs:
+            return
+        if self.pipe is None:
+            self.metrics.skipped.inc(len(jobs))
             return
         now = time.monotonic()
         for job in jobs:
             self.recent.update(((job.request_id, i), now) for i in range(len(job.arrays)))
-        try:
-            self._send_models(jobs)
-            self.conn.send(("jobs", [job.message() for job in jobs]))
-            self.sent += len(jobs)
-        except (OSError, ValueError):  # the off-path process died: these pairs are lost
-            log.error("the off-path process ended (exit code %s); starting another, %d "
-                      "pairs lost", self.offpath.exitcode, len(jobs))  # fmt: skip
-            self.metrics.skipped.inc(len(jobs))
-            self._start_offpath()
+        self._send_models(jobs)
+        self._write(("jobs", [job.message() for job in jobs]))
+        self.sent += len(jobs)
         self._forget_old(now)
+
+    def _write(self, message: tuple) -> None:
+        """The frame multiprocessing's Connection.recv reads: a 4-byte big-endian length,
+        then the pickle. The transport writes what the pipe takes now, the rest when it can."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.pipe.write(struct.pack("!i", len(data)) + data)
 
     def _send_models(self, jobs: list[Job]) -> None:
         """Each model the jobs need, once; the least recently paired past KEPT_MODELS out."""
@@ -241,10 +243,21 @@ class Rollout:
                 if model.version in self.models_sent:
                     self.models_sent.move_to_end(model.version)
                 else:
-                    self.conn.send(("model", (model.version, model.onnx, model.classes)))
+                    self._write(("model", (model.version, model.onnx, model.classes)))
                     self.models_sent[model.version] = None
         while len(self.models_sent) > KEPT_MODELS:
-            self.conn.send(("forget", self.models_sent.popitem(last=False)[0]))
+            self._write(("forget", self.models_sent.popitem(last=False)[0]))
+
+    def _lost(self) -> None:
+        """The off-path process died (its pipe closed): the jobs it had not finished are lost
+        (counted); a new one is started and attached."""
+        lost = self.sent - self.done.value
+        log.error("the off-path process ended (exit code %s); starting another, %d pairs "
+                  "lost", self.offpath.exitcode, lost)  # fmt: skip
+        self.metrics.skipped.inc(lost)
+        if not self.drained:
+            self._start_offpath()
+            self.attaching = self.loop.create_task(self.attach())  # kept: tasks are weak refs
 
     def _forget_old(self, now: float) -> None:
         """Keys sent long enough ago to be in a written part (Index finds them there)."""
@@ -266,22 +279,44 @@ class Rollout:
         soon as its request is answered, so a duplicate sent to any worker is recognised."""
         self.label_writer.write(rows, rollout_log.LABEL_COLUMNS)
 
-    def close(self) -> None:
-        """After the last request: send the queued jobs, then wait for the off-path process
-        to score them and write its last part."""
-        if self.stop.is_set():
+    async def drain(self) -> None:
+        """The lifespan's end, after the last request: the queued jobs and `stop` sent, and
+        written into the pipe before the loop ends."""
+        if self.sending is not None:
+            self.sending.cancel()
+        self._send_queued()
+        self.drained, pipe = True, self.pipe
+        if pipe is None:
             return
-        self.stop.set()
-        self.sender.join()
-        try:
-            self.conn.send(("stop", None))
-        except OSError:
-            pass
+        self._write(("stop", None))
+        deadline = time.monotonic() + CLOSE_SECONDS
+        while pipe.get_write_buffer_size() and not pipe.is_closing():
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        pipe.close()
+
+    def close(self) -> None:
+        """After the event loop: wait for the off-path process to score what it was sent and
+        write its last part (it also ends on EOF, if the lifespan never drained)."""
+        self.drained = True
+        self.conn.close()
         self.offpath.join(CLOSE_SECONDS)
         if self.offpath.is_alive():
             log.error("the off-path process did not end in %d s; stopping it", CLOSE_SECONDS)
             self.offpath.kill()
-        self.conn.close()
+
+
+class _Pipe(asyncio.Protocol):
+    """The worker's end of the pipe to the off-path process: closed by the reader's end."""
+
+    def __init__(self, rollout: Rollout):
+        self.rollout = rollout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None or not self.rollout.drained:
+            self.rollout.pipe = None
+            self.rollout._lost()
 
 
 class RolloutMetrics:

@@ -4,7 +4,8 @@ Starlette app and a Follower thread that keeps its model current (serving/follow
 One worker serves on the socket bound here. Several are forked from this process before any
 thread starts; each binds the port with SO_REUSEPORT, so the kernel spreads connections evenly
 over them (one shared listening socket lets whichever worker wakes first take most of them).
-This process then only supervises: it restarts a worker that dies and passes SIGTERM on.
+This process then only supervises: it restarts a worker that dies and passes SIGTERM on; a
+worker whose supervisor dies (even by SIGKILL) gets a SIGTERM of its own and shuts down.
 
 SIGTERM (and Ctrl-C): uvicorn stops accepting, lets the requests in flight finish (at most
 serve.shutdown_timeout seconds), ends the lifespan; then the process exits 0.
@@ -12,6 +13,7 @@ serve.shutdown_timeout seconds), ends the lifespan; then the process exits 0.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -26,6 +28,7 @@ from serving.model import Source, parse
 
 log = logging.getLogger("lensflow.serve")
 STARTUP_SECONDS = 10.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def run(cfg: Config, model_uri: str | None) -> int:
@@ -158,6 +161,7 @@ def _supervise(cfg: Config, source: Source, workers: int) -> int:
 
 
 def _fork_worker(cfg: Config, source: Source) -> int:
+    supervisor = os.getpid()
     pid = os.fork()
     if pid:
         return pid
@@ -165,6 +169,7 @@ def _fork_worker(cfg: Config, source: Source) -> int:
     try:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
+        _end_with(supervisor)
         settings = cfg.serve
         _serve(cfg, source, _listen(settings.host, settings.port, reuse_port=True))
     except BaseException:
@@ -173,6 +178,18 @@ def _fork_worker(cfg: Config, source: Source) -> int:
     finally:
         sys.stdout.flush()
         os._exit(code)
+
+
+def _end_with(supervisor: int) -> None:
+    """A SIGTERM (the graceful shutdown) when the supervisor dies, even by SIGKILL: orphaned
+    workers would go on holding the port. Linux only (prctl); elsewhere they stay."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != supervisor:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _mark_dead(pid: int) -> None:

@@ -92,9 +92,10 @@ class Serve(Section):
     `lensflow_rollout_skipped`), so the off-path model never holds memory or the answer."""
     offpath_nice: int = Field(19, ge=0, le=19)
     """The priority (Linux nice) of the process that scores the other model: 19 = only on
-    cores the answers leave free (a saturated server pairs fewer requests: the rest are
-    skipped, counted); lower pairs more, and the answers share the cores with it (measured
-    in bench/README.md, shadow_cost)."""
+    cores the answers leave free (Linux's SCHED_IDLE policy besides nice 19: an answer
+    preempts it at once; a saturated server pairs fewer requests, the rest are skipped,
+    counted); lower pairs more, and the answers share the cores with it (measured in
+    bench/README.md, shadow_cost)."""
     canary_key_header: str = "X-Client-Key"
     """Canary: the request header whose value keeps one client on one model; without it a
     hash of the request body decides."""

@@ -9,9 +9,11 @@ is ended KILLED by the next lensflow process that uses the experiment on that ho
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-from contextlib import contextmanager, suppress
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -268,8 +270,19 @@ def _killed_when_interrupted():
     except (Exception, GeneratorExit):
         raise
     except BaseException:
-        with suppress(Exception):  # the interruption must go on, whatever MLflow answers
+        # The interruption goes on whatever MLflow answers. It may have cut an MLflow call
+        # short and left the store locked: MLflow would log that with a traceback, so one
+        # line says it instead, and the next run ends this one (setup()).
+        logging.disable(logging.CRITICAL)
+        try:
             mlflow.end_run("KILLED")
+        except Exception as exc:
+            first_line = str(exc).partition("\n")[0][:200]
+            why = f"{type(exc).__name__}: {first_line}"
+            print(f"lensflow: the MLflow run stays RUNNING until the next run ends it ({why})",
+                  file=sys.stderr)  # fmt: skip
+        finally:
+            logging.disable(logging.NOTSET)
         raise
 
 

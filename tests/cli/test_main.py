@@ -252,7 +252,7 @@ def test_ctrl_c_and_sighup_stop_training_with_their_exit_codes(
     finally:
         training.kill()
     assert training.returncode == code, err[-3000:]
-    assert "Traceback" not in err and err.strip().endswith(said)
+    assert "Traceback" not in err and err.strip().endswith(said), err[-3000:]
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     [run] = client.search_runs(
         [client.get_experiment_by_name("lensflow").experiment_id],

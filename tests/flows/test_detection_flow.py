@@ -161,7 +161,7 @@ def assert_champion_rescored_at_its_size(root, champion_map: float) -> None:
 
 def assert_golden_checks(cfg) -> None:
     """fp32 within serve.golden_atol of its golden outputs; int8, whose raw outputs are not,
-    by its boxes against the golden ones decoded."""
+    by its boxes against the golden ones decoded: boxes moved or given another class fail."""
     source = serving_model.parse(f"models:/{NAME}/1")
     fp32 = serving_model.load(source, "1", cfg.serve).info
     assert fp32["variant"] == "fp32" and fp32["golden"]["max_abs_diff"] <= cfg.serve.golden_atol
@@ -178,6 +178,11 @@ def assert_golden_checks(cfg) -> None:
     grown = golden | {"bbox_regression": golden["bbox_regression"] + 1.0}
     with pytest.raises(serving_model.Refused, match="serve.int8_min_agreement"):
         serving_model.check_golden_boxes(session, grown, decoder, int8)
+    # the same boxes, each under the next class: only those with a partner of the other
+    # class at the same place still agree (this weak detector has many), refused
+    relabelled = golden | {"cls_logits": np.roll(golden["cls_logits"], 1, axis=-1)}
+    with pytest.raises(serving_model.Refused, match="serve.int8_min_agreement"):
+        serving_model.check_golden_boxes(session, relabelled, decoder, int8)
 
 
 def assert_evaluation_figures(client) -> None:

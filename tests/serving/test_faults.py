@@ -13,12 +13,14 @@ import http.client
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import mlflow
+import psutil
 import pytest
 
 from components.core import paths
@@ -251,6 +253,23 @@ def test_a_hot_swap_with_two_workers_fails_no_request_and_metrics_add_up(store, 
     assert _metric(port, answered) == len(load.results)  # both workers' counts, summed
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+    assert "Traceback" not in process.stdout.read()
+
+
+def test_workers_shut_down_when_their_supervisor_is_killed(registered, stopped):
+    """SIGKILL to the supervisor of two workers: they get a SIGTERM of their own, shut down
+    gracefully and free the port, instead of serving on as orphans."""
+    port = free_port()
+    process = start_server(registered["root"], port, *FAST, args=["--workers", "2"])
+    stopped.append(process)
+    workers = psutil.Process(process.pid).children()
+    assert len(workers) == 2
+    process.kill()
+    process.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert alive == [], [p.cmdline() for p in alive]
+    with socket.create_server(("127.0.0.1", port)):  # no worker holds the port
+        pass
     assert "Traceback" not in process.stdout.read()
 
 

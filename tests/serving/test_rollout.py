@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import time
 from functools import partial
 from pathlib import Path
 
@@ -280,13 +281,13 @@ def test_an_identical_challenger_is_never_decided_and_sigterm_loses_no_pair(
 
 def test_the_off_path_process_pairs_at_nice_19_and_is_replaced_when_killed(registered, tmp_path):
     """The other model scores in a process of its own at nice 19 (the caller's priority
-    unchanged); killed, it is replaced: the jobs sent to it then are counted as skipped, the
-    next ones are paired, and close() writes them. A version it was told to forget (more
-    challengers than it keeps) is sent again when a job needs it."""
+    unchanged), fed by the worker's event loop; killed, it is replaced: the jobs it had not
+    finished are counted as skipped, the next ones are paired, and drain() + close() write
+    them. A version it was told to forget (more challengers than it keeps) is sent again when
+    a job needs it."""
+    import asyncio
     import dataclasses
     import os
-    import signal as signals
-    import threading
 
     import onnxruntime  # noqa: F401  (the served model's session, as a worker has it)
     from prometheus_client import CollectorRegistry
@@ -313,26 +314,40 @@ def test_the_off_path_process_pairs_at_nice_19_and_is_replaced_when_killed(regis
         frame = rollout_log.read(tmp_path, "pairs")
         return dict(zip(frame["request_id"], frame["challenger_class"], strict=True))
 
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    async def until(condition, what: str, seconds: float = 30):
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.05)
+
     metrics = CollectorRegistry()
-    live = Rollout(settings, tmp_path, metrics)
-    try:
+
+    async def serve(live):
+        await live.attach()
         first = live.offpath.pid
-        _until(lambda: os.getpriority(os.PRIO_PROCESS, first) == 19, what="nice 19")
-        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+        await until(lambda: os.getpriority(os.PRIO_PROCESS, first) == 19, what="nice 19")
+        assert os.getpriority(os.PRIO_PROCESS, 0) == before
         submit(live, [f"a{i}" for i in range(4)])
-        _until(lambda: {f"a{i}" for i in range(4)} <= set(logged()), what="the first pairs")
-        os.kill(first, signals.SIGKILL)
-        live.offpath.join(10)
-        submit(live, ["lost0"])  # sent into the dead process's pipe: counted, a new one started
-        _until(lambda: live.offpath.pid != first, what="a new off-path process")
+        await until(lambda: {f"a{i}" for i in range(4)} <= set(logged()), what="the first pairs")
+        os.kill(first, signal.SIGSTOP)  # it takes the next job from the pipe, never finishes
+        submit(live, ["lost0"])
+        await until(lambda: live.sent == 5, what="the job sent")
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: live.offpath.pid != first and live.pipe, what="a new process")
         assert metrics.get_sample_value("lensflow_rollout_skipped_total") == 1
         submit(live, [f"b{i}" for i in range(3)])
         for version in ("8", "9", "10", "11", "7"):  # 7 forgotten after 8-11, then sent again
             submit(live, [f"c{version}0"], dataclasses.replace(challenger, version=version))
-            _until(lambda: live.pending == 0, what="the job paired")  # noqa: B023
+            await until(lambda: live.pending == 0, what="the job paired")
+        submit(live, ["d0"])  # queued, sent by drain()
+        await live.drain()
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    live = Rollout(settings, tmp_path, metrics)
+    try:
+        asyncio.run(serve(live))
     finally:
         live.close()
     pairs = logged()
-    assert {"b0", "b1", "b2", "c70", "c80", "c110"} <= set(pairs) and "lost0" not in pairs
+    assert {"b0", "b1", "b2", "c70", "c80", "c110", "d0"} <= set(pairs) and "lost0" not in pairs
     assert set(pairs.values()) <= set(champion.classes) and live.pending == 0
