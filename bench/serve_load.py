@@ -205,12 +205,14 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _wrk(root: Path, port: int, bodies: Path, kind: str, connections: int, seconds: int):
+def _wrk(root: Path, port: int, bodies: Path, kind: str, connections: int, seconds: int,
+         cpus: set[int] | None = None):  # fmt: skip
     path = "/invocations" if kind == "json" else "/predict"
     env = {**os.environ, "BENCH_BODIES": str(bodies),
            "BENCH_CONTENT_TYPE": "application/json" if kind == "json" else "image/png"}  # fmt: skip
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s",
-               "-s", str(root / "post.lua"), f"http://127.0.0.1:{port}{path}"]  # fmt: skip
+    pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+    command = [*pin, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout",
+               "5s", "-s", str(root / "post.lua"), f"http://127.0.0.1:{port}{path}"]  # fmt: skip
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
 
 

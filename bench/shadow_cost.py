@@ -8,10 +8,12 @@ The project is bench/serve_load.py's (digits, versions 1 and 2 the same model, @
 request is written to the pair log (a temporary folder). Prints one JSON line; without wrk
 it prints why it skipped.
 
-    python bench/shadow_cost.py [--seconds 4] [--rounds 3] [--project DIR] [--nice 19]
+    python bench/shadow_cost.py [--seconds 4] [--rounds 3] [--project DIR] [--nice 19] [--pin]
 
 `--nice` is serve.offpath_nice of the shadow servers: 19 pairs what the answers leave of the
 cores, lower pairs more at the answers' cost (`paired_fraction` says how many were paired).
+`--pin` (Linux, 2 or more cores): wrk on the first core, the servers (and their off-path
+processes) on the others, so the load generator does not share a core with what it measures.
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--project", help="serve_load.py's project folder, reused when there")
     parser.add_argument("--nice", type=int, default=19, help="serve.offpath_nice")
+    parser.add_argument(
+        "--pin", action="store_true", help="wrk on one core, the servers on the rest"
+    )
     args = parser.parse_args()
+    wrk_cpus = None
+    if args.pin:
+        first, *rest = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, rest)  # inherited by the servers this process starts
+        wrk_cpus = {first}
     if shutil.which("wrk") is None:
         print(json.dumps({"bench": "shadow_cost", "skipped": "wrk not found: apt-get install wrk"}))
         return
@@ -59,7 +69,8 @@ def main() -> None:
                 "shadow_0.25": (*shadow, "serve.shadow_fraction=0.25",
                                 f"serve.rollout_dir={log_dir}/b"),
             }  # fmt: skip
-            runs, warm = _measure(root, env, bodies["png"], modes, args.seconds, args.rounds)
+            runs, warm = _measure(root, env, bodies["png"], modes, args.seconds, args.rounds,
+                                  wrk_cpus)  # fmt: skip
             folders = {"shadow_1.0": "a", "shadow_0.25": "b"}
             pairs = {m: _pair_count(Path(log_dir) / d) for m, d in folders.items()}
     summary = {mode: {**_median(r), **_paired(r, runs["off"])} for mode, r in runs.items()}
@@ -67,7 +78,7 @@ def main() -> None:
     answered = {m: sum(r["requests"] for r in runs[m]) + warm[m] for m in folders}
     print(json.dumps({
         "bench": "shadow_cost", "concurrency": CONCURRENCY, "cpus": os.cpu_count(),
-        "offpath_nice": args.nice,
+        "offpath_nice": args.nice, "wrk_cpus": sorted(wrk_cpus) if wrk_cpus else "any",
         "load_average_before": round(os.getloadavg()[0], 2), "results": summary,
         "pairs_logged": pairs,
         # the rest went unpaired (lensflow_rollout_skipped): the off-path process runs at nice 19
@@ -98,18 +109,20 @@ def _paired(rounds: list[dict], off: list[dict]) -> dict:
     }
 
 
-def _measure(root: Path, env: dict, bodies: Path, modes: dict, seconds: int, rounds: int):
+def _measure(root: Path, env: dict, bodies: Path, modes: dict, seconds: int, rounds: int,
+             wrk_cpus: set[int] | None):  # fmt: skip
     ports = {mode: _free_port() for mode in modes}
     processes, runs, warm = {}, {mode: [] for mode in modes}, {}
     try:
         for mode, settings in modes.items():
             processes[mode] = _start(root, env, "lensflow", ports[mode], workers=1,
                                      settings=settings, log_name=f"lensflow-{mode}")  # fmt: skip
-            warm_up = _wrk(root, ports[mode], bodies, "png", CONCURRENCY, 2).communicate()[0]
+            warm_up = _wrk(root, ports[mode], bodies, "png", CONCURRENCY, 2, wrk_cpus)
+            warm_up = warm_up.communicate()[0]
             warm[mode] = _parse(warm_up)["requests"]
         for _ in range(rounds):
             for mode in modes:
-                load = _wrk(root, ports[mode], bodies, "png", CONCURRENCY, seconds)
+                load = _wrk(root, ports[mode], bodies, "png", CONCURRENCY, seconds, wrk_cpus)
                 runs[mode].append(_parse(load.communicate()[0]))
     finally:
         for process in processes.values():

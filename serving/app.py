@@ -205,7 +205,7 @@ async def _classify(files: list, champion: ServedModel, k: int, service: Service
         key = request.headers.get(service.settings.canary_key_header)
         model, other, role = rollout.pick(champion, key or hashlib.sha256(body).hexdigest())
     paired = (
-        other is not None and rollout.sampled(request_id) and other.channels == model.channels
+        other is not None and rollout.sampled(request_id)
         and model.task == other.task == "classification"  # a rollout pairs probabilities
     )  # fmt: skip
     start = time.perf_counter()
@@ -266,6 +266,7 @@ def _job(request_id, role, model, other, arrays, probabilities, start, files, se
         request_id, role, model, other, arrays, probabilities, time.perf_counter() - start,
         [hashlib.sha256(data).hexdigest() for data in contents],
         contents if service.settings.log_images else None,
+        contents if other.channels != model.channels else None,  # decoded again off the path
     )  # fmt: skip
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from components.core.params_operations import Serve
 from components.release import rollout_log
+from serving import images
 
 log = logging.getLogger("lensflow.serve")
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -58,7 +59,7 @@ class Pairer:
         self.settings = settings
         self.writer = rollout_log.PartWriter(root, "pairs", worker)
         self.done = done  # jobs finished, shared with the worker (its count of waiting jobs)
-        self.models: dict[str, tuple[object, list[str]]] = {}  # version -> (session, classes)
+        self.models: dict[str, tuple] = {}  # version -> (session, classes, channels)
         self.rows: list[dict] = []
         self.metrics = PairMetrics()
 
@@ -84,8 +85,7 @@ class Pairer:
     def handle(self, message: tuple) -> None:
         kind, payload = message
         if kind == "model":
-            version, onnx, classes = payload
-            self._load(version, onnx, classes)
+            self._load(*payload)
         elif kind == "forget":  # a version the worker no longer pairs
             self.models.pop(payload, None)
         elif kind == "jobs":
@@ -96,10 +96,10 @@ class Pairer:
             finally:
                 self.done.value += len(payload)
 
-    def _load(self, version: str, onnx: bytes, classes: list[str]) -> None:
+    def _load(self, version: str, onnx: bytes, classes: list[str], channels: int) -> None:
         from serving.model import session
 
-        self.models[version] = (session(onnx, self.settings.threads), classes)
+        self.models[version] = (session(onnx, self.settings.threads), classes, channels)
 
     def pair(self, jobs: list[dict]) -> None:
         rows = []
@@ -111,27 +111,44 @@ class Pairer:
     def score(self, jobs: list[dict]) -> list[tuple[list, float, str | None]]:
         """Per job: the other model's probabilities per image (None where it failed), its
         seconds per image, its error. One batch per model and image shape."""
-        groups = defaultdict(list)  # (version, shape) -> [(job, image)]
-        for j, job in enumerate(jobs):
-            if job["error"] is None:  # else the canary challenger failed: nothing to score
-                for i, array in enumerate(job["arrays"]):
-                    groups[(job["other"], array.shape)].append((j, i))
         other = [[None] * len(job["arrays"]) for job in jobs]
         seconds, errors = [0.0] * len(jobs), [job["error"] for job in jobs]
+        groups = defaultdict(list)  # (version, shape) -> [(job, image, array)]
+        for j, job in enumerate(jobs):
+            if errors[j] is not None:  # the canary challenger failed: nothing to score
+                continue
+            try:
+                arrays = self._inputs(job)
+            except Exception as exc:  # the off-path model's failure is data, never an answer's
+                errors[j] = _error(exc, self.metrics)
+                continue
+            for i, array in enumerate(arrays):
+                groups[(job["other"], array.shape)].append((j, i, array))
         for (version, _), members in groups.items():
             start = time.perf_counter()
             try:
-                batch = np.concatenate([jobs[j]["arrays"][i] for j, i in members])
+                batch = np.concatenate([array for _, _, array in members])
                 found = self.models[version][0].run(["probabilities"], {"images": batch})[0]
-            except Exception as exc:  # the off-path model's failure is data, never an answer's
-                self.metrics.model_errors.inc()
-                for j, _ in members:
-                    errors[j] = f"{type(exc).__name__}: {exc}"[:300]
+            except Exception as exc:
+                for j, _, _ in members:
+                    errors[j] = _error(exc, self.metrics)
                 continue
             each = (time.perf_counter() - start) / len(members)
-            for (j, i), probabilities in zip(members, found, strict=True):
+            for (j, i, _), probabilities in zip(members, found, strict=True):
                 other[j][i], seconds[j] = probabilities, each
         return list(zip(other, seconds, errors, strict=True))
+
+    def _inputs(self, job: dict) -> list[np.ndarray]:
+        """The other model's images: the answering model's arrays, or the request's bytes
+        decoded at the other model's channels."""
+        if job["data"] is None:
+            return job["arrays"]
+        channels = self.models[job["other"]][2]
+        return [
+            images.to_array(images.open_image(data, self.settings.max_pixels, "image"), data,
+                            channels, "image")
+            for data in job["data"]
+        ]  # fmt: skip
 
     def _rows(self, job: dict, other: list, other_seconds: float, error: str | None) -> list:
         role = job["role"]
@@ -175,6 +192,11 @@ class Pairer:
         except Exception:  # a full disk: keep the rows for the next try
             log.exception("off-path: writing the pair log failed")
             self.rows = rows + self.rows
+
+
+def _error(exc: Exception, metrics) -> str:
+    metrics.model_errors.inc()
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 class PairMetrics:

@@ -119,8 +119,10 @@ def _fraction(name: str, version: str, current: float) -> float:
 
 @dataclass
 class Job:
-    """One paired request: what the answering model said, and the images for the other one
-    (`error`: the canary challenger failed, the champion answered; nothing to score)."""
+    """One paired request: what the answering model said, and the images for the other one:
+    the decoded `arrays`, or the request's bytes (`data`) when it takes other channels (a
+    grayscale champion, an RGB challenger). `error`: the canary challenger failed, the champion
+    answered; nothing to score."""
 
     request_id: str
     role: str  # who answered: champion | challenger
@@ -130,7 +132,8 @@ class Job:
     probabilities: list[np.ndarray]
     seconds: float
     fingerprints: list[str]
-    images: list[bytes] | None = None
+    images: list[bytes] | None = None  # logged with the pair (serve.log_images)
+    data: list[bytes] | None = None  # the other model takes other channels: decoded off-path
     error: str | None = None
     time: float = field(default_factory=time.time)
 
@@ -243,7 +246,8 @@ class Rollout:
                 if model.version in self.models_sent:
                     self.models_sent.move_to_end(model.version)
                 else:
-                    self._write(("model", (model.version, model.onnx, model.classes)))
+                    self._write(("model", (model.version, model.onnx, model.classes,
+                                           model.channels)))  # fmt: skip
                     self.models_sent[model.version] = None
         while len(self.models_sent) > KEPT_MODELS:
             self._write(("forget", self.models_sent.popitem(last=False)[0]))

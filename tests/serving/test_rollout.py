@@ -287,9 +287,11 @@ def test_the_off_path_process_pairs_at_nice_19_and_is_replaced_when_killed(regis
     a job needs it."""
     import asyncio
     import dataclasses
+    import io
     import os
 
     import onnxruntime  # noqa: F401  (the served model's session, as a worker has it)
+    from PIL import Image
     from prometheus_client import CollectorRegistry
 
     from components.core.params_operations import Serve
@@ -339,6 +341,14 @@ def test_the_off_path_process_pairs_at_nice_19_and_is_replaced_when_killed(regis
         for version in ("8", "9", "10", "11", "7"):  # 7 forgotten after 8-11, then sent again
             submit(live, [f"c{version}0"], dataclasses.replace(challenger, version=version))
             await until(lambda: live.pending == 0, what="the job paired")
+        # a grayscale champion answered (its arrays: 1 channel); the RGB challenger scores the
+        # request's bytes decoded at its own 3 channels
+        gray = dataclasses.replace(champion, version="g", channels=1)
+        png = io.BytesIO()
+        Image.fromarray(images[0][0].transpose(1, 2, 0)).save(png, "PNG")
+        live.submit(Job("e0", "champion", gray, challenger, [images[0][:, :1]],
+                        list(champion.predict(images[0])), 0.001, ["sha"],
+                        data=[png.getvalue()]))  # fmt: skip
         submit(live, ["d0"])  # queued, sent by drain()
         await live.drain()
 
@@ -349,5 +359,6 @@ def test_the_off_path_process_pairs_at_nice_19_and_is_replaced_when_killed(regis
     finally:
         live.close()
     pairs = logged()
-    assert {"b0", "b1", "b2", "c70", "c80", "c110", "d0"} <= set(pairs) and "lost0" not in pairs
-    assert set(pairs.values()) <= set(champion.classes) and live.pending == 0
+    assert {"b0", "b1", "b2", "c70", "c80", "c110", "d0", "e0"} <= set(pairs)
+    assert "lost0" not in pairs and live.pending == 0
+    assert set(pairs.values()) <= set(champion.classes)  # every pair scored, e0 included
