@@ -1,7 +1,8 @@
 """What shadow mode costs `lensflow serve`: requests/s and p99 of the champion's answers at
 concurrency 4 (wrk), with serve.rollout off, shadow at serve.shadow_fraction 1.0, and shadow
 at 0.25, one worker each, taking turns for a few rounds: each mode's median round, and its
-cost as the median over the rounds of its ratio to `off` in the same round.
+cost as the median over the rounds of its ratio to `off` in the same round. A second `off`
+server (`off_again`) is measured the same way: its "cost" is the bench's own spread.
 
 The project is bench/serve_load.py's (digits, versions 1 and 2 the same model, @champion on
 2); here @challenger is version 1, so the challenger's compute is real and every paired
@@ -65,6 +66,7 @@ def main() -> None:
             shadow = ("serve.rollout=shadow", f"serve.offpath_nice={args.nice}")
             modes = {
                 "off": (),
+                "off_again": (),  # the same server twice: its "cost" is the bench's own spread
                 "shadow_1.0": (*shadow, f"serve.rollout_dir={log_dir}/a"),
                 "shadow_0.25": (*shadow, "serve.shadow_fraction=0.25",
                                 f"serve.rollout_dir={log_dir}/b"),
