@@ -156,6 +156,7 @@ class Rollout:
         self.metrics = RolloutMetrics(registry)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sending: asyncio.TimerHandle | None = None  # the next send, while jobs queue
+        self.attaching: asyncio.Task | None = None  # a replacement process's attach(), kept
         self.drained = False
         self._start_offpath()
 
@@ -261,7 +262,7 @@ class Rollout:
         self.metrics.skipped.inc(lost)
         if not self.drained:
             self._start_offpath()
-            self.attaching = self.loop.create_task(self.attach())  # kept: tasks are weak refs
+            self.attaching = self.loop.create_task(self.attach())  # the loop holds tasks weakly
 
     def _forget_old(self, now: float) -> None:
         """Keys sent long enough ago to be in a written part (Index finds them there)."""
