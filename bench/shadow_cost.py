@@ -15,14 +15,24 @@ it prints why it skipped.
 cores, lower pairs more at the answers' cost (`paired_fraction` says how many were paired).
 `--pin` (Linux, 2 or more cores): wrk on the first core, the servers (and their off-path
 processes) on the others, so the load generator does not share a core with what it measures.
+
+Where the cost lies: each round also measures `off` beside a *burner*, a process that does
+nothing but burn the CPU share the shadow_1.0 server's off-path process used in that round
+(its CPU seconds over the round's seconds), in bursts every serving/rollout.PAIR_EVERY_S, at
+the off-path process's priority (serving/offpath.lower_priority). `off_beside_burner`'s cost
+is what any process using that much of the cores costs the answers on this machine, whatever
+it computes; `answers_cpu_ms` / `offpath_cpu_ms`: CPU milliseconds per answered request of the
+server's processes and of its off-path processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +40,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_load import _bodies, _free_port, _parse, _project, _start, _stop, _wrk  # noqa: E402
+
+OFFPATH = "multiprocessing"  # in the command line of the off-path process (spawned) only
+BURNER = """
+import sys, time
+from serving.offpath import lower_priority
+from serving.rollout import PAIR_EVERY_S
+lower_priority(19)
+busy = float(sys.argv[1]) * PAIR_EVERY_S
+print("ready", flush=True)
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < busy:
+        pass
+    time.sleep(PAIR_EVERY_S - busy)
+"""
 
 CONCURRENCY = 4
 TARGETS = {"p99_increase": 0.10, "requests_per_s_drop": 0.50}
@@ -114,22 +139,66 @@ def _paired(rounds: list[dict], off: list[dict]) -> dict:
 def _measure(root: Path, env: dict, bodies: Path, modes: dict, seconds: int, rounds: int,
              wrk_cpus: set[int] | None):  # fmt: skip
     ports = {mode: _free_port() for mode in modes}
-    processes, runs, warm = {}, {mode: [] for mode in modes}, {}
+    processes, warm = {}, {}
+    runs = {mode: [] for mode in [*modes, "off_beside_burner"]}
+
+    def load(mode: str) -> dict:
+        """One wrk run against `mode`'s server, with its servers' CPU ms per answer."""
+        before = _cpu_by_role(processes[mode])
+        run = _parse(_wrk(root, ports[mode], bodies, "png", CONCURRENCY, seconds,
+                          wrk_cpus).communicate()[0])  # fmt: skip
+        after = _cpu_by_role(processes[mode])
+        for role, cpu in after.items():
+            run[f"{role}_cpu_ms"] = round(1000 * (cpu - before[role]) / max(run["requests"], 1), 3)
+        return run
+
     try:
         for mode, settings in modes.items():
             processes[mode] = _start(root, env, "lensflow", ports[mode], workers=1,
                                      settings=settings, log_name=f"lensflow-{mode}")  # fmt: skip
             warm_up = _wrk(root, ports[mode], bodies, "png", CONCURRENCY, 2, wrk_cpus)
-            warm_up = warm_up.communicate()[0]
-            warm[mode] = _parse(warm_up)["requests"]
+            warm[mode] = _parse(warm_up.communicate()[0])["requests"]
         for _ in range(rounds):
             for mode in modes:
-                load = _wrk(root, ports[mode], bodies, "png", CONCURRENCY, seconds, wrk_cpus)
-                runs[mode].append(_parse(load.communicate()[0]))
+                runs[mode].append(load(mode))
+            shadow = runs["shadow_1.0"][-1]
+            duty = shadow["offpath_cpu_ms"] * shadow["requests"] / (1000 * seconds)
+            with _burner(env, min(duty, 0.95)):
+                runs["off_beside_burner"].append({**load("off"), "burner_duty": round(duty, 3)})
     finally:
         for process in processes.values():
             _stop(process)
     return runs, warm
+
+
+@contextlib.contextmanager
+def _burner(env: dict, duty: float):
+    """A process burning `duty` of a core in bursts, at the off-path process's priority."""
+    burner = subprocess.Popen([sys.executable, "-c", BURNER, str(duty)], env=env,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        burner.stdout.readline()  # "ready": its priority lowered
+        yield
+    finally:
+        burner.kill()
+        burner.wait()
+
+
+def _cpu_by_role(server) -> dict[str, float]:
+    """User + system CPU seconds of the server's processes: {"answers": the server and its
+    workers, "offpath": the off-path processes (and multiprocessing's helper)}."""
+    import psutil
+
+    root = psutil.Process(server.pid)
+    total = {"answers": 0.0, "offpath": 0.0}
+    for each in [root, *root.children(recursive=True)]:
+        try:
+            role = "offpath" if OFFPATH in " ".join(each.cmdline()) else "answers"
+            times = each.cpu_times()
+            total[role] += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def _pair_count(folder: Path) -> int:

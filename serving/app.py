@@ -202,8 +202,7 @@ async def _classify(files: list, champion: ServedModel, k: int, service: Service
     rollout = service.rollout
     model, other, role = champion, None, "champion"
     if rollout is not None:
-        key = request.headers.get(service.settings.canary_key_header)
-        model, other, role = rollout.pick(champion, key or hashlib.sha256(body).hexdigest())
+        model, other, role = rollout.pick(champion, lambda: _client_key(request, body, service))
     paired = (
         other is not None and rollout.sampled(request_id)
         and model.task == other.task == "classification"  # a rollout pairs probabilities
@@ -239,7 +238,7 @@ async def _classify(files: list, champion: ServedModel, k: int, service: Service
     answer = {"request_id": request_id, "model_version": model.version}
     if rollout is not None:
         answer["answered_by"] = role
-        rollout.metrics.answers.labels(role).inc()
+        rollout.metrics.answered[role].inc()
     return orjson.dumps({**answer, "predictions": predictions})
 
 
@@ -256,6 +255,12 @@ async def _score(files: list, model: ServedModel, service: Service, keep: bool) 
         return probabilities, arrays if keep else []
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(service.pool, _decode_and_score, model, opened, files, keep)
+
+
+def _client_key(request: Request, body: bytes, service: Service) -> str:
+    """What keeps a canary client on one model: its key header, else the body's hash."""
+    key = request.headers.get(service.settings.canary_key_header)
+    return key or hashlib.sha256(body).hexdigest()
 
 
 def _job(request_id, role, model, other, arrays, probabilities, start, files, service):

@@ -185,17 +185,19 @@ class Rollout:
         """Jobs queued here or sent and not yet finished by the off-path process."""
         return len(self.queue) + self.sent - self.done.value
 
-    def pick(self, champion, key: str) -> tuple[object, object | None, str]:
-        """(the model that answers, the other one or None, who answers)."""
+    def pick(self, champion, client_key) -> tuple[object, object | None, str]:
+        """(the model that answers, the other one or None, who answers). `client_key()`: the
+        canary's key for this request, computed only in a canary."""
         challenger = self.slot.model
         if challenger is None or challenger.version == champion.version:
             return champion, None, "champion"
-        if self.mode == "canary" and bucket(key) < self.slot.fraction:
+        if self.mode == "canary" and bucket(client_key()) < self.slot.fraction:
             return challenger, champion, "challenger"
         return champion, challenger, "champion"
 
     def sampled(self, request_id: str) -> bool:
-        return bucket(request_id) < self.settings.shadow_fraction
+        fraction = self.settings.shadow_fraction
+        return fraction >= 1.0 or bucket(request_id) < fraction
 
     def submit(self, job: Job) -> None:
         """Queue the other model's scoring; past serve.rollout_max_pending, skip (counted)."""
@@ -335,9 +337,10 @@ class RolloutMetrics:
         self.challenger_errors = Counter(
             "lensflow_rollout_model_errors", "the off-path or canary model failed", registry=r
         )
-        self.answers = Counter(
+        answers = Counter(
             "lensflow_rollout_answers", "answers by the model that gave them", ["role"], registry=r
         )
+        self.answered = {role: answers.labels(role) for role in ("champion", "challenger")}
         self.feedback = Counter(
             "lensflow_feedback", "labels received", ["outcome"], registry=r
         )  # outcome: recorded | duplicate | unknown_id | bad_label
