@@ -9,11 +9,12 @@ is ended KILLED by the next lensflow process that uses the experiment on that ho
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -270,20 +271,37 @@ def _killed_when_interrupted():
     except (Exception, GeneratorExit):
         raise
     except BaseException:
-        # The interruption goes on whatever MLflow answers. It may have cut an MLflow call
-        # short and left the store locked: MLflow would log that with a traceback, so one
-        # line says it instead, and the next run ends this one (setup()).
+        # It may have cut an MLflow call short (SQLite's write lock still held: released
+        # first). The interruption goes on whatever MLflow answers: MLflow would log a failure
+        # with a traceback, so one line says it instead, and the next run ends this one.
+        _release_database_connections()
         logging.disable(logging.CRITICAL)
         try:
             mlflow.end_run("KILLED")
         except Exception as exc:
-            first_line = str(exc).partition("\n")[0][:200]
-            why = f"{type(exc).__name__}: {first_line}"
+            lines = [line for line in str(exc).splitlines() if not line.startswith("(raised as")]
+            why = f"{type(exc).__name__}: {(lines or [''])[0][:200]}"
             print(f"lensflow: the MLflow run stays RUNNING until the next run ends it ({why})",
                   file=sys.stderr)  # fmt: skip
         finally:
             logging.disable(logging.NOTSET)
         raise
+
+
+def _release_database_connections() -> None:
+    """Close the pooled connections of every SQLite engine here (MLflow's store is one):
+    an interruption that lands between an MLflow write and its COMMIT leaves SQLAlchemy's
+    connection in its pool with the write open, and SQLite locked for every other connection
+    until that one is closed (which rolls the write back)."""
+    if "sqlalchemy" not in sys.modules:
+        return
+    from sqlalchemy.engine import Engine
+
+    engines = [each for each in gc.get_objects() if isinstance(each, Engine)]
+    for engine in engines:
+        if engine.dialect.name == "sqlite" and not engine.dialect.is_async:
+            with suppress(Exception):  # the run's end is tried all the same
+                engine.dispose()
 
 
 def model_run_id(uri: str) -> str:

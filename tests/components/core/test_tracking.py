@@ -76,3 +76,21 @@ def test_an_experiment_whose_artifacts_only_a_server_reaches_is_one_line_saying_
         f"(mlflow-artifacts:/3), which {tracking.shown_uri()} cannot reach: start it "
         '(eval "$(lensflow stack up)") or set MLFLOW_TRACKING_URI to it, then run this again'
     )
+
+
+def test_a_step_interrupted_between_an_mlflow_write_and_its_commit_ends_killed(project):
+    """Ctrl-C landing after MLflow's INSERT and before its COMMIT (SQLAlchemy's "commit"
+    event: the write lock held) still ends the run KILLED at once; without releasing that
+    connection, ending the run waited 20 s for SQLite's lock and left it RUNNING."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def interrupt(connection):
+        event.remove(Engine, "commit", interrupt)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), tracking.step_run(config.from_dict({}), "train") as run:
+        event.listen(Engine, "commit", interrupt)
+        mlflow.log_metric("loss", 1.0)
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
