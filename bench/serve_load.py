@@ -380,15 +380,18 @@ def _paired_ratios(runs: dict, other: str) -> dict:
     return ratios
 
 
-def _cpu_seconds(process: subprocess.Popen) -> float:
+def _cpu_seconds(process: subprocess.Popen, only: str | None = None) -> float:
     """User + system CPU time of the server and its children (mlflow models serve starts
-    uvicorn in a child): per request, a measure that other work on the machine hardly moves."""
+    uvicorn in a child): per request, a measure that other work on the machine hardly moves.
+    `only`: just the processes whose command line contains it."""
     import psutil
 
     root = psutil.Process(process.pid)
     total = 0.0
     for each in [root, *root.children(recursive=True)]:
         try:
+            if only is not None and only not in " ".join(each.cmdline()):
+                continue
             times = each.cpu_times()
             total += times.user + times.system
         except psutil.NoSuchProcess:

@@ -39,7 +39,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_load import _bodies, _free_port, _parse, _project, _start, _stop, _wrk  # noqa: E402
+from serve_load import (  # noqa: E402
+    _bodies,
+    _cpu_seconds,
+    _free_port,
+    _parse,
+    _project,
+    _start,
+    _stop,
+    _wrk,
+)
 
 OFFPATH = "multiprocessing"  # in the command line of the off-path process (spawned) only
 BURNER = """
@@ -185,20 +194,10 @@ def _burner(env: dict, duty: float):
 
 
 def _cpu_by_role(server) -> dict[str, float]:
-    """User + system CPU seconds of the server's processes: {"answers": the server and its
-    workers, "offpath": the off-path processes (and multiprocessing's helper)}."""
-    import psutil
-
-    root = psutil.Process(server.pid)
-    total = {"answers": 0.0, "offpath": 0.0}
-    for each in [root, *root.children(recursive=True)]:
-        try:
-            role = "offpath" if OFFPATH in " ".join(each.cmdline()) else "answers"
-            times = each.cpu_times()
-            total[role] += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    """CPU seconds of the server's processes: {"answers": the server and its workers,
+    "offpath": the off-path processes (and multiprocessing's helper)}."""
+    offpath = _cpu_seconds(server, only=OFFPATH)
+    return {"answers": _cpu_seconds(server) - offpath, "offpath": offpath}
 
 
 def _pair_count(folder: Path) -> int:
