@@ -57,9 +57,12 @@ def test_dvc_repro_reproduces_a_detection_run(tmp_path):
         out = sh(*DVC, "repro", "--force", "--single-item", "train", cwd=project)
         assert "Running stage 'train'" in out and checkpoint_md5(project) == locked
         status = sh(*DVC, "status", cwd=project)
-        # only what holds training seconds differs: register's lineage report
-        assert status.split() == ["register:", "changed", "deps:", "modified:",
-                                  "reports/training.json"], status  # fmt: skip
+        # at most what holds training seconds differs: register's lineage report (the seconds,
+        # rounded to 0.01, can come out the same, and then nothing differs)
+        assert status.split() in (
+            ["Data", "and", "pipelines", "are", "up", "to", "date."],
+            ["register:", "changed", "deps:", "modified:", "reports/training.json"],
+        ), status
 
 
 def checkpoint_md5(project) -> str:
