@@ -289,19 +289,20 @@ def _killed_when_interrupted():
 
 
 def _release_database_connections() -> None:
-    """Close the pooled connections of every SQLite engine here (MLflow's store is one):
-    an interruption that lands between an MLflow write and its COMMIT leaves SQLAlchemy's
-    connection in its pool with the write open, and SQLite locked for every other connection
-    until that one is closed (which rolls the write back)."""
-    if "sqlalchemy" not in sys.modules:
+    """Roll back every SQLite connection of this process left inside a write (MLflow's store
+    is one): an interruption that lands between an MLflow write and its COMMIT can leave the
+    write open on a connection back in SQLAlchemy's pool, or on one the pool gave up on and
+    the traceback still holds, and SQLite locked for every other connection meanwhile."""
+    if "sqlite3" not in sys.modules:
         return
-    from sqlalchemy.engine import Engine
+    import sqlite3
 
-    engines = [each for each in gc.get_objects() if isinstance(each, Engine)]
-    for engine in engines:
-        if engine.dialect.name == "sqlite" and not engine.dialect.is_async:
-            with suppress(Exception):  # the run's end is tried all the same
-                engine.dispose()
+    for each in gc.get_objects():
+        # type(), not isinstance: that asks each object for __class__, and some warn doing so
+        if issubclass(type(each), sqlite3.Connection):
+            with suppress(Exception):  # closed, or another thread's: the run's end is tried
+                if each.in_transaction:
+                    each.rollback()
 
 
 def model_run_id(uri: str) -> str:

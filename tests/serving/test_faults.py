@@ -276,10 +276,14 @@ def test_workers_shut_down_when_their_supervisor_is_killed(registered, stopped):
 def test_int8_a_version_without_golden_inputs_and_the_shutdown_timeout(store, stopped):
     name, url, png = store["name"], store["server"].url, _png(store)
     port = free_port()
+    # the 2-epoch model's int8 (tagged shipped here, past quantize's gates) flips one of the
+    # 8 golden images on some CPUs (0.875 on an AMD EPYC): 0.75 keeps this a test of serving
+    agreement = "serve.int8_min_agreement=0.75"
     int8 = start_server(
         store["root"],
         port,
         *FAST,
+        agreement,
         tracking_uri=url,
         args=["--model", f"models:/{name}/4", "--int8"],
     )

@@ -78,19 +78,37 @@ def test_an_experiment_whose_artifacts_only_a_server_reaches_is_one_line_saying_
     )
 
 
-def test_a_step_interrupted_between_an_mlflow_write_and_its_commit_ends_killed(project):
-    """Ctrl-C landing after MLflow's INSERT and before its COMMIT (SQLAlchemy's "commit"
-    event: the write lock held) still ends the run KILLED at once; without releasing that
-    connection, ending the run waited 20 s for SQLite's lock and left it RUNNING."""
+@pytest.mark.parametrize("moment", ["commit", "after_cursor_execute"])
+def test_a_step_interrupted_between_an_mlflow_write_and_its_commit_ends_killed(project, moment):
+    """Ctrl-C landing after MLflow's INSERT and before its COMMIT (the write lock held), in
+    SQLAlchemy's "commit" event or right after the INSERT ran, still ends the run KILLED at
+    once; without releasing that connection, ending the run waited 20 s for SQLite's lock and
+    left it RUNNING."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    def interrupt(connection):
-        event.remove(Engine, "commit", interrupt)
-        raise KeyboardInterrupt
+    def interrupt(connection, *args):
+        if moment == "commit" or args[1].lstrip().upper().startswith("INSERT INTO METRICS"):
+            event.remove(Engine, moment, interrupt)
+            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt), tracking.step_run(config.from_dict({}), "train") as run:
-        event.listen(Engine, "commit", interrupt)
+        event.listen(Engine, moment, interrupt)
         mlflow.log_metric("loss", 1.0)
     client = mlflow.MlflowClient(tracking.tracking_uri())
     assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
+def test_a_step_interrupted_while_a_connection_out_of_the_pool_holds_a_write_ends_killed(project):
+    """The interruption can also leave the write open on a connection SQLAlchemy no longer
+    pools (one it gave up on mid-checkin, still referenced by the traceback): that too is
+    rolled back before the run ends KILLED."""
+    import sqlite3
+
+    with pytest.raises(KeyboardInterrupt), tracking.step_run(config.from_dict({}), "train") as run:
+        held = sqlite3.connect(project / "mlflow.db", timeout=0)
+        held.execute("BEGIN IMMEDIATE")  # SQLite's write lock, as an INSERT without its COMMIT
+        raise KeyboardInterrupt
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert not held.in_transaction
