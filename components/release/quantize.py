@@ -2,8 +2,11 @@
 
 Calibration uses training images (never the test split it is judged on). The int8 model
 ships (is registered with the version, usable by serving) only when, measured here, it is at
-least `quantize.min_speedup` times faster than fp32 ONNX Runtime at batch 64 and loses at most
-`quantize.max_drop` accuracy points on the test split; otherwise the report says why not.
+least `quantize.min_speedup` times faster than fp32 ONNX Runtime at batch 64, loses at most
+`quantize.max_drop` accuracy points on the test split, and passes the check `lensflow serve
+--int8` makes before serving it (top-1 agreement with the golden classes, models/golden.npz,
+at least `serve.int8_min_agreement`): a shipped int8 is never one serving refuses. Otherwise
+the report says why not.
 """
 
 from __future__ import annotations
@@ -52,15 +55,18 @@ def run(cfg: Config) -> QuantizeResult:
 
     speedup = formats["int8"]["images_per_s"] / formats["fp32"]["images_per_s"]
     drop = 100 * (formats["fp32"]["accuracy"] - formats["int8"]["accuracy"])
-    reasons = _gate_reasons(cfg, speedup, drop)
+    golden = _golden_agreement(paths.GOLDEN, paths.ONNX_INT8)
+    reasons = _gate_reasons(cfg, speedup, drop, golden)
     report = {
         "status": "shipped" if not reasons else "not_shipped",
         "reasons": reasons,
         "speedup": round(speedup, 3),
         "accuracy_drop_points": round(drop, 3),
+        "golden_top1_agreement": round(golden, 3),
         "thresholds": {
             "min_speedup": cfg.quantize.min_speedup,
             "max_drop_points": cfg.quantize.max_drop,
+            "int8_min_agreement": cfg.serve.int8_min_agreement,
         },
         "calibration_images": len(calibration),
         "excluded_nodes": excluded,
@@ -152,12 +158,26 @@ def _head_nodes(model_path: Path) -> list[str]:
     return heads[-1:]
 
 
-def _gate_reasons(cfg: Config, speedup: float, drop: float) -> list[str]:
+def _golden_agreement(golden: Path, int8: Path) -> float:
+    """How often the int8 model's top-1 class on the golden inputs is the golden one: what
+    serving checks (serving/model.py) before it serves an int8 variant."""
+    with np.load(golden) as saved:
+        images, expected = saved["images"], saved["probabilities"]
+    actual = onnx_predictor(ort_session(int8))(images)
+    return float((actual.argmax(1) == expected.argmax(1)).mean()) if len(images) else 1.0
+
+
+def _gate_reasons(cfg: Config, speedup: float, drop: float, golden: float) -> list[str]:
     reasons = []
     if speedup < cfg.quantize.min_speedup:
         reasons.append(f"speedup {speedup:.2f}x < quantize.min_speedup {cfg.quantize.min_speedup}")
     if drop > cfg.quantize.max_drop:
         reasons.append(
             f"accuracy drop {drop:.2f} points > quantize.max_drop {cfg.quantize.max_drop}"
+        )
+    if golden < cfg.serve.int8_min_agreement:
+        reasons.append(
+            f"top-1 agreement with the golden classes {golden:.3f} < serve.int8_min_agreement "
+            f"{cfg.serve.int8_min_agreement:g} (lensflow serve --int8 would refuse it)"
         )
     return reasons

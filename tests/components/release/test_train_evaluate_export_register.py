@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -275,6 +276,35 @@ def test_quantization_gate_ships_and_refuses_by_its_thresholds(trained):
     exact = cfg.model_copy(update={"quantize": Quantize(min_speedup=0.01, max_drop=0)})
     result = quantize.run(exact)
     assert result.shipped == (result.accuracy_drop_points <= 0)
+    assert_int8_ships_only_if_serving_accepts_it(trained, lenient)
+
+
+def assert_int8_ships_only_if_serving_accepts_it(trained, lenient) -> None:
+    """quantize's golden agreement is the one `lensflow serve --int8` checks; an int8 model
+    serving would refuse (its golden classes moved, here) does not ship."""
+    from serving.model import Refused, check_golden
+
+    golden = trained["root"] / paths.GOLDEN
+    with np.load(golden) as saved:
+        kept = {"images": saved["images"], "probabilities": saved["probabilities"]}
+    int8 = backends.ort_session(trained["root"] / paths.ONNX_INT8)
+    report = json.loads((trained["root"] / paths.QUANTIZE_REPORT).read_text())
+    any_agreement = lenient.serve.model_copy(update={"int8_min_agreement": 0.0})
+    served = check_golden(int8, kept, "int8", any_agreement)
+    assert report["golden_top1_agreement"] == round(served["top1_agreement"], 3)
+    moved = {**kept, "probabilities": np.roll(kept["probabilities"], 1, axis=1)}
+    try:
+        np.savez(golden, **moved)
+        refused = quantize.run(lenient)
+    finally:
+        np.savez(golden, **kept)
+    assert not refused.shipped and re.fullmatch(
+        r"top-1 agreement with the golden classes 0\.\d+ < serve\.int8_min_agreement 0\.9 "
+        r"\(lensflow serve --int8 would refuse it\)",
+        refused.reasons[0],
+    ), refused.reasons
+    with pytest.raises(Refused, match="int8_min_agreement"):
+        check_golden(int8, moved, "int8", lenient.serve)
 
 
 def test_golden_preprocessing_pins_image_to_tensor():
