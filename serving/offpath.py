@@ -48,7 +48,9 @@ def main(conn, settings: dict, root: Path, worker: str, done) -> None:
 def lower_priority(nice: int) -> None:
     """Nice `nice`; at 19 also Linux's SCHED_IDLE policy, under every nice level: a worker
     thread that wakes preempts this process at once and takes a core it runs on as idle
-    (nice 19 alone still gets a slice of a busy core)."""
+    (nice 19 alone still gets a slice of a busy core). Both hold against processes of the
+    worker's session only: with autogroups each session gets its share of the CPU first, so
+    this process must never call setsid (bench/README.md, shadow_cost, 2026-12-07)."""
     os.nice(nice)
     if nice == 19 and hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
