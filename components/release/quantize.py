@@ -42,9 +42,9 @@ def run(cfg: Config) -> QuantizeResult:
     excluded = quantize_onnx(paths.ONNX, paths.ONNX_INT8, calibration, cfg.quantize.exclude_head)
     test_images, test_labels = load_split("test")
 
-    formats = {}
+    formats, predictors = {}, {}
     for name, model_path in (("fp32", paths.ONNX), ("int8", paths.ONNX_INT8)):
-        predict = onnx_predictor(ort_session(model_path))
+        predict = predictors[name] = onnx_predictor(ort_session(model_path))
         metrics, _ = score(predict, test_images, test_labels, classes)
         formats[name] = {
             "path": str(model_path),
@@ -55,7 +55,7 @@ def run(cfg: Config) -> QuantizeResult:
 
     speedup = formats["int8"]["images_per_s"] / formats["fp32"]["images_per_s"]
     drop = 100 * (formats["fp32"]["accuracy"] - formats["int8"]["accuracy"])
-    golden = _golden_agreement(paths.GOLDEN, paths.ONNX_INT8)
+    golden = _golden_agreement(paths.GOLDEN, predictors["int8"])
     reasons = _gate_reasons(cfg, speedup, drop) + _golden_reasons(cfg, golden)
     report = {
         "status": "shipped" if not reasons else "not_shipped",
@@ -158,12 +158,12 @@ def _head_nodes(model_path: Path) -> list[str]:
     return heads[-1:]
 
 
-def _golden_agreement(golden: Path, int8: Path) -> float:
+def _golden_agreement(golden: Path, predict_int8) -> float:
     """How often the int8 model's top-1 class on the golden inputs is the golden one: what
     serving checks (serving/model.py) before it serves an int8 variant."""
     with np.load(golden) as saved:
         images, expected = saved["images"], saved["probabilities"]
-    actual = onnx_predictor(ort_session(int8))(images)
+    actual = predict_int8(images)
     return float((actual.argmax(1) == expected.argmax(1)).mean()) if len(images) else 1.0
 
 
