@@ -64,12 +64,15 @@ bench: setup
 # `make label-studio` starts it offline on 127.0.0.1:8080, serving local files from this folder.
 LS_VENV := .label-studio-venv
 LS_VERSION := 1.23.2
+# What label-studio leaves open and its version cannot take: sentry-sdk 3 removed an option
+# it passes at start ("Unknown option 'send_default_pii'").
+LS_PINS := 'sentry-sdk<3'
 label-studio-venv: $(LS_VENV)/.installed
 
 $(LS_VENV)/.installed:
 	$(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/python -m pip install --quiet pip==$(PIP_VERSION)
-	$(LS_VENV)/bin/python -m pip install --quiet label-studio==$(LS_VERSION)
+	$(LS_VENV)/bin/python -m pip install --quiet label-studio==$(LS_VERSION) $(LS_PINS)
 	touch $@
 
 label-studio: label-studio-venv
