@@ -34,6 +34,7 @@ from components.core.params_search import Distribution
 from components.data import prepared
 from components.data.validate import require_passed
 from components.experiments import tune_storage
+from components.scoring import metrics
 from components.training import augment, loop, models, tuned
 
 STATES = ("complete", "pruned", "fail", "running", "waiting")
@@ -272,22 +273,13 @@ def _train_trial(trial: optuna.Trial, context: _Context, params: dict) -> float:
 
 @torch.no_grad()
 def macro_f1(model: torch.nn.Module, images, labels, num_classes: int) -> float:
-    from sklearn.metrics import f1_score
-
     model.eval()
     device = next(model.parameters()).device
     predicted = torch.cat(
         [model(images[i : i + 256].to(device)).argmax(1).cpu() for i in range(0, len(images), 256)]
     )
-    return float(
-        f1_score(
-            labels.numpy(),
-            predicted.numpy(),
-            labels=list(range(num_classes)),
-            average="macro",
-            zero_division=0,
-        )
-    )
+    matrix = metrics.confusion_matrix(labels.numpy(), predicted.numpy(), num_classes)
+    return float(metrics.per_class_scores(matrix)[2].mean())
 
 
 # --- the study's MLflow run and report -----------------------------------------------------
@@ -333,10 +325,10 @@ def _log_study(study: optuna.Study, report: dict) -> None:
 
     counts = report["counts"]
     step = report["n_trials"]
-    metrics = {f"tune/{state}": counts[state] for state in ("complete", "pruned", "fail")}
+    values = {f"tune/{state}": counts[state] for state in ("complete", "pruned", "fail")}
     if report["best_value"] is not None:
-        metrics["tune/best_value"] = report["best_value"]
-    mlflow.log_metrics(metrics, step=step)
+        values["tune/best_value"] = report["best_value"]
+    mlflow.log_metrics(values, step=step)
     mlflow.set_tag("tune.best_trial", str(report["best_trial"]))
     mlflow.log_dict(report, "tuning.json")
     if counts["complete"]:
