@@ -70,9 +70,9 @@ class Serve(Section):
     within this of those export wrote, with every top-1 class the same."""
     int8_min_agreement: float = Field(0.9, ge=0, le=1)
     """An int8 variant is served only if its top-1 classes on the golden inputs agree this
-    often (and a classifier's ships only then: quantize checks the same); a detector's, if
-    this share of its boxes and the golden ones (both sides together) has a partner of the
-    same class at IoU >= 0.5 on the other side."""
+    often; a detector's, if this share of its boxes and the golden ones (both sides together)
+    has a partner of the same class at IoU >= 0.5 on the other side. quantize ships int8 only
+    when it passes the same check."""
     rollout: Literal["off", "shadow", "canary"] = "off"
     """`shadow`: `@challenger` is also loaded and scores requests off the response path;
     `canary`: it answers a sticky fraction of the traffic, which `lensflow rollout watch`

@@ -41,6 +41,7 @@ ONNX = paths.ONNX
 REPORT = paths.EXPORT_REPORT
 PARITY_IOU = 0.99
 GOLDEN_IMAGES = 4
+GOLDEN_BOX_IOU = 0.5  # an int8 box matches a golden one from this IoU (COCO's mAP@0.5)
 SCORE_MARGIN = 1e-3
 
 
@@ -103,6 +104,26 @@ def box_agreement(a: dict, b: dict, iou: float) -> tuple[int, int]:
     same_class = a["labels"][:, None] == b["labels"][None, :]
     partner = (box_iou(a["boxes"], b["boxes"]).nan_to_num(0) >= iou) & same_class
     return int(partner.any(1).sum() + partner.any(0).sum()), total
+
+
+def golden_box_agreement(session, golden: dict, decode: model.Decoder) -> dict:
+    """An int8 graph's boxes on the golden images against the golden (fp32) outputs, both
+    decoded by `decode`: the share of boxes, of both sides together, with a partner of their
+    class at IoU >= GOLDEN_BOX_IOU on the other side (no box on either side: 1). quantize
+    ships an int8 detector, and serving serves one, only at serve.int8_min_agreement or more."""
+    images = golden["images"]
+    sizes = [images.shape[-2:]] * len(images)
+    actual = decode(*session.run(list(decode.outputs), {"images": images}), sizes)
+    expected = decode(*(golden[name] for name in decode.outputs), sizes)
+    pairs = [box_agreement(a, e, GOLDEN_BOX_IOU) for a, e in zip(actual, expected, strict=True)]
+    matched, total = sum(m for m, _ in pairs), sum(t for _, t in pairs)
+    return {
+        "n_images": len(images),
+        "box_agreement": matched / total if total else 1.0,
+        "iou": GOLDEN_BOX_IOU,
+        "boxes": {"golden": sum(len(e["boxes"]) for e in expected),
+                  "int8": sum(len(a["boxes"]) for a in actual)},
+    }  # fmt: skip
 
 
 def run(cfg: Config) -> ExportResult:

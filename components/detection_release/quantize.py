@@ -4,10 +4,12 @@ calibrated on training images), shipped under classification's gate.
 
 Both graphs are scored on the test split through the same decoder (`model.Decoder`: score
 threshold, NMS): the int8 model ships only when it is at least `quantize.min_speedup` times
-faster than fp32 ONNX Runtime at batch 64 and loses at most `quantize.max_drop` points of COCO
-mAP@[.5:.95] (x 100) on the test split. A quantization that fails (an operator the quantizer or
-ONNX Runtime cannot take) is reported as not shipped with its reason, and models/model.int8.onnx
-is then left empty (dvc.yaml declares it).
+faster than fp32 ONNX Runtime at batch 64, loses at most `quantize.max_drop` points of COCO
+mAP@[.5:.95] (x 100) on the test split, and its boxes on the golden images agree with the fp32
+ones at least `serve.int8_min_agreement` of the time (`export.golden_box_agreement`, what
+`lensflow serve --int8` checks before it serves the variant). A quantization that fails (an
+operator the quantizer or ONNX Runtime cannot take) is reported as not shipped with its reason,
+and models/model.int8.onnx is then left empty (dvc.yaml declares it).
 """
 
 from __future__ import annotations
@@ -46,17 +48,22 @@ def run(cfg: Config) -> QuantizeResult:
         return _failed(cfg, f"quantization failed: {type(exc).__name__}: {exc}"[:500])
     speedup = formats["int8"]["images_per_s"] / formats["fp32"]["images_per_s"]
     drop = 100 * (formats["fp32"]["map"] - formats["int8"]["map"])
+    golden = _golden_box_agreement(cfg)
     reasons = quantize._gate_reasons(cfg, speedup, drop)
-    reasons = [r.replace("accuracy drop", "mAP drop") for r in reasons]
+    reasons = [r.replace("accuracy drop", "mAP drop") for r in reasons] + _golden_reasons(
+        cfg, golden
+    )
     report = {
         "task": "detection",
         "status": "shipped" if not reasons else "not_shipped",
         "reasons": reasons,
         "speedup": round(speedup, 3),
         "map_drop_points": round(drop, 3),
+        "golden_box_agreement": round(golden, 3),
         "thresholds": {
             "min_speedup": cfg.quantize.min_speedup,
             "max_drop_points": cfg.quantize.max_drop,
+            "int8_min_agreement": cfg.serve.int8_min_agreement,
         },
         "calibration_images": len(calibration),
         "excluded_nodes": excluded,
@@ -87,6 +94,27 @@ def _measure(cfg: Config, path, images: np.ndarray, coco: dict) -> dict:
         "size_bytes": path.stat().st_size,
         **speed.measure(graph, np.asarray(images)),
     }
+
+
+def _golden_box_agreement(cfg: Config) -> float:
+    """The int8 graph's boxes on the golden images (models/golden.npz, export's) against the
+    fp32 graph's recorded there, decoded by the evaluator's decoder."""
+    decode = model.Decoder(train.load(cfg), cfg.detection.image_size)
+    with np.load(paths.GOLDEN) as saved:
+        golden = dict(saved)
+    return export.golden_box_agreement(ort_session(paths.ONNX_INT8), golden, decode)[
+        "box_agreement"
+    ]
+
+
+def _golden_reasons(cfg: Config, agreement: float) -> list[str]:
+    if agreement >= cfg.serve.int8_min_agreement:
+        return []
+    return [
+        f"{agreement:.3f} of the int8 boxes and the golden ones agree (same class, IoU >= "
+        f"{export.GOLDEN_BOX_IOU}) < serve.int8_min_agreement {cfg.serve.int8_min_agreement:g} "
+        "(lensflow serve --int8 would refuse it)"
+    ]
 
 
 def _calibration_images(cfg: Config) -> np.ndarray:

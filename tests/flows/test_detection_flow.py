@@ -4,8 +4,8 @@ registers and promotes the first version; evaluate logs precision-recall curves 
 of misdetections; a second version of the same detector is gated out by the paired bootstrap;
 `lensflow monitor` raises no alert on fresh shapes and a named box-statistics alert on images
 without shapes; `lensflow serve --int8` and `lensflow predict --int8` return the same boxes in
-the image's pixels from the int8 variant (forced through quantize's gate, golden check by box
-matching), and /predict keeps its errors."""
+the image's pixels from the int8 variant (forced through quantize's speed and mAP gates, golden
+check by box matching, which quantize makes too), and /predict keeps its errors."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from components.core import config, paths
 from components.detection import evaluate, monitor, synthetic, train
 from components.detection import prepare as detection_prepare
 from components.detection_release import export, promote, registry
+from components.detection_release import quantize as detection_quantize
 from components.drift import drift
 from serving import batch
 from serving import model as serving_model
@@ -85,6 +86,7 @@ def test_detection_runs_end_to_end_and_serves_boxes(detection_project, tmp_path)
     assert_evaluation_figures(client)
     assert version.tags["lensflow.int8"] == "shipped"
     assert_golden_checks(cfg)
+    assert_quantize_refuses_what_serving_would(cfg)
     assert_monitoring_box_statistics(cfg, tmp_path)
 
     # the same detector again, as v2: no gain, bootstrap p = 1, it stays @challenger
@@ -173,6 +175,9 @@ def assert_golden_checks(cfg) -> None:
     checked = serving_model.load(source, "1", int8).info
     assert checked["variant"] == "int8" and checked["golden"]["status"] == "passed"
     assert checked["golden"]["boxes"]["golden"] > 0 and checked["golden"]["iou"] == 0.5
+    # quantize shipped it under the same check, on the same golden images
+    shipped = json.loads(paths.QUANTIZE_REPORT.read_text())["golden_box_agreement"]
+    assert shipped == pytest.approx(checked["golden"]["box_agreement"], abs=1e-3)
     # golden boxes grown by one anchor size a side: IoU under 0.5 for most, refused
     decoder = serving_model._decoder(session.get_modelmeta().custom_metadata_map)
     grown = golden | {"bbox_regression": golden["bbox_regression"] + 1.0}
@@ -183,6 +188,22 @@ def assert_golden_checks(cfg) -> None:
     relabelled = golden | {"cls_logits": np.roll(golden["cls_logits"], 1, axis=-1)}
     with pytest.raises(serving_model.Refused, match="serve.int8_min_agreement"):
         serving_model.check_golden_boxes(session, relabelled, decoder, int8)
+
+
+def assert_quantize_refuses_what_serving_would(cfg) -> None:
+    """Golden boxes moved (as above): quantize does not ship the int8 detector, and says so in
+    serving's terms."""
+    saved = paths.GOLDEN.read_bytes()
+    with np.load(paths.GOLDEN) as golden:
+        moved = dict(golden) | {"bbox_regression": golden["bbox_regression"] + 1.0}
+    with paths.GOLDEN.open("wb") as file:
+        np.savez(file, **moved)
+    try:
+        refused = detection_quantize.run(cfg)
+    finally:
+        paths.GOLDEN.write_bytes(saved)
+    assert not refused.shipped
+    assert [r for r in refused.reasons if "lensflow serve --int8 would refuse it" in r]
 
 
 def assert_evaluation_figures(client) -> None:
