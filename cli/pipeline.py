@@ -107,6 +107,7 @@ def cmd_run(args, cfg) -> int:
     # fail fast, before Prefect starts: a bad config, a missing folder, a model that cannot run
     preflight.check_task(cfg, "run")
     preflight.check(cfg, resume=args.resume)
+    preflight.check_tune_storage(cfg)
     from flows.training import training_flow
 
     quiet_user_errors()
@@ -129,6 +130,8 @@ def cmd_stage(args, cfg) -> int:
     preflight.check(
         cfg, data=args.name == "prepare", model=args.name in ("tune", "train"), resume=args.resume
     )
+    if args.name == "tune":
+        preflight.check_tune_storage(cfg)
     stages = DETECTION_STAGES if cfg.task == "detection" else STAGES
     module = importlib.import_module(stages[args.name])
     result = module.run(cfg, resume=True) if args.resume else module.run(cfg)
@@ -151,6 +154,7 @@ def cmd_tune(args, cfg) -> int:
 
     preflight.check_task(cfg, "tune")
     preflight.check(cfg)  # fail fast, before Prefect starts
+    preflight.check_tune_storage(cfg)
     from components.experiments import tune
     from flows.tuning import tuning_flow
 

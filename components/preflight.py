@@ -1,7 +1,8 @@
 """Preflight: the mistakes that can be found before any work starts, found in under a second
-(no torch, no Prefect; only a `models:/` or `runs:/` source asks MLflow, which takes seconds):
-the data folder, the model against its input size, where the pretrained weights come from,
-and params that contradict each other.
+(no torch, no Prefect; only a `models:/` or `runs:/` source asks MLflow, and a study's database
+is opened, which take seconds): the data folder, the model against its input size, where the
+pretrained weights come from, params that contradict each other, and the study storage when
+tuning is on.
 
 The CLI runs it before it starts a flow or a stage; the first problem found is a UserError
 naming the key to change, so a mistake costs one line and exit code 2.
@@ -52,6 +53,16 @@ def check(cfg: Config, *, data: bool = True, model: bool = True, resume: bool = 
         check_model(_as_trained(cfg).model, cfg.prepare.image_size)
     if resume and not paths.LAST_CHECKPOINT.exists():
         raise UserError(f"--resume: {paths.LAST_CHECKPOINT} not found: nothing to resume")
+
+
+def check_tune_storage(cfg: Config) -> None:
+    """With tune.enabled, the study's database opens (LENSFLOW_TUNE_STORAGE or tune.storage):
+    a wrong or unreachable one is one line before Prefect starts, not after validation."""
+    if not cfg.tune.enabled:
+        return
+    from components.experiments import tune_storage
+
+    tune_storage.open_storage(tune_storage.storage_url(cfg), cfg.tune.heartbeat_grace)
 
 
 def check_data(cfg: Config) -> None:

@@ -69,3 +69,20 @@ def test_training_params_that_need_a_file(photographs, project):
     preflight.check(config.with_values(_cfg(photographs), tuning_first))
     with pytest.raises(UserError, match="--resume: models/last.pt not found"):
         preflight.check(_cfg(photographs), resume=True)
+
+
+def test_the_study_storage_opens_only_with_tuning_on(tmp_path, monkeypatch):
+    missing = f"sqlite:///{tmp_path / 'no-such-folder' / 'optuna.db'}"
+    cfg = config.from_dict({"tune": {"storage": missing}})
+    preflight.check_tune_storage(cfg)  # tuning off: never opened
+    tuning = config.with_values(cfg, {"tune.enabled": True})
+    with pytest.raises(UserError, match=f"^tune.storage {missing}: .*unable to open database"):
+        preflight.check_tune_storage(tuning)
+    monkeypatch.setenv("LENSFLOW_TUNE_STORAGE", "postgresql://lensflow:S3cret@127.0.0.1:9/optuna")
+    with pytest.raises(UserError, match=r"^LENSFLOW_TUNE_STORAGE .*lensflow:\*\*\*@") as refused:
+        preflight.check_tune_storage(tuning)
+    assert "S3cret" not in str(refused.value)
+    monkeypatch.delenv("LENSFLOW_TUNE_STORAGE")
+    good = f"sqlite:///{tmp_path / 'optuna.db'}"
+    preflight.check_tune_storage(config.with_values(tuning, {"tune.storage": good}))
+    assert (tmp_path / "optuna.db").exists()
