@@ -208,7 +208,15 @@ def log_dataset(cfg: Config, context: str) -> None:
         name=source.name,
         digest=versioning.data_md5(source),
     )
-    mlflow.log_input(dataset, context=context)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except mlflow.exceptions.MlflowException as exc:
+        # Two runs logging a new dataset at once (two tune invocations on one study): MLflow's
+        # store looks it up, finds it in neither, inserts it in both, and the second insert
+        # breaks the unique key. It exists now: logging again links it.
+        if "INSERT INTO datasets" not in str(exc):
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 @contextmanager

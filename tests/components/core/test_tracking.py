@@ -1,10 +1,12 @@
 """MLflow runs end even when their process cannot end them: a run left RUNNING by a process
-killed with SIGKILL is ended KILLED by the next run on the same host."""
+killed with SIGKILL is ended KILLED by the next run on the same host. Runs started together
+do not trip over what both create (an experiment, a dataset)."""
 
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import mlflow
 import pytest
@@ -61,6 +63,45 @@ def test_an_experiment_another_process_creates_meanwhile_is_taken_not_an_error(
     cfg = config.from_dict({"tracking": {"experiment": "together"}})
     assert tracking.setup(cfg) == made_by_the_other
     assert lookups == ["together", "together"]
+
+
+def test_a_dataset_another_run_logs_meanwhile_is_linked_not_an_error(project):
+    """Two runs logging a new dataset at once (seen with two `lensflow tune` on one study):
+    MLflow's store finds it in neither, inserts it in both, and the second insert breaks its
+    unique key. Here the other run logs it between this run's lookup and its insert."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    cfg = config.from_dict({})
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    experiment = tracking.setup(cfg)
+    other = client.create_run(experiment)
+
+    raced = threading.Event()
+
+    def the_other_run_logs_it_first(connection, cursor, statement, *args):
+        inserting = statement.lstrip().upper().startswith("INSERT INTO DATASETS")
+        if inserting and not raced.is_set():  # this run's insert; the other's then passes
+            raced.set()
+            elsewhere = threading.Thread(target=log_in_the_other_run)  # its own active run
+            elsewhere.start()
+            elsewhere.join()
+
+    def log_in_the_other_run():
+        with mlflow.start_run(other.info.run_id):
+            tracking.log_dataset(cfg, "train")
+
+    event.listen(Engine, "before_cursor_execute", the_other_run_logs_it_first)
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            tracking.log_dataset(cfg, "train")
+    finally:
+        event.remove(Engine, "before_cursor_execute", the_other_run_logs_it_first)
+    datasets = [
+        [(i.dataset.name, i.dataset.digest) for i in client.get_run(r).inputs.dataset_inputs]
+        for r in (other.info.run_id, run.info.run_id)
+    ]
+    assert datasets[0] == datasets[1] == [("digits", "untracked")]  # the default data.source
 
 
 def test_an_experiment_whose_artifacts_only_a_server_reaches_is_one_line_saying_what_to_do(
