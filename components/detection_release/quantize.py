@@ -50,9 +50,9 @@ def run(cfg: Config) -> QuantizeResult:
     drop = 100 * (formats["fp32"]["map"] - formats["int8"]["map"])
     golden = _golden_box_agreement(cfg)
     reasons = quantize._gate_reasons(cfg, speedup, drop)
-    reasons = [r.replace("accuracy drop", "mAP drop") for r in reasons] + _golden_reasons(
-        cfg, golden
-    )
+    reasons = [r.replace("accuracy drop", "mAP drop") for r in reasons]
+    measured = f"box agreement with the golden boxes (same class, IoU >= {export.GOLDEN_BOX_IOU})"
+    reasons += quantize._golden_reasons(cfg, golden, measured)
     report = {
         "task": "detection",
         "status": "shipped" if not reasons else "not_shipped",
@@ -102,19 +102,8 @@ def _golden_box_agreement(cfg: Config) -> float:
     decode = model.Decoder(train.load(cfg), cfg.detection.image_size)
     with np.load(paths.GOLDEN) as saved:
         golden = dict(saved)
-    return export.golden_box_agreement(ort_session(paths.ONNX_INT8), golden, decode)[
-        "box_agreement"
-    ]
-
-
-def _golden_reasons(cfg: Config, agreement: float) -> list[str]:
-    if agreement >= cfg.serve.int8_min_agreement:
-        return []
-    return [
-        f"{agreement:.3f} of the int8 boxes and the golden ones agree (same class, IoU >= "
-        f"{export.GOLDEN_BOX_IOU}) < serve.int8_min_agreement {cfg.serve.int8_min_agreement:g} "
-        "(lensflow serve --int8 would refuse it)"
-    ]
+    checked = export.golden_box_agreement(ort_session(paths.ONNX_INT8), golden, decode)
+    return checked["box_agreement"]
 
 
 def _calibration_images(cfg: Config) -> np.ndarray:

@@ -179,10 +179,14 @@ def _gate_reasons(cfg: Config, speedup: float, drop: float) -> list[str]:
     return reasons
 
 
-def _golden_reasons(cfg: Config, golden: float) -> list[str]:
-    if golden >= cfg.serve.int8_min_agreement:
+def _golden_reasons(
+    cfg: Config, agreement: float, measured: str = "top-1 agreement with the golden classes"
+) -> list[str]:
+    """The golden check serving makes of an int8 variant (a detector's quantize shares it,
+    with its box agreement)."""
+    if agreement >= cfg.serve.int8_min_agreement:
         return []
     return [
-        f"top-1 agreement with the golden classes {golden:.3f} < serve.int8_min_agreement "
+        f"{measured} {agreement:.3f} < serve.int8_min_agreement "
         f"{cfg.serve.int8_min_agreement:g} (lensflow serve --int8 would refuse it)"
     ]
