@@ -65,6 +65,7 @@ def setup(cfg: Config) -> str:
     first time in a process, ends the experiment's runs that a dead process left RUNNING."""
     import mlflow
 
+    logging.getLogger(SQLALCHEMY_POOL_LOGGER).addFilter(_cursor_of_a_closed_database)
     mlflow.set_tracking_uri(tracking_uri())
     experiment = experiment_named(
         cfg.tracking.experiment, LOCAL_ARTIFACTS, {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
@@ -294,6 +295,17 @@ def _killed_when_interrupted():
         finally:
             logging.disable(logging.NOTSET)
         raise
+
+
+SQLALCHEMY_POOL_LOGGER = "sqlalchemy.pool.impl.QueuePool"  # MLflow's SQL store's pool
+
+
+def _cursor_of_a_closed_database(record: logging.LogRecord) -> bool:
+    """False for SQLAlchemy's "Error closing cursor" when the database connection is closed
+    already: Ctrl-C in the middle of a query makes it log that with a traceback, while the
+    interruption goes on and the run ends KILLED, saying so in one line."""
+    failure = record.exc_info[1] if record.exc_info else None
+    return not (record.getMessage() == "Error closing cursor" and "closed database" in str(failure))
 
 
 def _release_database_connections() -> None:

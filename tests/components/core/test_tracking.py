@@ -140,6 +140,30 @@ def test_a_step_interrupted_between_an_mlflow_write_and_its_commit_ends_killed(p
     assert client.get_run(run.info.run_id).info.status == "KILLED"
 
 
+def test_sqlalchemys_failure_to_close_the_cursor_of_a_closed_database_is_not_printed(
+    project, caplog
+):
+    """Ctrl-C in a query can leave SQLAlchemy closing a cursor whose database connection is
+    gone: it logs "Error closing cursor" with a traceback (seen in CI's Ctrl-C test), which
+    a step's process does not print. Made here by closing the connection under a query."""
+    import sqlalchemy.exc
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def close_the_database_under_the_query(connection, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("SELECT"):
+            event.remove(Engine, "after_cursor_execute", close_the_database_under_the_query)
+            connection.connection.dbapi_connection.close()
+            raise RuntimeError("the query was cut short")
+
+    tracking.setup(config.from_dict({}))  # as every step does first
+    event.listen(Engine, "after_cursor_execute", close_the_database_under_the_query)
+    failed = (mlflow.exceptions.MlflowException, sqlalchemy.exc.SQLAlchemyError)
+    with pytest.raises(failed, match="closed database"):  # MLflow's wrapping, or not
+        mlflow.MlflowClient().search_experiments()
+    assert "Error closing cursor" not in caplog.text
+
+
 def test_a_step_interrupted_while_a_connection_out_of_the_pool_holds_a_write_ends_killed(project):
     """The interruption can also leave the write open on a connection SQLAlchemy no longer
     pools (one it gave up on mid-checkin, still referenced by the traceback): that too is
