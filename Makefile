@@ -40,8 +40,7 @@ demo: setup
 	lensflow run
 
 # Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one of them: a
-# module's shared fixture is built once; the files on session servers (PostgreSQL, Prefect,
-# MLflow) all in one, so each server starts once (tests/conftest.py: SERVER_FILES). Most tests wait on subprocesses and servers, so two
+# module's shared fixture is built once. Most tests wait on subprocesses and servers, so two
 # workers keep both cores of a 2-core machine busy. Files go out in collection order, the
 # longest first (tests/conftest.py: SLOW_FILES_FIRST).
 TEST_WORKERS ?= 2

@@ -56,43 +56,10 @@ SLOW_FILES_FIRST = (
 )
 
 
-# The files whose tests use a session server (SERVER_FIXTURES, tens of seconds to start): with
-# `--dist loadfile` (make test) they all run in one pytest-xdist worker, so each server starts
-# once, not once per worker. Collection refuses a file that uses one and is not listed here.
-SERVER_FIXTURES = {"postgres", "prefect_server", "mlflow_on_postgres"}
-SERVER_FILES = (
-    "tests/components/labelling/test_review_ingest.py",
-    "tests/flows/test_detection_flow.py",
-    "tests/flows/test_detection_photographs.py",
-    "tests/infra/test_compose.py",
-    "tests/infra/test_deployments.py",
-    "tests/infra/test_mlflow_on_postgres.py",
-    "tests/infra/test_team_auth.py",
-    "tests/infra/test_tune_on_postgres.py",
-)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """SLOW_FILES_FIRST first, in its order; every other file after them, as collected."""
     rank = {path: i for i, path in enumerate(SLOW_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
-    on_servers = {i.nodeid.split("::")[0] for i in items if SERVER_FIXTURES & set(i.fixturenames)}
-    if unlisted := sorted(on_servers - set(SERVER_FILES)):
-        raise pytest.UsageError(f"tests/conftest.py: add {unlisted} to SERVER_FILES")
-
-
-def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """`--dist loadfile`, with SERVER_FILES as one file."""
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class ServerFilesTogether(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            file = super()._split_scope(nodeid)
-            return "servers" if file in SERVER_FILES else file
-
-    return ServerFilesTogether(config, log)
 
 
 # A small, fast configuration on the synthetic shapes data (3-channel, 10 classes).
