@@ -41,14 +41,15 @@ def run(cfg: Config) -> QuantizeResult:
     train.use_threads(cfg)
     images, _, coco = train.split_data("test")
     calibration = _calibration_images(cfg)
+    detector = train.load(cfg)
     try:
         excluded = quantize.quantize_onnx(export.ONNX, paths.ONNX_INT8, calibration, False)
-        formats = {name: _measure(cfg, path, images, coco) for name, path in _formats()}
+        formats = {name: _measure(cfg, detector, path, images, coco) for name, path in _formats()}
     except Exception as exc:  # an operator int8 cannot take: not shipped, and why
         return _failed(cfg, f"quantization failed: {type(exc).__name__}: {exc}"[:500])
     speedup = formats["int8"]["images_per_s"] / formats["fp32"]["images_per_s"]
     drop = 100 * (formats["fp32"]["map"] - formats["int8"]["map"])
-    golden = _golden_box_agreement(cfg)
+    golden = _golden_box_agreement(cfg, detector)
     reasons = quantize._gate_reasons(cfg, speedup, drop)
     reasons = [r.replace("accuracy drop", "mAP drop") for r in reasons]
     measured = f"box agreement with the golden boxes (same class, IoU >= {export.GOLDEN_BOX_IOU})"
@@ -76,10 +77,10 @@ def _formats():
     return (("fp32", export.ONNX), ("int8", paths.ONNX_INT8))
 
 
-def _measure(cfg: Config, path, images: np.ndarray, coco: dict) -> dict:
+def _measure(cfg: Config, detector, path, images: np.ndarray, coco: dict) -> dict:
     """COCO mAP on the test split through the evaluator's decoder, and speed, of one graph."""
     session = ort_session(path)
-    found = train.predict(train.load(cfg), images, session=session)
+    found = train.predict(detector, images, session=session)
     metrics = coco_map.evaluate(coco, train.detections_as_coco(found, coco, images.shape[-1]))
 
     names = list(model.OUTPUTS[cfg.detection.architecture])  # the boxes', not `embeddings`
@@ -96,10 +97,10 @@ def _measure(cfg: Config, path, images: np.ndarray, coco: dict) -> dict:
     }
 
 
-def _golden_box_agreement(cfg: Config) -> float:
+def _golden_box_agreement(cfg: Config, detector) -> float:
     """The int8 graph's boxes on the golden images (models/golden.npz, export's) against the
     fp32 graph's recorded there, decoded by the evaluator's decoder."""
-    decode = model.Decoder(train.load(cfg), cfg.detection.image_size)
+    decode = model.Decoder(detector, cfg.detection.image_size)
     with np.load(paths.GOLDEN) as saved:
         golden = dict(saved)
     checked = export.golden_box_agreement(ort_session(paths.ONNX_INT8), golden, decode)
